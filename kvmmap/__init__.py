@@ -1,0 +1,40 @@
+"""kvmmap: paged, quantized KV-cache pools backed by numpy.memmap files.
+
+>>> import kvmmap as km
+>>> km.FORMATS
+('fp32', 'fp16', 'bf16', 'int8', 'int4', 'fp8_e4m3', 'fp8_e5m2')
+"""
+
+from ._version import __version__
+from .errors import (
+    ConfigError,
+    DTypeError,
+    FormatError,
+    KVMmapError,
+    LayoutError,
+    NonFiniteError,
+    ShapeError,
+)
+from .formats import FORMATS, Format, get_format
+from .parallel import get_num_threads, set_num_threads
+from .quant import QTensor, dequantize, quantize, quantize_into
+
+__all__ = [
+    "__version__",
+    "FORMATS",
+    "Format",
+    "get_format",
+    "QTensor",
+    "quantize",
+    "quantize_into",
+    "dequantize",
+    "get_num_threads",
+    "set_num_threads",
+    "KVMmapError",
+    "ConfigError",
+    "DTypeError",
+    "FormatError",
+    "LayoutError",
+    "NonFiniteError",
+    "ShapeError",
+]

@@ -1,0 +1,42 @@
+"""Exceptions raised by kvmmap.
+
+Every error a user can trigger is a subclass of :class:`KVMmapError` and also of the
+builtin exception that fits (``ValueError`` for bad arguments, ``OSError`` for files),
+so callers can catch either. Messages say what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+
+class KVMmapError(Exception):
+    """Base class of every kvmmap error."""
+
+
+class ConfigError(KVMmapError, ValueError):
+    """A setting (argument or environment variable) has an invalid value."""
+
+
+class FormatError(KVMmapError, ValueError):
+    """Unknown storage format, or a format option that does not fit the data."""
+
+
+class ShapeError(KVMmapError, ValueError):
+    """An array has the wrong shape."""
+
+
+class DTypeError(KVMmapError, TypeError, ValueError):
+    """An array has the wrong dtype."""
+
+
+class LayoutError(KVMmapError, ValueError):
+    """An array is not laid out as required (e.g. its last axis is not contiguous)."""
+
+
+class NonFiniteError(KVMmapError, ValueError):
+    """The input holds NaN or infinity, or a value the storage format cannot represent."""
+
+
+def describe(a) -> str:
+    """Short description of an array for error messages: ``float32[3, 8, 128]``."""
+    shape = ", ".join(str(n) for n in getattr(a, "shape", ()))
+    return f"{getattr(a, 'dtype', type(a).__name__)}[{shape}]"

@@ -1,0 +1,58 @@
+"""Build the Cython extensions. Metadata lives in pyproject.toml.
+
+Compiler directives are set here and only here. ``KVMMAP_DEBUG_CYTHON=1`` turns bounds and
+wraparound checks back on; ``KVMMAP_PORTABLE=1`` builds for the generic CPU instead of
+``-march=native`` (use it when the build is copied to other machines).
+"""
+
+import os
+import platform
+import sys
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("KVMMAP_DEBUG_CYTHON") == "1"
+PORTABLE = os.environ.get("KVMMAP_PORTABLE") == "1"
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+    "embedsignature": True,
+}
+
+compile_args, link_args = [], []
+if sys.platform == "win32":
+    compile_args += ["/O2", "/openmp"]
+else:
+    compile_args += ["-O3", "-fno-math-errno"]
+    if sys.platform != "darwin":  # Apple clang has no OpenMP by default
+        compile_args.append("-fopenmp")
+        link_args.append("-fopenmp")
+    if not PORTABLE and platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        compile_args.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+if DEBUG:
+    compile_args.append("-O0" if sys.platform != "win32" else "/Od")
+
+
+def ext(name):
+    return Extension(
+        f"kvmmap.{name}",
+        [f"kvmmap/{name}.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )
+
+
+setup(
+    ext_modules=cythonize([ext("_quant")], compiler_directives=directives),
+    package_dir={"kvmmap": "kvmmap", "kvmmap.kernels_cl": "kernels_cl"},
+    packages=["kvmmap", "kvmmap.kernels_cl"],
+    package_data={"kvmmap": ["*.pxd", "*.pyx"], "kvmmap.kernels_cl": ["*.cl", "*.h"]},
+)
