@@ -29,6 +29,15 @@ cdef inline uint32_t abs_bits(float x) noexcept nogil:
     # or above 0x7F800000 is inf or NaN.
     return f32_bits(x) & 0x7FFFFFFF
 
+cdef inline int32_t ordered_bits(float x) noexcept nogil:
+    # An int32 whose signed order equals the float order of finite x, so that min / max
+    # loops run as integer compares, which gcc vectorizes without -ffast-math.
+    cdef int32_t b = <int32_t>f32_bits(x)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+cdef inline float ordered_float(int32_t b) noexcept nogil:
+    return bits_f32(<uint32_t>(b ^ ((b >> 31) & 0x7FFFFFFF)))
+
 # ---- fp16 -------------------------------------------------------------------------
 
 cdef inline uint16_t f32_to_f16(float x) noexcept nogil:

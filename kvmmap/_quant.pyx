@@ -1,5 +1,6 @@
 # Typed quantize / dequantize loops. Inputs and outputs are 3-D views [A, T, D] whose last
-# axis is contiguous and whose leading axes may have any stride, so the same loops write
+# axis is contiguous (kvmmap/quant.py checks it; the loops walk rows through pointers) and
+# whose leading axes may have any stride, so the same loops write
 # into a pool's pages (head-major) from token-major input without a temporary.
 # Rows (a, t) are independent and split over threads with prange. Nothing here raises:
 # quantizers return a status (STATUS_* below) and kvmmap/quant.py raises.
@@ -10,7 +11,7 @@ from libc.stdint cimport int8_t, int32_t, uint8_t, uint16_t, uint32_t
 
 from kvmmap._convert cimport (
     abs_bits, bf16_to_f32, bits_f32, f16_to_f32, f32_to_bf16, f32_to_f16, f32_to_fp8,
-    round_even,
+    ordered_bits, ordered_float, round_even,
 )
 
 cdef enum:
@@ -18,6 +19,14 @@ cdef enum:
     STATUS_NONFINITE = 1
     STATUS_OVERFLOW = 2
     FINITE_LIMIT = 0x7F800000   # abs_bits() at or above this: inf or NaN
+    BF16_LIMIT = 0x7F7F8000     # abs_bits() at or above this rounds to inf in bf16
+    INT4_LIMIT = 0x7E800000     # 2**126: a group's max - min could overflow float32 above this
+    TINY_BITS = 0x0D800000      # 2**-100: rows (groups) whose absmax (range) is below are zeroed
+
+# 2**-100, the flush threshold of the scaled formats: below it, a row's reciprocal scale
+# would overflow float32 and its scale would be subnormal.
+cdef float TINY_F = 7.888609052210118e-31
+TINY = TINY_F
 
 OK = STATUS_OK
 NONFINITE = STATUS_NONFINITE
@@ -68,7 +77,7 @@ cdef inline int _nthreads(Py_ssize_t rows, Py_ssize_t width, int nthreads) noexc
 # ---------------------------------------------------------------------------------
 # Unscaled formats
 
-def quantize_fp32(const float[:, :, ::1] x, float[:, :, ::1] out, int nthreads):
+def quantize_fp32(const float[:, :, :] x, float[:, :, :] out, int nthreads):
     cdef Py_ssize_t A = x.shape[0], T = x.shape[1], D = x.shape[2], i, j
     cdef int status = 0
     cdef const float* src
@@ -86,7 +95,7 @@ def quantize_fp32(const float[:, :, ::1] x, float[:, :, ::1] out, int nthreads):
     return status
 
 
-def quantize_fp16(const float[:, :, ::1] x, uint16_t[:, :, ::1] out, int nthreads):
+def quantize_fp16(const float[:, :, :] x, uint16_t[:, :, :] out, int nthreads):
     cdef Py_ssize_t A = x.shape[0], T = x.shape[1], D = x.shape[2], i, j
     cdef int status = 0
     cdef const float* src
@@ -107,7 +116,7 @@ def quantize_fp16(const float[:, :, ::1] x, uint16_t[:, :, ::1] out, int nthread
     return status
 
 
-def quantize_bf16(const float[:, :, ::1] x, uint16_t[:, :, ::1] out, int nthreads):
+def quantize_bf16(const float[:, :, :] x, uint16_t[:, :, :] out, int nthreads):
     cdef Py_ssize_t A = x.shape[0], T = x.shape[1], D = x.shape[2], i, j
     cdef int status = 0
     cdef const float* src
@@ -122,12 +131,12 @@ def quantize_bf16(const float[:, :, ::1] x, uint16_t[:, :, ::1] out, int nthread
             worst = worst if worst > abs_bits(src[j]) else abs_bits(src[j])
         if worst >= FINITE_LIMIT:
             status |= STATUS_NONFINITE
-        elif worst >= 0x7F7FFFFF:       # rounds past bf16's largest finite value
+        elif worst >= BF16_LIMIT:
             status |= STATUS_OVERFLOW
     return status
 
 
-def dequantize_fp16(const uint16_t[:, :, ::1] codes, float[:, :, ::1] out, int nthreads):
+def dequantize_fp16(const uint16_t[:, :, :] codes, float[:, :, :] out, int nthreads):
     cdef Py_ssize_t A = codes.shape[0], T = codes.shape[1], D = codes.shape[2], i, j
     cdef const uint16_t* src
     cdef float* dst
@@ -138,7 +147,7 @@ def dequantize_fp16(const uint16_t[:, :, ::1] codes, float[:, :, ::1] out, int n
             dst[j] = f16_to_f32(src[j])
 
 
-def dequantize_bf16(const uint16_t[:, :, ::1] codes, float[:, :, ::1] out, int nthreads):
+def dequantize_bf16(const uint16_t[:, :, :] codes, float[:, :, :] out, int nthreads):
     cdef Py_ssize_t A = codes.shape[0], T = codes.shape[1], D = codes.shape[2], i, j
     cdef const uint16_t* src
     cdef float* dst
@@ -161,7 +170,7 @@ cdef inline uint32_t _row_absmax_bits(const float* src, Py_ssize_t D) noexcept n
     return worst
 
 
-def quantize_int8(const float[:, :, ::1] x, int8_t[:, :, ::1] codes, float[:, :] scales,
+def quantize_int8(const float[:, :, :] x, int8_t[:, :, :] codes, float[:, :] scales,
                   int nthreads):
     cdef Py_ssize_t A = x.shape[0], T = x.shape[1], D = x.shape[2], i, j
     cdef int status = 0
@@ -176,16 +185,16 @@ def quantize_int8(const float[:, :, ::1] x, int8_t[:, :, ::1] codes, float[:, :]
         if worst >= FINITE_LIMIT:
             status |= STATUS_NONFINITE
             continue
-        amax = bits_f32(worst)
-        inv = 127.0 / amax if worst != 0 else 0.0
+        amax = bits_f32(worst) if worst >= TINY_BITS else 0.0
+        inv = 127.0 / amax if amax > 0 else 0.0
         scales[i // T, i % T] = amax / 127.0
         for j in range(D):
             dst[j] = <int8_t>round_even(src[j] * inv)
     return status
 
 
-def dequantize_int8(const int8_t[:, :, ::1] codes, const float[:, :] scales,
-                    float[:, :, ::1] out, int nthreads):
+def dequantize_int8(const int8_t[:, :, :] codes, const float[:, :] scales,
+                    float[:, :, :] out, int nthreads):
     cdef Py_ssize_t A = codes.shape[0], T = codes.shape[1], D = codes.shape[2], i, j
     cdef const int8_t* src
     cdef float* dst
@@ -198,7 +207,7 @@ def dequantize_int8(const int8_t[:, :, ::1] codes, const float[:, :] scales,
             dst[j] = src[j] * s
 
 
-def quantize_fp8(const float[:, :, ::1] x, uint8_t[:, :, ::1] codes, float[:, :] scales,
+def quantize_fp8(const float[:, :, :] x, uint8_t[:, :, :] codes, float[:, :] scales,
                  int kind, int nthreads):
     cdef Py_ssize_t A = x.shape[0], T = x.shape[1], D = x.shape[2], i, j
     cdef int status = 0
@@ -219,8 +228,8 @@ def quantize_fp8(const float[:, :, ::1] x, uint8_t[:, :, ::1] codes, float[:, :]
         if worst >= FINITE_LIMIT:
             status |= STATUS_NONFINITE
             continue
-        amax = bits_f32(worst)
-        inv = fmax / amax if worst != 0 else 0.0
+        amax = bits_f32(worst) if worst >= TINY_BITS else 0.0
+        inv = fmax / amax if amax > 0 else 0.0
         scales[i // T, i % T] = amax / fmax
         for j in range(D):
             y = src[j] * inv
@@ -230,8 +239,8 @@ def quantize_fp8(const float[:, :, ::1] x, uint8_t[:, :, ::1] codes, float[:, :]
     return status
 
 
-def dequantize_fp8(const uint8_t[:, :, ::1] codes, const float[:, :] scales,
-                   float[:, :, ::1] out, int kind, int nthreads):
+def dequantize_fp8(const uint8_t[:, :, :] codes, const float[:, :] scales,
+                   float[:, :, :] out, int kind, int nthreads):
     cdef Py_ssize_t A = codes.shape[0], T = codes.shape[1], D = codes.shape[2], i, j
     cdef const uint8_t* src
     cdef float* dst
@@ -258,61 +267,76 @@ cdef inline uint8_t _nibble(float x, float zero, float inv) noexcept nogil:
     return <uint8_t>(0 if c < 0 else (15 if c > 15 else c))
 
 
+cdef inline void _pack_group(const float* src, uint8_t* dst, Py_ssize_t G, float zero,
+                             float inv) noexcept nogil:
+    # Codes first into a contiguous scratch row, then paired into bytes: two simple loops
+    # that gcc vectorizes, where one interleaved loop does not. G <= 256 (checked in Python).
+    cdef uint8_t tmp[256]
+    cdef Py_ssize_t j
+    for j in range(G):
+        tmp[j] = _nibble(src[j], zero, inv)
+    for j in range(G // 2):
+        dst[j] = tmp[2 * j] | (tmp[2 * j + 1] << 4)
+
+
 cdef inline uint8_t _nibble_div(float x, float zero, float scale) noexcept nogil:
     return _nibble(x - zero, 0.0, 1.0 / scale) if scale > 0 else 0
 
 
-def quantize_int4_token(const float[:, :, ::1] x, uint8_t[:, :, ::1] codes,
-                        float[:, :, ::1] scales, float[:, :, ::1] zeros, Py_ssize_t G,
+def quantize_int4_token(const float[:, :, :] x, uint8_t[:, :, :] codes,
+                        float[:, :, :] scales, float[:, :, :] zeros, Py_ssize_t G,
                         int nthreads):
     cdef Py_ssize_t A = x.shape[0], T = x.shape[1], D = x.shape[2], i, j, g
     cdef int status = 0
     cdef const float* src
     cdef uint8_t* dst
-    cdef float lo, hi, v, inv
+    cdef int32_t lo, hi, b
+    cdef float flo, inv, span
     cdef uint32_t worst
     for i in prange(A * T, nogil=True, schedule="static", num_threads=_nthreads(A * T, D, nthreads)):
         src = &x[i // T, i % T, 0]
         dst = &codes[i // T, i % T, 0]
         worst = _row_absmax_bits(src, D)
-        if worst >= FINITE_LIMIT:
-            status |= STATUS_NONFINITE
+        if worst >= INT4_LIMIT:
+            status |= STATUS_NONFINITE if worst >= FINITE_LIMIT else STATUS_OVERFLOW
             continue
-        for g in range(D // G):
-            lo = src[g * G]
+        for g in range(0, D // G):
+            lo = ordered_bits(src[g * G])
             hi = lo
-            for j in range(g * G, (g + 1) * G):
-                v = src[j]
-                lo = v if v < lo else lo
-                hi = v if v > hi else hi
-            inv = 15.0 / (hi - lo) if hi > lo else 0.0
-            scales[i // T, i % T, g] = (hi - lo) / 15.0
-            zeros[i // T, i % T, g] = lo
-            for j in range(g * G // 2, (g + 1) * G // 2):
-                dst[j] = _nibble(src[2 * j], lo, inv) | (_nibble(src[2 * j + 1], lo, inv) << 4)
+            for j in range(g * G, g * G + G):
+                b = ordered_bits(src[j])
+                lo = b if b < lo else lo
+                hi = b if b > hi else hi
+            flo = ordered_float(lo)
+            span = ordered_float(hi) - flo
+            span = span if span >= TINY_F else <float>0.0
+            inv = 15.0 / span if span > 0 else 0.0
+            scales[i // T, i % T, g] = span / 15.0
+            zeros[i // T, i % T, g] = flo
+            _pack_group(src + g * G, dst + g * G // 2, G, flo, inv)
     return status
 
 
-def dequantize_int4_token(const uint8_t[:, :, ::1] codes, const float[:, :, ::1] scales,
-                          const float[:, :, ::1] zeros, float[:, :, ::1] out, Py_ssize_t G,
+def dequantize_int4_token(const uint8_t[:, :, :] codes, const float[:, :, :] scales,
+                          const float[:, :, :] zeros, float[:, :, :] out, Py_ssize_t G,
                           int nthreads):
-    cdef Py_ssize_t A = out.shape[0], T = out.shape[1], D = out.shape[2], i, j
+    cdef Py_ssize_t A = out.shape[0], T = out.shape[1], D = out.shape[2], i, j, g
     cdef const uint8_t* src
-    cdef const float* sc
-    cdef const float* zp
     cdef float* dst
+    cdef float s, z
     for i in prange(A * T, nogil=True, schedule="static", num_threads=_nthreads(A * T, D, nthreads)):
         src = &codes[i // T, i % T, 0]
-        sc = &scales[i // T, i % T, 0]
-        zp = &zeros[i // T, i % T, 0]
         dst = &out[i // T, i % T, 0]
-        for j in range(D // 2):
-            dst[2 * j] = (src[j] & 15) * sc[2 * j // G] + zp[2 * j // G]
-            dst[2 * j + 1] = (src[j] >> 4) * sc[(2 * j + 1) // G] + zp[(2 * j + 1) // G]
+        for g in range(0, D // G):
+            s = scales[i // T, i % T, g]
+            z = zeros[i // T, i % T, g]
+            for j in range(g * G // 2, (g + 1) * G // 2):
+                dst[2 * j] = (src[j] & 15) * s + z
+                dst[2 * j + 1] = (src[j] >> 4) * s + z
 
 
-def quantize_int4_channel(const float[:, :, ::1] x, uint8_t[:, :, ::1] codes,
-                          float[:, :, ::1] scales, float[:, :, ::1] zeros, Py_ssize_t G,
+def quantize_int4_channel(const float[:, :, :] x, uint8_t[:, :, :] codes,
+                          float[:, :, :] scales, float[:, :, :] zeros, Py_ssize_t G,
                           int nthreads):
     cdef Py_ssize_t A = x.shape[0], T = x.shape[1], D = x.shape[2]
     cdef Py_ssize_t ngroups = (T + G - 1) // G, i, j, t, t0, t1
@@ -333,7 +357,7 @@ def quantize_int4_channel(const float[:, :, ::1] x, uint8_t[:, :, ::1] codes,
         worst = 0
         for t in range(t0, t1):
             src = &x[i // ngroups, t, 0]
-            worst = worst | (_row_absmax_bits(src, D) >= FINITE_LIMIT)
+            worst = worst if worst > _row_absmax_bits(src, D) else _row_absmax_bits(src, D)
             if t == t0:
                 for j in range(D):
                     lo[j] = src[j]
@@ -343,11 +367,11 @@ def quantize_int4_channel(const float[:, :, ::1] x, uint8_t[:, :, ::1] codes,
                     v = src[j]
                     lo[j] = v if v < lo[j] else lo[j]
                     hi[j] = v if v > hi[j] else hi[j]
-        if worst:
-            status |= STATUS_NONFINITE
+        if worst >= INT4_LIMIT:
+            status |= STATUS_NONFINITE if worst >= FINITE_LIMIT else STATUS_OVERFLOW
             continue
-        for j in range(D):
-            hi[j] = (hi[j] - lo[j]) / 15.0           # the max row becomes the scale row
+        for j in range(D):                         # the max row becomes the scale row
+            hi[j] = (hi[j] - lo[j]) / <float>15.0 if hi[j] - lo[j] >= TINY_F else <float>0.0
         for t in range(t0, t1):
             src = &x[i // ngroups, t, 0]
             dst = &codes[i // ngroups, t, 0]
@@ -357,8 +381,8 @@ def quantize_int4_channel(const float[:, :, ::1] x, uint8_t[:, :, ::1] codes,
     return status
 
 
-def dequantize_int4_channel(const uint8_t[:, :, ::1] codes, const float[:, :, ::1] scales,
-                            const float[:, :, ::1] zeros, float[:, :, ::1] out, Py_ssize_t G,
+def dequantize_int4_channel(const uint8_t[:, :, :] codes, const float[:, :, :] scales,
+                            const float[:, :, :] zeros, float[:, :, :] out, Py_ssize_t G,
                             int nthreads):
     cdef Py_ssize_t A = out.shape[0], T = out.shape[1], D = out.shape[2], i, j
     cdef const uint8_t* src

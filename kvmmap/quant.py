@@ -21,8 +21,13 @@ KIVI layout for keys: ``scales[..., ceil(T/G), D]``, one pair per channel per ``
 consecutive rows of axis ``-2``). Two codes share a byte: element ``2k`` in the low nibble.
 
 Non-finite input (NaN, inf) is refused with :class:`~kvmmap.errors.NonFiniteError` in
-every format, as is a value that overflows fp16 or bf16; fp8 saturates by construction
-because the per-row scale maps the row's absmax onto the format's largest value.
+every format, as is a value that overflows fp16 or bf16, or int4 input with
+``|x| >= 2**126`` (a group's range would overflow float32). fp8 saturates by construction:
+the per-row scale maps the row's absmax onto the format's largest value.
+
+Scaled formats flush a row (int4: a group) whose absmax (range) is below ``TINY`` =
+2**-100 to zero codes with scale 0: its reciprocal scale would overflow float32. The
+error this adds is below 2**-100.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from .formats import Format, get_format
 from .parallel import get_num_threads
 
 GROUPINGS = ("token", "channel")
+#: Rows (int4: groups) of scaled formats whose absmax (range) is below this are zeroed.
+TINY = _quant.TINY
 _FP8_KIND = {"fp8_e4m3": _quant.FP8_E4M3, "fp8_e5m2": _quant.FP8_E5M2}
 
 
@@ -94,10 +101,11 @@ def _resolve_grouping(fmt: Format, shape: tuple, grouping: str, group_size: int 
         raise ShapeError(f"int4 packs two codes a byte and needs an even head_dim, found {head_dim}")
     if grouping == "token":
         if group_size is None:
-            group_size = 32 if head_dim % 32 == 0 else head_dim
-        if group_size < 2 or group_size % 2 or head_dim % group_size:
+            group_size = 32 if head_dim % 32 == 0 else min(head_dim, 256)
+        if group_size < 2 or group_size % 2 or head_dim % group_size or group_size > 256:
             raise FormatError(
-                f"int4 token group_size must be even and divide head_dim={head_dim}, found {group_size}"
+                f"int4 token group_size must be even, at most 256 and divide head_dim={head_dim}, "
+                f"found {group_size}"
             )
     else:
         if len(shape) < 2:
@@ -186,7 +194,7 @@ def _status(status: int, fmt: Format) -> None:
     if status & _quant.NONFINITE:
         raise NonFiniteError(f"cannot store NaN or infinity in {fmt.name}: the input holds non-finite values")
     if status & _quant.OVERFLOW:
-        limit = "65504" if fmt.name == "fp16" else "3.39e38"
+        limit = {"fp16": "65504", "bf16": "3.39e38", "int4": "8.5e37"}[fmt.name]
         raise NonFiniteError(f"the input holds values beyond {fmt.name}'s range (|x| <= {limit})")
 
 
