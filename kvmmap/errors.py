@@ -36,6 +36,14 @@ class NonFiniteError(KVMmapError, ValueError):
     """The input holds NaN or infinity, or a value the storage format cannot represent."""
 
 
+class OpenCLUnavailableError(KVMmapError, RuntimeError):
+    """pyopencl is not installed, or no OpenCL device could be found."""
+
+
+class KernelBuildError(KVMmapError, RuntimeError):
+    """An OpenCL program failed to build; the message holds the build log."""
+
+
 def describe(a) -> str:
     """Short description of an array for error messages: ``float32[3, 8, 128]``."""
     shape = ", ".join(str(n) for n in getattr(a, "shape", ()))
