@@ -51,7 +51,7 @@ def ext(name):
 
 
 setup(
-    ext_modules=cythonize([ext("_quant")], compiler_directives=directives),
+    ext_modules=cythonize([ext("_quant"), ext("_pagetable")], compiler_directives=directives),
     package_dir={"kvmmap": "kvmmap", "kvmmap.kernels_cl": "kernels_cl"},
     packages=["kvmmap", "kvmmap.kernels_cl"],
     package_data={"kvmmap": ["*.pxd", "*.pyx"], "kvmmap.kernels_cl": ["*.cl", "*.h"]},

@@ -12,9 +12,14 @@ from .errors import (
     FormatError,
     KVMmapError,
     LayoutError,
+    CacheFileError,
     NonFiniteError,
+    PageTableError,
+    ReadOnlyError,
+    SequenceError,
     ShapeError,
 )
+from .cache import PagedKVCache
 from .formats import FORMATS, Format, get_format
 from .parallel import get_num_threads, set_num_threads
 from .quant import QTensor, dequantize, quantize, quantize_into
@@ -24,6 +29,7 @@ __all__ = [
     "FORMATS",
     "Format",
     "get_format",
+    "PagedKVCache",
     "QTensor",
     "quantize",
     "quantize_into",
@@ -37,4 +43,8 @@ __all__ = [
     "LayoutError",
     "NonFiniteError",
     "ShapeError",
+    "CacheFileError",
+    "PageTableError",
+    "ReadOnlyError",
+    "SequenceError",
 ]

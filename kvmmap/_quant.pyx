@@ -6,6 +6,7 @@
 # quantizers return a status (STATUS_* below) and kvmmap/quant.py raises.
 
 from cython.parallel cimport prange
+from cython.view cimport array as cvarray
 from libc.math cimport fabsf
 from libc.stdint cimport int8_t, int32_t, uint8_t, uint16_t, uint32_t
 
@@ -397,3 +398,15 @@ def dequantize_int4_channel(const uint8_t[:, :, :] codes, const float[:, :, :] s
         for j in range(D // 2):
             dst[2 * j] = (src[j] & 15) * sc[2 * j] + zp[2 * j]
             dst[2 * j + 1] = (src[j] >> 4) * sc[2 * j + 1] + zp[2 * j + 1]
+
+
+def max_abs_bits(const float[:, :, :] x, int nthreads):
+    """Largest abs_bits() over the array: one pass that tells NaN / inf / overflow apart."""
+    cdef Py_ssize_t A = x.shape[0], T = x.shape[1], D = x.shape[2], i
+    cdef uint32_t[::1] rows = cvarray(shape=(max(A * T, 1),), itemsize=4, format="I")
+    cdef uint32_t worst = 0
+    for i in prange(A * T, nogil=True, schedule="static", num_threads=_nthreads(A * T, D, nthreads)):
+        rows[i] = _row_absmax_bits(&x[i // T, i % T, 0], D)
+    for i in range(A * T):
+        worst = rows[i] if rows[i] > worst else worst
+    return worst

@@ -36,6 +36,25 @@ class NonFiniteError(KVMmapError, ValueError):
     """The input holds NaN or infinity, or a value the storage format cannot represent."""
 
 
+class PageTableError(KVMmapError, ValueError):
+    """A page-table operation would break its rules (double free, page out of range, ...)."""
+
+
+class SequenceError(KVMmapError, KeyError, ValueError):
+    """Unknown sequence id or name, or a name already taken."""
+
+    def __str__(self):  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CacheFileError(KVMmapError, OSError):
+    """A cache file is missing, damaged, of an unknown version, or locked by a writer."""
+
+
+class ReadOnlyError(KVMmapError, OSError):
+    """A write was attempted on a cache opened with mode="r"."""
+
+
 class OpenCLUnavailableError(KVMmapError, RuntimeError):
     """pyopencl is not installed, or no OpenCL device could be found."""
 

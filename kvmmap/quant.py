@@ -370,6 +370,24 @@ def dequantize(q: QTensor, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+_LIMITS = {"fp16": 0x477FF000, "bf16": 0x7F7F8000, "int4": 0x7E800000}
+
+
+def check_storable(x: np.ndarray, fmt: str) -> None:
+    """Raise :class:`NonFiniteError` if quantizing float32 ``x`` into ``fmt`` would fail.
+
+    One read of ``x``; lets a caller refuse bad input before changing anything.
+    """
+    if x.size == 0:
+        return
+    f = get_format(fmt)
+    worst = _quant.max_abs_bits(_as_3d(x, "x"), get_num_threads())
+    if worst >= 0x7F800000:
+        _status(_quant.NONFINITE, f)
+    if worst >= _LIMITS.get(f.name, 0x7F800000):
+        _status(_quant.OVERFLOW, f)
+
+
 def fp8_values(fmt: str) -> np.ndarray:
     """The 256 float32 values that an fp8 format's codes stand for (NaN where reserved)."""
     if fmt not in _FP8_KIND:

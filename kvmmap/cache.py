@@ -1,0 +1,695 @@
+"""PagedKVCache: the paged, quantized KV cache of one model, in a file or in RAM.
+
+Tokens of one (sequence, layer) live in *sealed pages* listed by its block table, plus
+an open *tail* of fewer than ``page_size`` tokens kept in RAM and saved with each commit.
+Sealed pages are immutable, which gives the rest for free:
+
+* ``fork`` shares sealed pages (reference counts) and copies only the tail;
+* a write that would change a sealed page (``truncate`` into the middle of one) copies
+  the kept part into the tail first and drops the page: copy-on-write;
+* a page's checksum is computed once, when it is sealed;
+* a commit never has to copy pages: the committed state on disk refers only to sealed
+  pages, which nothing overwrites until a later commit has stopped referring to them.
+
+The tail is stored in the side's own format, except for int4, where it stays float32
+until the page fills and is quantized as a whole (keys per channel over the page's
+tokens, KIVI's residual window).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+import crc32c
+import numpy as np
+
+from . import quant
+from .errors import (
+    CacheFileError,
+    DTypeError,
+    ReadOnlyError,
+    SequenceError,
+    ShapeError,
+    describe,
+)
+from .formats import get_format
+from .pagetable import BlockTable, PageAllocator, slot_mapping
+from .quant import QTensor
+from .storage import (
+    FINGERPRINT_BYTES,
+    SUPERBLOCK_BYTES,
+    PageLayout,
+    Superblock,
+    read_slot,
+    write_slot,
+)
+
+_META_HEAD = struct.Struct("<QIII")     # high_water, num_sequences, next_sequence_id, reserved
+_SEQ_HEAD = struct.Struct("<IHH")       # sequence id, name length, reserved
+_LAYER_HEAD = struct.Struct("<QII")     # positions written, positions dropped in front, sealed pages
+_SIDES = ("k", "v")
+
+
+class _LayerState:
+    """One (sequence, layer): sealed pages, positions written, positions dropped, tail."""
+
+    __slots__ = ("bt", "n_pos", "first", "tail")
+
+    def __init__(self, bt, n_pos, first, tail):
+        self.bt, self.n_pos, self.first, self.tail = bt, n_pos, first, tail
+
+    @property
+    def length(self) -> int:
+        return self.n_pos - self.first
+
+
+class _Sequence:
+    __slots__ = ("seq_id", "name", "layers")
+
+    def __init__(self, seq_id, name, layers):
+        self.seq_id, self.name, self.layers = seq_id, name, layers
+
+
+class PagedKVCache:
+    """A paged, quantized KV cache, backed by a memory-mapped file or by RAM.
+
+    Use :meth:`create` or :meth:`open`; see ``docs/FORMAT.md`` for the file format.
+
+    Examples
+    --------
+    >>> import numpy as np, kvmmap as km
+    >>> c = km.PagedKVCache.create(None, num_layers=2, num_kv_heads=4, head_dim=64)
+    >>> s = c.new_sequence("prompt")
+    >>> k = np.ones((20, 4, 64), np.float32)
+    >>> c.append(s, 0, k, k)
+    >>> c.read(s, 0)[0].shape
+    (20, 4, 64)
+    """
+
+    # ------------------------------------------------------------------ construction
+
+    def __init__(self, *_args, **_kwargs):
+        raise TypeError("use PagedKVCache.create(...) or PagedKVCache.open(path)")
+
+    @classmethod
+    def create(cls, path, *, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int = 16,
+               k_format: str = "int8", v_format: str = "int8", v_group_size: int | None = None,
+               fingerprint: bytes | str = b"", meta_slot_bytes: int = 64 << 20,
+               overwrite: bool = False) -> "PagedKVCache":
+        """Create an empty cache.
+
+        Parameters
+        ----------
+        path : str or os.PathLike or None
+            File to create; None keeps the cache in RAM only (nothing persists).
+        num_layers, num_kv_heads, head_dim : int
+            Model geometry. K and V passed to :meth:`append` are
+            ``[tokens, num_kv_heads, head_dim]``.
+        page_size : int
+            Tokens per page (default 16).
+        k_format, v_format : str
+            Storage formats (:data:`kvmmap.FORMATS`); may differ.
+        v_group_size : int, optional
+            int4 values: elements per quantization group along head_dim (default 32, or
+            head_dim if 32 does not divide it). int4 keys are always grouped per channel
+            over the tokens of a page.
+        fingerprint : bytes or str
+            Up to 32 bytes identifying the model (e.g. a hash of its config), stored in the
+            header and readable as :attr:`fingerprint`.
+        meta_slot_bytes : int
+            Capacity of each of the two metadata slots; reserved sparsely, so it costs no
+            disk until used.
+        overwrite : bool
+            Replace an existing file instead of refusing.
+        """
+        for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim), ("page_size", page_size)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ShapeError(f"{name} must be a positive integer, found {v!r}")
+        kf, vf = get_format(k_format), get_format(v_format)
+        for f in (kf, vf):
+            if f.name == "int4" and head_dim % 2:
+                raise ShapeError(f"int4 needs an even head_dim, found {head_dim}")
+        if vf.name == "int4":
+            if v_group_size is None:
+                v_group_size = 32 if head_dim % 32 == 0 else head_dim
+            quant._resolve_grouping(vf, (1, head_dim), "token", v_group_size)
+        v_group_size = int(v_group_size or 0)
+        if isinstance(fingerprint, str):
+            fingerprint = fingerprint.encode()
+        if len(fingerprint) > FINGERPRINT_BYTES:
+            raise ShapeError(f"fingerprint holds at most {FINGERPRINT_BYTES} bytes, found {len(fingerprint)}")
+        if meta_slot_bytes < 4096 or meta_slot_bytes % 4096:
+            raise ShapeError(f"meta_slot_bytes must be a positive multiple of 4096, found {meta_slot_bytes}")
+        layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size or 32)
+        sb = Superblock(int(num_layers), int(num_kv_heads), int(head_dim), int(page_size), kf, vf,
+                        v_group_size, layout.page_bytes, SUPERBLOCK_BYTES, meta_slot_bytes,
+                        SUPERBLOCK_BYTES + 2 * meta_slot_bytes, bytes(fingerprint))
+        self = object.__new__(cls)
+        self._init_common(sb, None if path is None else os.fspath(path), writable=True)
+        if self.path is not None:
+            flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except FileExistsError:
+                raise CacheFileError(f"{self.path} exists; pass overwrite=True to replace it") from None
+            except OSError as e:
+                raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
+            self._fd = fd
+            self._lock()
+            os.pwrite(fd, sb.pack(), 0)
+            os.ftruncate(fd, sb.arena_offset)
+            self._generation, self._active_slot = 0, 1
+            self.flush()
+        return self
+
+    @classmethod
+    def open(cls, path, mode: str = "r+") -> "PagedKVCache":
+        """Open a cache file: read the header and the committed metadata, map the pages.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        mode : {"r+", "r"}
+            "r+" takes the file's writer lock (a second writer is refused); "r" maps it
+            read-only and may run beside a writer, seeing the state committed when opened.
+        """
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', found {mode!r}")
+        path = os.fspath(path)
+        try:
+            fd = os.open(path, os.O_RDWR if mode == "r+" else os.O_RDONLY)
+        except OSError as e:
+            raise CacheFileError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            sb = Superblock.unpack(os.pread(fd, SUPERBLOCK_BYTES, 0), path)
+            self = object.__new__(cls)
+            self._init_common(sb, path, writable=mode == "r+")
+            self._fd = fd
+            if self.writable:
+                self._lock()
+            slots = [read_slot(fd, sb, i) for i in (0, 1)]
+            valid = [(s[0], i, s[1]) for i, s in enumerate(slots) if s is not None]
+            if not valid:
+                raise CacheFileError(f"{path}: damaged metadata: neither metadata slot holds a valid commit")
+            gen, slot, payload = max(valid)
+            self._generation, self._active_slot = gen, slot
+            self._load(payload)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self
+
+    def _init_common(self, sb: Superblock, path, writable: bool) -> None:
+        self._sb = sb
+        self.path = path
+        self.writable = writable
+        self.layout: PageLayout = sb.layout()
+        self._fd = None
+        self._closed = False
+        self._seqs: dict[int, _Sequence] = {}
+        self._names: dict[str, int] = {}
+        self._next_id = 0
+        self._alloc = PageAllocator()
+        self._page_crc = np.zeros(0, np.uint32)
+        self._capacity = 0
+        self._arena = np.zeros(0, np.uint8)
+        self._views = self.layout.arena_views(self._arena, 0)
+        self._tail_proto = self._make_tail()
+        self._tail_bytes = sum(a.nbytes for side in _SIDES for a in self._tail_proto[side].values())
+
+    def _lock(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise CacheFileError(f"{self.path} is open for writing in another process (its writer lock is held)") from None
+
+    # ------------------------------------------------------------------ properties
+
+    num_layers = property(lambda self: self._sb.num_layers)
+    num_kv_heads = property(lambda self: self._sb.num_kv_heads)
+    head_dim = property(lambda self: self._sb.head_dim)
+    page_size = property(lambda self: self._sb.page_size)
+    k_format = property(lambda self: self._sb.k_format.name)
+    v_format = property(lambda self: self._sb.v_format.name)
+    fingerprint = property(lambda self: self._sb.fingerprint.rstrip(b"\0"))
+    version = property(lambda self: self._sb.version)
+
+    def __repr__(self) -> str:
+        where = self.path or "RAM"
+        return (f"PagedKVCache({where!r}, layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, page_size={self.page_size}, k={self.k_format}, "
+                f"v={self.v_format}, sequences={len(self._seqs)})")
+
+    # ------------------------------------------------------------------ arena
+
+    def _make_tail(self) -> dict:
+        tail = {}
+        for side in _SIDES:
+            f = self.layout.formats[side]
+            if f.name == "int4":
+                tail[side] = {"codes": np.zeros((self.num_kv_heads, self.page_size, self.head_dim), np.float32)}
+            else:
+                tail[side] = {n: np.zeros(r.shape, r.dtype) for n, r in self.layout.regions[side].items()}
+        return tail
+
+    def _copy_tail(self, tail) -> dict:
+        return {side: {n: a.copy() for n, a in tail[side].items()} for side in _SIDES}
+
+    def _ensure_capacity(self, num_pages: int) -> None:
+        if num_pages <= self._capacity:
+            return
+        cap = max(num_pages, 2 * self._capacity, 64)
+        pb = self._sb.page_bytes
+        if self.path is None:
+            arena = np.zeros(cap * pb, np.uint8)
+            arena[: self._arena.size] = self._arena
+        else:
+            os.ftruncate(self._fd, self._sb.arena_offset + cap * pb)   # sparse: no page is rewritten
+            arena = self._map(cap)
+        self._set_arena(arena, cap)
+
+    def _map(self, cap: int) -> np.ndarray:
+        return np.memmap(self.path, dtype=np.uint8, mode="r+" if self.writable else "r",
+                         offset=self._sb.arena_offset, shape=(cap * self._sb.page_bytes,))
+
+    def _set_arena(self, arena, cap) -> None:
+        self._arena, self._capacity = arena, cap
+        self._views = self.layout.arena_views(arena, cap)
+        if len(self._page_crc) < cap:
+            crc = np.zeros(cap, np.uint32)
+            crc[: len(self._page_crc)] = self._page_crc
+            self._page_crc = crc
+
+    def _page_crc_of(self, page: int) -> int:
+        pb = self._sb.page_bytes
+        return crc32c.crc32c(self._arena[page * pb:(page + 1) * pb])
+
+    def _seal_pages(self, n: int) -> np.ndarray:
+        pages = self._alloc.alloc(n)
+        self._ensure_capacity(self._alloc.high_water)
+        return pages
+
+    # ------------------------------------------------------------------ views
+
+    def _page_q(self, side: str, page: int, a: int, b: int) -> QTensor:
+        """QTensor over tokens [a, b) of a sealed page (head-major: shape [H, b-a, D])."""
+        f = self.layout.formats[side]
+        v = self._views[side]
+        shape = (self.num_kv_heads, b - a, self.head_dim)
+        codes = v["codes"][page][:, a:b]
+        if f.name == "int4" and side == "k":
+            return QTensor(codes, v["scales"][page], v["zeros"][page], "int4", shape, "channel", self.page_size)
+        scales = v["scales"][page][:, a:b] if f.scaled else None
+        zeros = v["zeros"][page][:, a:b] if f.zero_point else None
+        return QTensor(codes, scales, zeros, f.name, shape, "token", self.layout.group_size[side])
+
+    def _tail_q(self, side: str, tail: dict, a: int, b: int) -> QTensor:
+        f = self.layout.formats[side]
+        t = tail[side]
+        shape = (self.num_kv_heads, b - a, self.head_dim)
+        if f.name == "int4":
+            return QTensor(t["codes"][:, a:b], None, None, "fp32", shape)
+        return QTensor(t["codes"][:, a:b], t["scales"][:, a:b] if f.scaled else None, None, f.name, shape)
+
+    def _seal_tail(self, st: _LayerState) -> None:
+        (page,) = self._seal_pages(1)
+        for side in _SIDES:
+            f = self.layout.formats[side]
+            if f.name == "int4":
+                quant.quantize_into(st.tail[side]["codes"], self._page_q(side, page, 0, self.page_size))
+            else:
+                for name, arr in st.tail[side].items():
+                    self._views[side][name][page][...] = arr
+        self._page_crc[page] = self._page_crc_of(page)
+        st.bt.append(int(page))
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_open(self, write: bool = False) -> None:
+        if self._closed:
+            raise CacheFileError("the cache is closed")
+        if write and not self.writable:
+            raise ReadOnlyError(f"{self.path} is open read-only (mode='r')")
+
+    def _seq(self, seq) -> _Sequence:
+        try:
+            return self._seqs[seq]
+        except (KeyError, TypeError):
+            raise SequenceError(f"unknown sequence id {seq!r}; known ids: {sorted(self._seqs)[:20]}") from None
+
+    def _check_layer(self, layer) -> int:
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
+            raise ShapeError(f"layer must be an integer in 0..{self.num_layers - 1}, found {layer!r}")
+        return int(layer)
+
+    def _check_kv(self, x, name: str) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            if hasattr(x, "__array__"):
+                x = np.asarray(x)
+            else:
+                raise DTypeError(f"{name} must be a numpy array, found {type(x).__name__}")
+        if x.dtype not in (np.float32, np.float16):
+            raise DTypeError(f"{name} must be float32 or float16, found {x.dtype}")
+        want = (self.num_kv_heads, self.head_dim)
+        if x.ndim != 3 or x.shape[1:] != want:
+            raise ShapeError(f"{name} must be [tokens, {want[0]}, {want[1]}], found {describe(x)}")
+        if x.dtype != np.float32 or (x.shape[2] > 1 and x.strides[2] != 4):
+            x = np.ascontiguousarray(x, np.float32)
+        return x
+
+    # ------------------------------------------------------------------ sequences
+
+    def new_sequence(self, name: str | None = None) -> int:
+        """Start an empty sequence; returns its id. ``name`` (unique) finds it again later."""
+        self._check_open(write=True)
+        if name is not None:
+            if not isinstance(name, str) or not name or len(name.encode()) > 65535:
+                raise SequenceError(f"a sequence name must be a non-empty string under 64 KiB, found {name!r}")
+            if name in self._names:
+                raise SequenceError(f"a sequence named {name!r} exists already (id {self._names[name]})")
+        sid = self._next_id
+        self._next_id += 1
+        layers = [_LayerState(BlockTable(), 0, 0, self._copy_tail(self._tail_proto)) for _ in range(self.num_layers)]
+        self._seqs[sid] = _Sequence(sid, name, layers)
+        if name is not None:
+            self._names[name] = sid
+        return sid
+
+    def find_sequence(self, name: str) -> int:
+        """Id of the sequence called ``name``."""
+        self._check_open()
+        try:
+            return self._names[name]
+        except (KeyError, TypeError):
+            raise SequenceError(f"no sequence is named {name!r}") from None
+
+    def sequences(self) -> dict[int, str | None]:
+        """{sequence id: name or None} for every sequence."""
+        return {sid: s.name for sid, s in self._seqs.items()}
+
+    def seq_len(self, seq: int, layer: int | None = None) -> int:
+        """Tokens stored for ``seq`` in ``layer``, or in every layer (the minimum) if None."""
+        s = self._seq(seq)
+        if layer is None:
+            return min(st.length for st in s.layers)
+        return s.layers[self._check_layer(layer)].length
+
+    def append(self, seq: int, layer: int, k, v) -> None:
+        """Append tokens to one layer of a sequence.
+
+        Parameters
+        ----------
+        seq : int
+        layer : int
+        k, v : numpy.ndarray, float32 or float16, shape ``[tokens, num_kv_heads, head_dim]``
+            Any number of tokens: a whole prompt or one decode step. Full pages are
+            quantized straight into the memory-mapped pages.
+
+        Raises
+        ------
+        SequenceError, ShapeError, DTypeError, NonFiniteError, ReadOnlyError
+            Nothing is changed when the input is refused.
+        """
+        self._check_open(write=True)
+        s = self._seq(seq)
+        layer = self._check_layer(layer)
+        k, v = self._check_kv(k, "k"), self._check_kv(v, "v")
+        if k.shape[0] != v.shape[0]:
+            raise ShapeError(f"k and v must hold the same number of tokens, found {k.shape[0]} and {v.shape[0]}")
+        quant.check_storable(k, "fp32" if self.k_format == "int4" else self.k_format)
+        quant.check_storable(v, "fp32" if self.v_format == "int4" else self.v_format)
+        if self.k_format == "int4":
+            quant.check_storable(k, "int4")
+        if self.v_format == "int4":
+            quant.check_storable(v, "int4")
+        st = s.layers[layer]
+        P, n, i = self.page_size, k.shape[0], 0
+        x = {"k": k.transpose(1, 0, 2), "v": v.transpose(1, 0, 2)}      # [H, tokens, D] views
+        while i < n:
+            slot = st.n_pos % P
+            take = min(P - slot, n - i)
+            if slot == 0 and take == P:          # a whole page: quantize straight into it
+                (page,) = self._seal_pages(1)
+                for side in _SIDES:
+                    quant.quantize_into(x[side][:, i:i + P], self._page_q(side, page, 0, P))
+                self._page_crc[page] = self._page_crc_of(page)
+                st.bt.append(int(page))
+            else:
+                for side in _SIDES:
+                    quant.quantize_into(x[side][:, i:i + take], self._tail_q(side, st.tail, slot, slot + take))
+                if slot + take == P:
+                    self._seal_tail(st)
+            st.n_pos += take
+            i += take
+
+    def read(self, seq: int, layer: int, start: int = 0, stop: int | None = None):
+        """Dequantized K and V of tokens ``start .. stop - 1`` of one layer.
+
+        Returns
+        -------
+        k, v : numpy.ndarray, float32, shape ``[stop - start, num_kv_heads, head_dim]``
+        """
+        self._check_open()
+        st = self._seq(seq).layers[self._check_layer(layer)]
+        stop = st.length if stop is None else stop
+        if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))
+                and 0 <= start <= stop <= st.length):
+            raise ShapeError(f"need 0 <= start <= stop <= {st.length}, found start={start!r}, stop={stop!r}")
+        n = stop - start
+        out = {side: np.empty((n, self.num_kv_heads, self.head_dim), np.float32) for side in _SIDES}
+        P, pos, end, done = self.page_size, st.first + start, st.first + stop, 0
+        nbt = len(st.bt)
+        while pos < end:
+            logical, a = divmod(pos, P)
+            b = min(P, a + end - pos)
+            for side in _SIDES:
+                dest = out[side][done:done + b - a].transpose(1, 0, 2)
+                if logical < nbt:
+                    quant.dequantize(self._page_q(side, int(st.bt.pages[logical]), a, b), out=dest)
+                else:
+                    quant.dequantize(self._tail_q(side, st.tail, a, b), out=dest)
+            done += b - a
+            pos += b - a
+        return out["k"], out["v"]
+
+    def fork(self, seq: int, name: str | None = None) -> int:
+        """A new sequence sharing ``seq``'s sealed pages (copy-on-write); returns its id."""
+        self._check_open(write=True)
+        src = self._seq(seq)
+        sid = self.new_sequence(name)
+        new = self._seqs[sid]
+        for i, st in enumerate(src.layers):
+            self._alloc.incref(st.bt.pages)
+            new.layers[i] = _LayerState(st.bt.copy(), st.n_pos, st.first, self._copy_tail(st.tail))
+        return sid
+
+    def free(self, seq: int) -> None:
+        """Drop a sequence; its pages return to the free list at the next commit."""
+        self._check_open(write=True)
+        s = self._seq(seq)
+        for st in s.layers:
+            self._alloc.decref(st.bt.pages)
+        del self._seqs[seq]
+        if s.name is not None:
+            del self._names[s.name]
+
+    def truncate(self, seq: int, n: int) -> None:
+        """Keep the first ``n`` tokens of every layer of ``seq`` (layers shorter keep all)."""
+        self._check_open(write=True)
+        s = self._seq(seq)
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ShapeError(f"truncate needs a token count >= 0, found {n!r}")
+        P = self.page_size
+        for st in s.layers:
+            if n >= st.length:
+                continue
+            new_pos = st.first + n
+            keep, rem = divmod(new_pos, P)
+            if keep < len(st.bt):
+                if rem:   # copy-on-write: the kept part of a sealed page becomes the tail
+                    page = int(st.bt.pages[keep])
+                    tail = self._copy_tail(self._tail_proto)
+                    for side in _SIDES:
+                        src = self._page_q(side, page, 0, rem)
+                        if self.layout.formats[side].name == "int4":
+                            quant.dequantize(src, out=tail[side]["codes"][:, :rem])
+                        else:
+                            for name, arr in tail[side].items():
+                                arr[:, :rem] = getattr(src, name)
+                    st.tail = tail
+                self._alloc.decref(st.bt.drop_back(len(st.bt) - keep))
+            st.n_pos = new_pos
+
+    def shift_left(self, seq: int, n: int) -> None:
+        """Drop the first ``n`` tokens of every layer of ``seq`` (a sliding window)."""
+        self._check_open(write=True)
+        s = self._seq(seq)
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ShapeError(f"shift_left needs a token count >= 0, found {n!r}")
+        P = self.page_size
+        for st in s.layers:
+            st.first += min(n, st.length)
+            drop = min(st.first // P, len(st.bt))
+            if drop:
+                self._alloc.decref(st.bt.drop_front(drop))
+                st.first -= drop * P
+                st.n_pos -= drop * P
+
+    def block_table(self, seq: int, layer: int = 0) -> np.ndarray:
+        """Physical ids of the sealed pages of one layer of ``seq``, in logical order (a copy)."""
+        return self._seq(seq).layers[self._check_layer(layer)].bt.pages.copy()
+
+    def slot_mapping(self, seq: int, layer: int, start: int, n: int) -> np.ndarray:
+        """Physical slot of each of ``n`` visible tokens from ``start`` (-1: still in the tail)."""
+        st = self._seq(seq).layers[self._check_layer(layer)]
+        return slot_mapping(st.bt.pages, st.first, start, n, self.page_size)
+
+    def stats(self) -> dict:
+        """Pages used / free / pending, capacity, and bytes on disk and in RAM."""
+        used = self._alloc.high_water - self._alloc.num_free - self._alloc.num_pending
+        tails = len(self._seqs) * self.num_layers * self._tail_bytes
+        disk = 0
+        if self.path is not None and self._fd is not None:
+            st = os.fstat(self._fd)
+            disk = st.st_blocks * 512
+        return {
+            "sequences": len(self._seqs),
+            "pages_used": used,
+            "pages_free": self._alloc.num_free,
+            "pages_pending": self._alloc.num_pending,
+            "pages_capacity": self._capacity,
+            "page_bytes": self._sb.page_bytes,
+            "bytes_pages": used * self._sb.page_bytes,
+            "bytes_on_disk": disk,
+            "bytes_in_ram": tails + self._page_crc.nbytes + self._alloc.refcounts.nbytes
+            + (self._arena.nbytes if self.path is None else 0),
+            "tokens": sum(st.length for s in self._seqs.values() for st in s.layers),
+        }
+
+    # ------------------------------------------------------------------ commit
+
+    def _serialize(self) -> bytes:
+        hw = self._alloc.high_water
+        parts = [_META_HEAD.pack(hw, len(self._seqs), self._next_id, 0), self._page_crc[:hw].tobytes()]
+        for s in self._seqs.values():
+            name = (s.name or "").encode()
+            parts.append(_SEQ_HEAD.pack(s.seq_id, len(name), 1 if s.name is not None else 0))
+            parts.append(name + b"\0" * (-len(name) % 4))
+            for st in s.layers:
+                parts.append(_LAYER_HEAD.pack(st.n_pos, st.first, len(st.bt)))
+                parts.append(st.bt.pages.tobytes())
+                for side in _SIDES:
+                    parts.extend(a.tobytes() for a in st.tail[side].values())
+        return b"".join(parts)
+
+    def _load(self, payload: bytes) -> None:
+        path = self.path
+        def bad(msg):
+            raise CacheFileError(f"{path}: damaged metadata: {msg}")
+        if len(payload) < _META_HEAD.size:
+            bad("truncated")
+        hw, nseq, next_id, _ = _META_HEAD.unpack_from(payload)
+        off = _META_HEAD.size
+        if off + 4 * hw > len(payload):
+            bad(f"{hw} page checksums do not fit in {len(payload)} bytes")
+        pb = self._sb.page_bytes
+        file_pages = (os.fstat(self._fd).st_size - self._sb.arena_offset) // pb
+        if hw > file_pages:
+            bad(f"{hw} pages are committed but the file holds only {max(file_pages, 0)}: truncated file")
+        page_crc = np.frombuffer(payload, np.uint32, hw, off).copy()
+        off += 4 * hw
+        P, L = self.page_size, self.num_layers
+        counts = np.zeros(hw, np.int64)
+        for _ in range(nseq):
+            if off + _SEQ_HEAD.size > len(payload):
+                bad("sequence table truncated")
+            sid, name_len, has_name = _SEQ_HEAD.unpack_from(payload, off)
+            off += _SEQ_HEAD.size
+            name = payload[off:off + name_len].decode("utf-8", "replace") if has_name else None
+            off += name_len + (-name_len % 4)
+            if sid >= next_id or sid in self._seqs or (name is not None and name in self._names):
+                bad(f"sequence id {sid} or name {name!r} repeated or out of range")
+            layers = []
+            for _ in range(L):
+                if off + _LAYER_HEAD.size > len(payload):
+                    bad("block table truncated")
+                n_pos, first, nbt = _LAYER_HEAD.unpack_from(payload, off)
+                off += _LAYER_HEAD.size
+                if not (nbt * P <= n_pos < (nbt + 1) * P and first <= n_pos and first < P) \
+                        or off + 4 * nbt + self._tail_bytes > len(payload):
+                    bad(f"sequence {sid}: inconsistent block table (positions {n_pos}, first {first}, pages {nbt})")
+                pages = np.frombuffer(payload, np.uint32, nbt, off)
+                off += 4 * nbt
+                if nbt and int(pages.max()) >= hw:
+                    bad(f"sequence {sid} refers to page {int(pages.max())} beyond the {hw} pages in use")
+                counts += np.bincount(pages, minlength=hw)[:hw] if nbt else 0
+                tail = {}
+                for side in _SIDES:
+                    tail[side] = {}
+                    for name_, proto in self._tail_proto[side].items():
+                        tail[side][name_] = np.frombuffer(payload, proto.dtype, proto.size, off).reshape(proto.shape).copy()
+                        off += proto.nbytes
+                layers.append(_LayerState(BlockTable(pages), n_pos, first, tail))
+            self._seqs[sid] = _Sequence(sid, name, layers)
+            if name is not None:
+                self._names[name] = sid
+        if off != len(payload):
+            bad(f"{len(payload) - off} unexpected trailing bytes")
+        self._next_id = next_id
+        self._alloc = PageAllocator(counts.astype(np.uint32))
+        self._page_crc = page_crc
+        if file_pages > 0:
+            self._set_arena(self._map(file_pages), file_pages)
+
+    def flush(self) -> None:
+        """Commit: make every change so far durable. After it returns a crash loses nothing.
+
+        Data pages are synced first; then the metadata goes to the slot not holding the
+        newest commit, with a higher generation and its checksum, and is synced.
+        """
+        self._check_open()
+        if not self.writable:
+            return
+        if self.path is None:
+            self._alloc.release_pending()
+            return
+        os.fsync(self._fd)
+        slot = 1 - self._active_slot
+        write_slot(self._fd, self._sb, slot, self._generation + 1, self._serialize())
+        self._generation += 1
+        self._active_slot = slot
+        self._alloc.release_pending()
+
+    def verify(self) -> list[int]:
+        """Recompute the checksum of every page in use; returns the ids of damaged pages."""
+        self._check_open()
+        used = sorted({int(p) for s in self._seqs.values() for st in s.layers for p in st.bt.pages})
+        return [p for p in used if self._page_crc_of(p) != int(self._page_crc[p])]
+
+    def close(self) -> None:
+        """Release the file (uncommitted changes are dropped: call :meth:`flush` first)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._arena = np.zeros(0, np.uint8)
+        self._views = None
+        if self._fd is not None:
+            os.close(self._fd)   # also drops the writer lock
+            self._fd = None
+
+    def __enter__(self) -> "PagedKVCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

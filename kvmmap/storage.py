@@ -1,0 +1,224 @@
+"""The cache file: superblock, page layout, metadata slots, commit and reopen.
+
+Byte-by-byte description in docs/FORMAT.md. In short::
+
+    [0, 4096)                      superblock: magic, version, geometry, formats, fingerprint, crc32c
+    [4096, 4096 + S)               metadata slot 0   (S = meta_slot_bytes)
+    [4096 + S, 4096 + 2S)          metadata slot 1
+    [arena_offset, ...)            page arena: page p at arena_offset + p * page_bytes
+
+The file is sparse: reserved metadata space and arena capacity cost nothing until
+written. A commit writes the new metadata into the slot *not* holding the newest valid
+state, after the data pages it refers to are durable; the slot with the highest
+generation whose checksums hold is the committed state.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import crc32c
+import numpy as np
+
+from .errors import CacheFileError, FormatError
+from .formats import Format, format_by_id, get_format
+
+MAGIC = b"\x89KVMMAP\n"
+VERSION = (1, 0)
+SUPERBLOCK_BYTES = 4096
+SLOT_MAGIC = b"KVMSLOT\x00"
+SLOT_HEADER = struct.Struct("<8sQQII")          # magic, generation, payload_len, payload_crc, header_crc
+SLOT_HEADER_BYTES = 64
+ALIGN = 64                                      # every page region starts on a 64-byte boundary
+FINGERPRINT_BYTES = 32
+_SB = struct.Struct("<8sHHIIIIIBBHHHQQQQ32s")   # superblock fields before the reserved bytes
+_SB_CRC_AT = SUPERBLOCK_BYTES - 4
+
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+@dataclass(frozen=True)
+class Region:
+    """One array inside a page: byte offset from the page start, dtype, shape."""
+
+    offset: int
+    dtype: np.dtype
+    shape: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+class PageLayout:
+    """Where K and V codes, scales and zero points sit inside one page of one layer.
+
+    A page holds ``page_size`` tokens of one layer for every KV head, in this order, each
+    region 64-byte aligned::
+
+        K codes [H, P, Dc]  K scales  K zeros  V codes [H, P, Dc]  V scales  V zeros
+
+    Codes are head-major so that one (sequence, kv-head) stream reads ``P * Dc``
+    contiguous codes per page. Scales: int8 / fp8 ``[H, P]`` (one per token per head);
+    int4 keys ``[H, 1, D]`` (per channel over the page, KIVI); int4 values
+    ``[H, P, D / G]``; zero points like the scales (int4 only).
+    """
+
+    def __init__(self, num_kv_heads, head_dim, page_size, k_format, v_format, v_group_size):
+        self.num_kv_heads, self.head_dim, self.page_size = num_kv_heads, head_dim, page_size
+        self.formats = {"k": get_format(k_format), "v": get_format(v_format)}
+        self.group_size = {"k": page_size if self.formats["k"].name == "int4" else 0,
+                           "v": v_group_size if self.formats["v"].name == "int4" else 0}
+        self.regions: dict[str, dict[str, Region]] = {}
+        off = 0
+        H, P, D = num_kv_heads, page_size, head_dim
+        for side in ("k", "v"):
+            f = self.formats[side]
+            regs = {"codes": Region(off, f.code_dtype, (H, P, f.code_width(D)))}
+            off = _align(off + regs["codes"].nbytes)
+            if f.scaled:
+                if f.name != "int4":
+                    side_shape = (H, P)
+                elif side == "k":
+                    side_shape = (H, 1, D)
+                else:
+                    side_shape = (H, P, D // self.group_size["v"])
+                for name in ("scales", "zeros") if f.zero_point else ("scales",):
+                    regs[name] = Region(off, np.dtype(np.float32), side_shape)
+                    off = _align(off + regs[name].nbytes)
+            self.regions[side] = regs
+        self.page_bytes = off
+
+    def grouping(self, side: str) -> str:
+        return "channel" if side == "k" and self.formats["k"].name == "int4" else "token"
+
+    def arena_views(self, arena: np.ndarray, num_pages: int) -> dict[str, dict[str, np.ndarray]]:
+        """Arrays ``[num_pages, *region.shape]`` over a flat uint8 arena, one per region."""
+        views = {}
+        for side, regs in self.regions.items():
+            views[side] = {}
+            for name, r in regs.items():
+                if num_pages == 0:
+                    views[side][name] = np.zeros((0,) + r.shape, r.dtype)
+                    continue
+                inner = tuple(int(s) for s in np.cumprod((1,) + r.shape[::-1])[:-1][::-1] * r.dtype.itemsize)
+                views[side][name] = np.ndarray(
+                    (num_pages,) + r.shape, r.dtype, buffer=arena, offset=r.offset,
+                    strides=(self.page_bytes,) + inner,
+                )
+        return views
+
+
+@dataclass(frozen=True)
+class Superblock:
+    """The immutable header of a cache file."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    k_format: Format
+    v_format: Format
+    v_group_size: int
+    page_bytes: int
+    meta_offset: int
+    meta_slot_bytes: int
+    arena_offset: int
+    fingerprint: bytes
+    version: tuple = VERSION
+
+    def pack(self) -> bytes:
+        k_group = self.page_size if self.k_format.name == "int4" else 0
+        v_group = self.v_group_size if self.v_format.name == "int4" else 0
+        head = _SB.pack(
+            MAGIC, *self.version, SUPERBLOCK_BYTES, self.num_layers, self.num_kv_heads,
+            self.head_dim, self.page_size, self.k_format.format_id, self.v_format.format_id,
+            k_group, v_group, 0, self.page_bytes, self.meta_offset, self.meta_slot_bytes,
+            self.arena_offset, self.fingerprint.ljust(FINGERPRINT_BYTES, b"\0"),
+        )
+        body = head.ljust(_SB_CRC_AT, b"\0")
+        return body + struct.pack("<I", crc32c.crc32c(body))
+
+    @classmethod
+    def unpack(cls, raw: bytes, path: str = "<file>") -> "Superblock":
+        if len(raw) < SUPERBLOCK_BYTES:
+            raise CacheFileError(f"{path}: not a kvmmap cache: {len(raw)} bytes, shorter than the {SUPERBLOCK_BYTES}-byte header")
+        if raw[:8] != MAGIC:
+            raise CacheFileError(f"{path}: not a kvmmap cache: magic {raw[:8]!r}, expected {MAGIC!r}")
+        (magic, major, minor, sb_bytes, L, H, D, P, kf, vf, kg, vg, flags, page_bytes,
+         meta_off, slot_bytes, arena_off, fp) = _SB.unpack_from(raw)
+        if major != VERSION[0]:
+            raise CacheFileError(
+                f"{path}: format version {major}.{minor} is not supported; this kvmmap reads {VERSION[0]}.x"
+            )
+        (stored,) = struct.unpack_from("<I", raw, _SB_CRC_AT)
+        if crc32c.crc32c(raw[:_SB_CRC_AT]) != stored:
+            raise CacheFileError(f"{path}: damaged header: superblock checksum mismatch")
+        if sb_bytes != SUPERBLOCK_BYTES or flags != 0 or any(raw[_SB.size:_SB_CRC_AT]):
+            raise CacheFileError(f"{path}: damaged header: reserved fields are not zero")
+        try:
+            kfmt, vfmt = format_by_id(kf), format_by_id(vf)
+        except FormatError as e:
+            raise CacheFileError(f"{path}: damaged header: {e}") from None
+        sb = cls(L, H, D, P, kfmt, vfmt, vg, page_bytes, meta_off, slot_bytes, arena_off, fp, (major, minor))
+        sb.validate(path)
+        return sb
+
+    def validate(self, path: str) -> None:
+        """Check the geometry is sane and self-consistent (hostile files included)."""
+        def bad(msg):
+            raise CacheFileError(f"{path}: damaged header: {msg}")
+        for name, v, hi in (("num_layers", self.num_layers, 1 << 16), ("num_kv_heads", self.num_kv_heads, 1 << 12),
+                            ("head_dim", self.head_dim, 1 << 14), ("page_size", self.page_size, 1 << 16)):
+            if not 1 <= v <= hi:
+                bad(f"{name}={v} is outside 1..{hi}")
+        layout = self.layout()
+        if layout.page_bytes != self.page_bytes:
+            bad(f"page_bytes={self.page_bytes} does not match the geometry ({layout.page_bytes})")
+        if self.meta_offset != SUPERBLOCK_BYTES or self.meta_slot_bytes < 4096 or self.meta_slot_bytes % 4096:
+            bad(f"metadata slots at {self.meta_offset} of {self.meta_slot_bytes} bytes are misplaced")
+        if self.arena_offset != self.meta_offset + 2 * self.meta_slot_bytes:
+            bad(f"arena offset {self.arena_offset} does not follow the metadata slots")
+
+    def layout(self) -> PageLayout:
+        try:
+            return PageLayout(self.num_kv_heads, self.head_dim, self.page_size,
+                              self.k_format, self.v_format, self.v_group_size or 32)
+        except (ValueError, ZeroDivisionError) as e:
+            raise CacheFileError(f"damaged header: inconsistent geometry ({e})") from None
+
+
+def read_slot(fd: int, sb: Superblock, index: int) -> tuple[int, bytes] | None:
+    """(generation, payload) of a metadata slot, or None if it is empty or damaged."""
+    off = sb.meta_offset + index * sb.meta_slot_bytes
+    head = os.pread(fd, SLOT_HEADER.size, off)
+    if len(head) < SLOT_HEADER.size:
+        return None
+    magic, gen, length, payload_crc, header_crc = SLOT_HEADER.unpack(head)
+    if magic != SLOT_MAGIC or crc32c.crc32c(head[:-4]) != header_crc:
+        return None
+    if length > sb.meta_slot_bytes - SLOT_HEADER_BYTES:
+        return None
+    payload = os.pread(fd, length, off + SLOT_HEADER_BYTES)
+    if len(payload) != length or crc32c.crc32c(payload) != payload_crc:
+        return None
+    return gen, payload
+
+
+def write_slot(fd: int, sb: Superblock, index: int, generation: int, payload: bytes) -> None:
+    """Write a metadata slot (payload, then header) and make it durable."""
+    if len(payload) > sb.meta_slot_bytes - SLOT_HEADER_BYTES:
+        raise CacheFileError(
+            f"metadata of {len(payload)} bytes exceeds the slot capacity of "
+            f"{sb.meta_slot_bytes - SLOT_HEADER_BYTES} bytes; create the cache with a larger meta_slot_bytes"
+        )
+    off = sb.meta_offset + index * sb.meta_slot_bytes
+    head = SLOT_HEADER.pack(SLOT_MAGIC, generation, len(payload), crc32c.crc32c(payload), 0)[:-4]
+    head += struct.pack("<I", crc32c.crc32c(head))
+    os.pwrite(fd, payload, off + SLOT_HEADER_BYTES)
+    os.pwrite(fd, head.ljust(SLOT_HEADER_BYTES, b"\0"), off)
+    os.fsync(fd)

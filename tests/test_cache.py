@@ -1,0 +1,306 @@
+"""PagedKVCache against a plain reference: the tokens appended, quantized page by page."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import kvmmap as km
+
+H, D, P, L = 4, 64, 16, 2
+CHUNKS = [1, 7, 16, 33, 2, 15, 1, 31]       # crosses page boundaries every way; 106 tokens
+
+
+def tokens(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, H, D), dtype=np.float32)
+
+
+def expected(x, fmt, side, first=0):
+    """What the cache must return for tokens x appended from position ``first`` of a page grid.
+
+    Sealed (full) pages are quantized as a whole; int4 keep the open tail in float32.
+    The per-format kernels are checked against plain numpy in test_quant.py.
+    """
+    n_pos = first + len(x)
+    full = n_pos // P * P
+    padded = np.concatenate([np.zeros((first, H, D), np.float32), x])
+    out = padded.copy()
+    xt = padded.transpose(1, 0, 2)
+    for p0 in range(0, n_pos, P):
+        p1 = min(p0 + P, n_pos)
+        chunk = np.ascontiguousarray(xt[:, p0:p1])
+        if fmt == "int4" and p1 > full:
+            continue                                       # open tail: float32
+        if fmt == "int4" and side == "k":
+            q = km.quantize(chunk, "int4", grouping="channel", group_size=P)
+        else:
+            q = km.quantize(chunk, fmt)
+        out[p0:p1] = km.dequantize(q).transpose(1, 0, 2)
+    return out[first:]
+
+
+def fill(c, seq, k, v, chunks=CHUNKS):
+    for layer in range(c.num_layers):
+        i = 0
+        for n in chunks:
+            c.append(seq, layer, k[i:i + n], v[i:i + n])
+            i += n
+
+
+@pytest.fixture(params=[
+    ("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("int8", "int8"),
+    ("int4", "int4"), ("fp8_e4m3", "fp8_e5m2"), ("int4", "fp16"), ("int8", "int4"),
+])
+def fmts(request):
+    return request.param
+
+
+def read_all(c, s):
+    return [c.read(s, layer) for layer in range(c.num_layers)]
+
+
+def test_roundtrip_through_a_new_process(tmp_path, fmts):
+    kf, vf = fmts
+    path = tmp_path / "c.kvm"
+    n = sum(CHUNKS)
+    k, v = tokens(n, 1), tokens(n, 2) * 3
+    c = km.PagedKVCache.create(path, num_layers=L, num_kv_heads=H, head_dim=D, page_size=P,
+                               k_format=kf, v_format=vf, fingerprint="test-model")
+    s = c.new_sequence("prompt")
+    fill(c, s, k, v)
+    for layer in range(L):
+        rk, rv = c.read(s, layer)
+        np.testing.assert_array_equal(rk, expected(k, kf, "k"))
+        np.testing.assert_array_equal(rv, expected(v, vf, "v"))
+    np.testing.assert_array_equal(c.read(s, 1, 5, 40)[0], expected(k, kf, "k")[5:40])
+    c.flush()
+    c.close()
+    script = textwrap.dedent(f"""
+        import numpy as np, kvmmap as km
+        c = km.PagedKVCache.open({str(path)!r}, mode="r")
+        s = c.find_sequence("prompt")
+        assert c.fingerprint == b"test-model", c.fingerprint
+        out = {{}}
+        for layer in range(c.num_layers):
+            out[f"k{{layer}}"], out[f"v{{layer}}"] = c.read(s, layer)
+        np.savez({str(tmp_path / "out.npz")!r}, **out)
+        assert c.verify() == []
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    got = np.load(tmp_path / "out.npz")
+    for layer in range(L):
+        np.testing.assert_array_equal(got[f"k{layer}"], expected(k, kf, "k"))
+        np.testing.assert_array_equal(got[f"v{layer}"], expected(v, vf, "v"))
+
+
+def test_layers_are_independent_and_anonymous_cache_works():
+    c = km.PagedKVCache.create(None, num_layers=3, num_kv_heads=H, head_dim=D, k_format="int8", v_format="fp16")
+    s = c.new_sequence()
+    k = tokens(40, 3)
+    c.append(s, 0, k, k)
+    c.append(s, 2, k[:5], k[:5])
+    assert [c.seq_len(s, layer) for layer in range(3)] == [40, 0, 5]
+    assert c.seq_len(s) == 0
+    np.testing.assert_array_equal(c.read(s, 2)[1], expected(k[:5], "fp16", "v"))
+    c.flush()
+
+
+def test_fork_shares_pages_and_isolates_writes():
+    c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=H, head_dim=D, k_format="int8", v_format="int8")
+    s = c.new_sequence()
+    base = tokens(40, 4)
+    c.append(s, 0, base, base)
+    f = c.fork(s)
+    np.testing.assert_array_equal(c.block_table(f), c.block_table(s))
+    used = c.stats()["pages_used"]
+    a, b = tokens(20, 5), tokens(20, 6)
+    c.append(s, 0, a, a)
+    c.append(f, 0, b, b)
+    np.testing.assert_array_equal(c.read(s, 0)[0], expected(np.concatenate([base, a]), "int8", "k"))
+    np.testing.assert_array_equal(c.read(f, 0)[0], expected(np.concatenate([base, b]), "int8", "k"))
+    assert c.stats()["pages_used"] == used + 2        # shared pages were not copied
+    # copy-on-write: truncating the fork into a shared page leaves the parent intact
+    c.truncate(f, 21)
+    np.testing.assert_array_equal(c.read(f, 0)[0], expected(base, "int8", "k")[:21])
+    np.testing.assert_array_equal(c.read(s, 0)[0], expected(np.concatenate([base, a]), "int8", "k"))
+    c.append(f, 0, b[:3], b[:3])
+    np.testing.assert_array_equal(c.read(f, 0)[0][21:], expected(b[:3], "int8", "k", first=21 % P)[:3])
+    c.free(f)
+    c.flush()
+    assert c.stats()["pages_used"] == len(c.block_table(s))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int4", "int8"])
+def test_truncate_and_shift_left_match_slicing(fmt):
+    c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=H, head_dim=D, k_format=fmt, v_format=fmt)
+    s = c.new_sequence()
+    x = tokens(70, 7)
+    c.append(s, 0, x, x)
+    ref = expected(x, fmt, "k")
+    c.truncate(s, 50)
+    np.testing.assert_array_equal(c.read(s, 0)[0][:48], ref[:48])
+    if fmt != "int4":   # int4's kept part of a page is dequantized into the float tail
+        np.testing.assert_array_equal(c.read(s, 0)[0], ref[:50])
+    c.shift_left(s, 20)
+    assert c.seq_len(s) == 30
+    np.testing.assert_array_equal(c.read(s, 0)[0][:28], ref[20:48])
+    assert len(c.block_table(s)) == (20 % P + 30) // P
+    c.shift_left(s, 100)
+    assert c.seq_len(s) == 0
+
+
+def test_names_and_sequence_errors(tmp_path):
+    c = km.PagedKVCache.create(tmp_path / "n.kvm", num_layers=1, num_kv_heads=H, head_dim=D)
+    a = c.new_sequence("alpha")
+    c.new_sequence()
+    assert c.find_sequence("alpha") == a
+    with pytest.raises(km.SequenceError, match="exists"):
+        c.new_sequence("alpha")
+    with pytest.raises(km.SequenceError, match="no sequence is named"):
+        c.find_sequence("beta")
+    with pytest.raises(km.SequenceError, match="unknown sequence id 99"):
+        c.read(99, 0)
+    c.free(a)
+    c.flush()
+    c.close()
+    c = km.PagedKVCache.open(tmp_path / "n.kvm")
+    assert list(c.sequences().values()) == [None]
+
+
+def test_bad_input_is_refused_and_changes_nothing(tmp_path):
+    c = km.PagedKVCache.create(tmp_path / "b.kvm", num_layers=2, num_kv_heads=H, head_dim=D, k_format="fp16")
+    s = c.new_sequence()
+    x = tokens(20, 8)
+    c.append(s, 0, x, x)
+    before = c.read(s, 0)
+    bad_nan = x.copy()
+    bad_nan[3, 1, 2] = np.nan
+    cases = [
+        ((s, 0, x[:, :2], x[:, :2]), km.ShapeError, r"\[tokens, 4, 64\]"),
+        ((s, 0, x.astype(np.float64), x), km.DTypeError, "float64"),
+        ((s, 2, x, x), km.ShapeError, "layer"),
+        ((7, 0, x, x), km.SequenceError, "unknown sequence"),
+        ((s, 0, x, x[:3]), km.ShapeError, "same number"),
+        ((s, 0, bad_nan, x), km.NonFiniteError, "non-finite"),
+        ((s, 0, x * 1e5, x), km.NonFiniteError, "fp16"),
+    ]
+    for args, err, match in cases:
+        with pytest.raises(err, match=match):
+            c.append(*args)
+        assert c.seq_len(s, 0) == 20
+        np.testing.assert_array_equal(c.read(s, 0)[0], before[0])
+    with pytest.raises(km.ShapeError):
+        c.read(s, 0, 5, 30)
+    c.flush()
+    c.close()
+    r = km.PagedKVCache.open(tmp_path / "b.kvm", mode="r")
+    with pytest.raises(km.ReadOnlyError):
+        r.append(0, 0, x, x)
+    with pytest.raises(km.ReadOnlyError):
+        r.new_sequence()
+    np.testing.assert_array_equal(r.read(s, 0)[0], before[0])
+
+
+def test_damaged_or_foreign_files_are_refused(tmp_path):
+    path = tmp_path / "d.kvm"
+    c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D)
+    s = c.new_sequence()
+    c.append(s, 0, tokens(40, 9), tokens(40, 10))
+    c.flush()
+    c.close()
+    raw = path.read_bytes()
+
+    def opened_with(data, match):
+        bad = tmp_path / "bad.kvm"
+        bad.write_bytes(data)
+        with pytest.raises(km.CacheFileError, match=match):
+            km.PagedKVCache.open(bad)
+
+    opened_with(b"hello" * 100, "not a kvmmap cache")
+    opened_with(raw[:100], "shorter than")
+    flipped = bytearray(raw)
+    flipped[20] ^= 0x40                     # num_kv_heads
+    opened_with(bytes(flipped), "checksum")
+    v2 = bytearray(raw)
+    v2[8:10] = (2).to_bytes(2, "little")    # major version 2
+    opened_with(bytes(v2), "version 2.0 is not supported")
+    # a damaged newest metadata slot falls back to the previous commit; both damaged: refused
+    both = bytearray(raw)
+    for slot in (0, 1):
+        off = 4096 + slot * (64 << 20) + 70
+        both[off] ^= 0xFF
+    opened_with(bytes(both), "neither metadata slot")
+    arena = 4096 + 2 * (64 << 20)
+    opened_with(raw[: arena + 100], "truncated file")
+    page = bytearray(raw)
+    page[arena + 5] ^= 0x01                 # a data page
+    (tmp_path / "page.kvm").write_bytes(bytes(page))
+    assert km.PagedKVCache.open(tmp_path / "page.kvm").verify() == [0]
+
+
+def test_second_writer_is_refused(tmp_path):
+    path = tmp_path / "w.kvm"
+    c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D)
+    code = f"import kvmmap as km; km.PagedKVCache.open({str(path)!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "writer lock" in r.stderr
+    reader = f"import kvmmap as km; print(km.PagedKVCache.open({str(path)!r}, mode='r').num_layers)"
+    r = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
+    c.close()
+
+
+WRITER = """
+import sys, numpy as np, kvmmap as km
+path = sys.argv[1]
+c = km.PagedKVCache.create(path, num_layers=2, num_kv_heads=4, head_dim=64, k_format="int8", v_format="int4")
+s = c.new_sequence("log")
+step = 0
+while True:
+    n = 1 + step % 23
+    x = np.random.default_rng(step).standard_normal((n, 4, 64), dtype=np.float32)
+    for layer in range(2):
+        c.append(s, layer, x, x)
+    step += 1
+    c.flush()
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_after_flush_loses_nothing(tmp_path):
+    """Kill a writer at random points; every reopen holds at least what was flushed."""
+    rng = np.random.default_rng(0)
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    for trial in range(4):
+        path = tmp_path / f"crash{trial}.kvm"
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
+                                text=True, cwd=tmp_path)
+        target = int(rng.integers(3, 40))
+        flushed = 0
+        for line in proc.stdout:
+            flushed = int(line)
+            if flushed >= target:
+                break
+        proc.kill()
+        proc.wait()
+        c = km.PagedKVCache.open(path, mode="r")
+        s = c.find_sequence("log")
+        steps = [np.random.default_rng(i).standard_normal((1 + i % 23, 4, 64), dtype=np.float32)
+                 for i in range(200)]
+        total = np.cumsum([len(x) for x in steps])
+        committed = int(np.searchsorted(total, c.seq_len(s), side="right"))
+        assert committed >= flushed and total[committed - 1] == c.seq_len(s)
+        x = np.concatenate(steps[:committed])
+        assert c.verify() == []
+        for layer in range(2):
+            k, v = c.read(s, layer)
+            np.testing.assert_array_equal(k, expected(x, "int8", "k"))
+            np.testing.assert_array_equal(v, expected(x, "int4", "v"))
+        c.close()
