@@ -1,28 +1,83 @@
-"""End-to-end demo on built-in random data: ``kvmmap demo`` or ``python -m kvmmap.demo``."""
+"""End-to-end demo on built-in random data: ``kvmmap demo``.
+
+Creates a cache file, appends a prompt and a few decode steps, flushes, reopens the file
+in a new process, and checks that the reloaded K/V match what this process reads.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-from . import FORMATS, dequantize, quantize
+from . import FORMATS, PagedKVCache, dequantize, quantize
+
+LAYERS, HEADS, HEAD_DIM, PROMPT, STEPS = 4, 8, 128, 1000, 24
+
+_CHILD = """
+import sys, time, numpy as np, kvmmap as km
+t0 = time.perf_counter()
+c = km.PagedKVCache.open(sys.argv[1], mode="r")
+t_open = time.perf_counter() - t0
+s = c.find_sequence("demo-prompt")
+k, v = c.read(s, c.num_layers - 1)
+np.save(sys.argv[2], np.stack([k, v]))
+print(f"   [new process] open() {t_open * 1e3:.2f} ms; sequence 'demo-prompt' has {c.seq_len(s)} tokens; "
+      f"checksums of {len(set(c.block_table(s)))} pages verified: {'ok' if not c.verify() else 'DAMAGED'}")
+"""
+
+
+def _formats_table(rng) -> None:
+    k = rng.standard_normal((4096, HEADS, HEAD_DIM), dtype=np.float32)
+    print(f"1) formats on K of {k.shape[0]} tokens x {HEADS} heads x {HEAD_DIM} dims:")
+    print(f"   {'format':>9} {'bytes':>10} {'ratio':>6} {'max err':>9}")
+    for fmt in FORMATS:
+        q = quantize(k, fmt)
+        err = float(np.abs(dequantize(q) - k).max())
+        print(f"   {fmt:>9} {q.nbytes:>10} {k.nbytes / q.nbytes:>5.1f}x {err:>9.2e}")
 
 
 def run(workdir: str | None = None) -> int:
     rng = np.random.default_rng(0)
-    tokens, heads, head_dim = 4096, 8, 128
-    k = rng.standard_normal((tokens, heads, head_dim), dtype=np.float32)
-    print(f"kvmmap demo: K of {tokens} tokens x {heads} heads x {head_dim} dims ({k.nbytes / 2**20:.0f} MiB float32)")
-    print(f"{'format':>9} {'bytes':>10} {'ratio':>6} {'max err':>9} {'quantize':>9}")
-    for fmt in FORMATS:
+    _formats_table(rng)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = workdir or tmp
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "demo.kvm")
+        print(f"2) cache file {path}: {LAYERS} layers, {HEADS} KV heads, head_dim {HEAD_DIM}, K int8, V int4")
+        c = PagedKVCache.create(path, num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD_DIM,
+                                k_format="int8", v_format="int4", fingerprint="kvmmap-demo", overwrite=True)
+        s = c.new_sequence("demo-prompt")
         t0 = time.perf_counter()
-        q = quantize(k, fmt)
-        dt = time.perf_counter() - t0
-        err = float(np.abs(dequantize(q) - k).max())
-        print(f"{fmt:>9} {q.nbytes:>10} {k.nbytes / q.nbytes:>5.1f}x {err:>9.2e} {dt * 1e3:>7.1f}ms")
-    return 0
+        for layer in range(LAYERS):
+            kv = rng.standard_normal((2, PROMPT, HEADS, HEAD_DIM), dtype=np.float32)
+            c.append(s, layer, kv[0], kv[1])
+        for _ in range(STEPS):
+            for layer in range(LAYERS):
+                kv = rng.standard_normal((2, 1, HEADS, HEAD_DIM), dtype=np.float32)
+                c.append(s, layer, kv[0], kv[1])
+        t_append = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        c.flush()
+        t_flush = time.perf_counter() - t0
+        st = c.stats()
+        print(f"   appended a {PROMPT}-token prompt and {STEPS} decode steps to every layer in "
+              f"{t_append * 1e3:.0f} ms; flush() {t_flush * 1e3:.1f} ms")
+        print(f"   {st['pages_used']} pages of {st['page_bytes']} bytes; {st['bytes_on_disk'] / 2**20:.1f} MiB on disk "
+              f"for {st['tokens']} layer-tokens ({st['tokens'] * 2 * HEADS * HEAD_DIM * 4 / 2**20:.1f} MiB as float32)")
+        print("3) reopening it in a new process:")
+        out = os.path.join(folder, "reloaded.npy")
+        subprocess.run([sys.executable, "-c", _CHILD, path, out], check=True, cwd=folder)
+        k, v = c.read(s, LAYERS - 1)
+        same = np.array_equal(np.load(out), np.stack([k, v]))
+        print(f"   K/V read back by the new process {'match' if same else 'DIFFER from'} this process's read "
+              f"({k.shape[0]} tokens of layer {LAYERS - 1})")
+        c.close()
+        return 0 if same else 1
 
 
 if __name__ == "__main__":
