@@ -342,6 +342,13 @@ class PagedKVCache:
         except (KeyError, TypeError):
             raise SequenceError(f"unknown sequence id {seq!r}; known ids: {sorted(self._seqs)[:20]}") from None
 
+    def _seq_and_count(self, seq, n, what: str) -> _Sequence:
+        self._check_open(write=True)
+        s = self._seq(seq)
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise ShapeError(f"{what} needs a token count >= 0, found {n!r}")
+        return s
+
     def _check_layer(self, layer) -> int:
         if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
             raise ShapeError(f"layer must be an integer in 0..{self.num_layers - 1}, found {layer!r}")
@@ -421,12 +428,8 @@ class PagedKVCache:
         k, v = self._check_kv(k, "k"), self._check_kv(v, "v")
         if k.shape[0] != v.shape[0]:
             raise ShapeError(f"k and v must hold the same number of tokens, found {k.shape[0]} and {v.shape[0]}")
-        quant.check_storable(k, "fp32" if self.k_format == "int4" else self.k_format)
-        quant.check_storable(v, "fp32" if self.v_format == "int4" else self.v_format)
-        if self.k_format == "int4":
-            quant.check_storable(k, "int4")
-        if self.v_format == "int4":
-            quant.check_storable(v, "int4")
+        quant.check_storable(k, self.k_format)      # one read each; refuses before any change
+        quant.check_storable(v, self.v_format)
         st = s.layers[layer]
         P, n, i = self.page_size, k.shape[0], 0
         x = {"k": k.transpose(1, 0, 2), "v": v.transpose(1, 0, 2)}      # [H, tokens, D] views
@@ -500,10 +503,7 @@ class PagedKVCache:
 
     def truncate(self, seq: int, n: int) -> None:
         """Keep the first ``n`` tokens of every layer of ``seq`` (layers shorter keep all)."""
-        self._check_open(write=True)
-        s = self._seq(seq)
-        if not isinstance(n, (int, np.integer)) or n < 0:
-            raise ShapeError(f"truncate needs a token count >= 0, found {n!r}")
+        s = self._seq_and_count(seq, n, "truncate")
         P = self.page_size
         for st in s.layers:
             if n >= st.length:
@@ -527,10 +527,7 @@ class PagedKVCache:
 
     def shift_left(self, seq: int, n: int) -> None:
         """Drop the first ``n`` tokens of every layer of ``seq`` (a sliding window)."""
-        self._check_open(write=True)
-        s = self._seq(seq)
-        if not isinstance(n, (int, np.integer)) or n < 0:
-            raise ShapeError(f"shift_left needs a token count >= 0, found {n!r}")
+        s = self._seq_and_count(seq, n, "shift_left")
         P = self.page_size
         for st in s.layers:
             st.first += min(n, st.length)
