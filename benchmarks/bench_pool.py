@@ -1,0 +1,306 @@
+"""Paged pool: append throughput, open() time, cold-read throughput, against baselines in one run.
+
+    python benchmarks/bench_pool.py [--layers 4] [--heads 8] [--head-dim 128]
+                                    [--prefill-tokens 4096] [--chunk 512] [--decode-tokens 256]
+                                    [--large-gb 2] [--opens 200] [--dir DIR]
+
+1. Append. A "token" is one position appended to every layer; GB/s counts the float32 K and
+   V handed to ``append``. Baselines run the same loop (same chunks, same layer order)
+   writing into a preallocated float32 numpy array (touched beforehand, so it is the
+   best case: a memcpy) and into a preallocated, freshly created np.memmap (sparse, like a
+   new cache file, so it pays the same first-touch page faults).
+2. open(). Median over ``--opens`` open+close calls of a small cache and of a multi-GB
+   one (int8/int8, built here by appending); the target is 10 ms whatever the size.
+3. Cold read. The large cache is fsynced, its page cache dropped with
+   ``posix_fadvise(DONTNEED)`` (checked with mincore), and every K/V of every layer is read
+   back with ``PagedKVCache.read``, in the order it was written. The baseline reads a
+   plain file of the same size, also cold, with ``readinto`` in 16 MiB blocks, like dd.
+
+Everything is written under ``--dir`` (default: the system temp dir) and deleted at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import mmap
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+import kvmmap as km
+
+APPEND_FORMATS = [("int8", "int8"), ("fp16", "fp16"), ("int8", "int4")]
+BLOCK = 16 << 20
+
+
+# ---------------------------------------------------------------- helpers
+
+def resident_bytes(path: str) -> int | None:
+    """Bytes of ``path`` in the page cache (mincore), or None where that cannot be asked."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mincore = libc.mincore
+    except (OSError, AttributeError):
+        return None
+    pg = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    try:
+        addr = np.frombuffer(mm, np.uint8).ctypes.data
+        vec = (ctypes.c_ubyte * (-(-size // pg)))()
+        if mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+            return None
+        return int(np.count_nonzero(np.frombuffer(vec, np.uint8) & 1)) * pg
+    finally:
+        gc.collect()
+        mm.close()
+
+
+def drop_page_cache(path: str) -> str:
+    """fsync then POSIX_FADV_DONTNEED; returns a note on how well it worked."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    left = resident_bytes(path)
+    if left is None:
+        return "cold? (mincore unavailable: cannot check that the page cache was dropped)"
+    if left > 0.05 * os.stat(path).st_blocks * 512:
+        return f"NOT cold: {left / 2**20:.0f} MiB still cached after fadvise"
+    return f"cold ({left / 2**20:.1f} MiB left in page cache)"
+
+
+def median_time(fn, n: int) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def schedule(total: int, chunk: int):
+    return [(i, min(i + chunk, total)) for i in range(0, total, chunk)]
+
+
+# ---------------------------------------------------------------- 1. append
+
+def run_appends(write, k, v, layers: int, spans) -> float:
+    t0 = time.perf_counter()
+    for a, b in spans:
+        for layer in range(layers):
+            write(layer, a, b, k[a:b], v[a:b])
+    return time.perf_counter() - t0
+
+
+def bench_append(args, workdir: str) -> None:
+    L, H, D = args.layers, args.heads, args.head_dim
+    T = args.prefill_tokens
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((T, H, D), dtype=np.float32)
+    v = rng.standard_normal((T, H, D), dtype=np.float32)
+    bytes_per_token = 2 * L * H * D * 4
+    modes = {"prefill": schedule(T, args.chunk), "decode": schedule(min(args.decode_tokens, T), 1)}
+
+    print(f"\n== 1. append: {L} layers x {H} kv heads x head_dim {D}; prefill {T} tokens in chunks of "
+          f"{args.chunk}, decode {min(args.decode_tokens, T)} single-token steps; best of {args.repeat}")
+    print(f"{'what':<34}{'tokens/s':>12}{'GB/s in':>10}{'vs numpy':>10}{'vs memmap':>11}")
+
+    def best(make_writer, spans):
+        times = []
+        for _ in range(args.repeat):
+            write, done = make_writer()
+            times.append(run_appends(write, k, v, L, spans))
+            done()
+        return min(times)
+
+    def numpy_writer():
+        dk = np.empty((L, T, H, D), np.float32)
+        dv = np.empty((L, T, H, D), np.float32)
+        dk.fill(0)      # touch every page now, so the timed loop is a plain copy
+        dv.fill(0)
+
+        def write(layer, a, b, kk, vv):
+            dk[layer, a:b] = kk
+            dv[layer, a:b] = vv
+        return write, lambda: None
+
+    def memmap_writer():
+        path = os.path.join(workdir, "baseline.f32")
+        dk = np.memmap(path, np.float32, "w+", shape=(2, L, T, H, D))
+
+        def write(layer, a, b, kk, vv):
+            dk[0, layer, a:b] = kk
+            dk[1, layer, a:b] = vv
+
+        def done():
+            nonlocal dk
+            del dk
+            gc.collect()
+            os.unlink(path)
+        return write, done
+
+    def kvmmap_writer(kf, vf):
+        path = os.path.join(workdir, f"append-{kf}-{vf}.kvm")
+        c = km.PagedKVCache.create(path, num_layers=L, num_kv_heads=H, head_dim=D,
+                                   k_format=kf, v_format=vf, overwrite=True)
+        s = c.new_sequence()
+
+        def write(layer, a, b, kk, vv):
+            c.append(s, layer, kk, vv)
+
+        def done():
+            c.close()
+            os.unlink(path)
+        return write, done
+
+    for mode, spans in modes.items():
+        n = spans[-1][1]
+        t_np = best(numpy_writer, spans)
+        t_mm = best(memmap_writer, spans)
+
+        def row(label, t):
+            print(f"{label:<34}{n / t:>12,.0f}{n * bytes_per_token / t / 1e9:>10.2f}"
+                  f"{t_np / t:>9.2f}x{t_mm / t:>10.2f}x")
+        row(f"{mode}: numpy float32 array", t_np)
+        row(f"{mode}: np.memmap float32", t_mm)
+        for kf, vf in APPEND_FORMATS:
+            row(f"{mode}: kvmmap {kf}/{vf}", best(lambda: kvmmap_writer(kf, vf), spans))
+    print("(vs numpy / vs memmap: kvmmap throughput over the baseline's, >1x is faster)")
+
+
+# ---------------------------------------------------------------- 2. open
+
+def build_cache(path: str, args, target_bytes: int, x: np.ndarray) -> tuple[int, int]:
+    """int8/int8 cache of one sequence, grown chunk by chunk until its pages reach target_bytes."""
+    L, H, D = args.layers, args.heads, args.head_dim
+    with km.PagedKVCache.create(path, num_layers=L, num_kv_heads=H, head_dim=D,
+                                k_format="int8", v_format="int8", overwrite=True) as c:
+        s = c.new_sequence("bench")
+        tokens = 0
+        while c.stats()["bytes_pages"] < target_bytes:
+            for layer in range(L):
+                c.append(s, layer, x, x)
+            tokens += len(x)
+        c.flush()
+        return tokens, c.stats()["bytes_pages"]
+
+
+def bench_open(args, small: str, large: str, sizes) -> None:
+    print(f"\n== 2. open(): median of {args.opens} open+close calls (target: under 10 ms, independent of size)")
+    print(f"{'cache':<34}{'on disk':>12}{'mode':>6}{'open ms':>10}{'vs 10 ms':>10}")
+    med = {}
+    for label, path in (("small", small), ("large", large)):
+        for mode in ("r", "r+"):
+            def once():
+                km.PagedKVCache.open(path, mode=mode).close()
+            once()
+            med[label, mode] = median_time(once, args.opens)
+            print(f"{label + ' ' + sizes[label]:<34}{os.stat(path).st_blocks * 512 / 2**20:>9.0f} MiB"
+                  f"{mode:>6}{med[label, mode] * 1e3:>10.3f}{med[label, mode] / 0.010:>9.2f}x")
+    for mode in ("r", "r+"):
+        print(f"large/small open time, mode {mode}: {med['large', mode] / med['small', mode]:.2f}x")
+
+
+# ---------------------------------------------------------------- 3. cold read
+
+def bench_cold_read(args, large: str, tokens: int, workdir: str) -> None:
+    L, H, D = args.layers, args.heads, args.head_dim
+    disk = os.stat(large).st_blocks * 512
+    plain = os.path.join(workdir, "plain.bin")
+    block = np.random.default_rng(1).integers(0, 256, BLOCK, np.uint8).tobytes()
+    with open(plain, "wb") as f:
+        for off in range(0, disk, BLOCK):
+            f.write(block[: min(BLOCK, disk - off)])
+    buf = bytearray(BLOCK)
+
+    def dd():
+        with open(plain, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+    def read_cache():
+        with km.PagedKVCache.open(large, mode="r") as c:
+            s = c.find_sequence("bench")
+            for a, b in schedule(tokens, args.chunk):
+                for layer in range(L):
+                    c.read(s, layer, a, b)
+
+    print(f"\n== 3. read all K/V of {L} layers x {tokens} tokens (int8/int8 cache, {disk / 2**20:.0f} MiB on "
+          f"disk) vs dd-style readinto of a {disk / 2**20:.0f} MiB file in 16 MiB blocks")
+    print(f"{'what':<30}{'s':>8}{'disk GB/s':>11}{'f32 out GB/s':>14}{'vs dd':>8}  page cache")
+    t = {}
+    for label, path, fn in (("dd", plain, dd), ("kvmmap read", large, read_cache)):
+        for state in ("cold", "warm"):
+            note = drop_page_cache(path) if state == "cold" else "warm (just read)"
+            t0 = time.perf_counter()
+            fn()
+            t[label, state] = time.perf_counter() - t0
+            out = "" if label == "dd" else f"{tokens * L * H * D * 8 / t[label, state] / 1e9:.2f}"
+            print(f"{label + ', ' + state:<30}{t[label, state]:>8.2f}{disk / t[label, state] / 1e9:>11.2f}"
+                  f"{out:>14}{t['dd', state] / t[label, state]:>7.2f}x  {note}")
+    os.unlink(plain)
+    print("(vs dd: kvmmap's disk bytes/s over dd's on the same size, >1x is faster)")
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8, help="kv heads")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens per append)")
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--large-gb", type=float, default=2.0, help="size of the large cache's pages, GB")
+    ap.add_argument("--opens", type=int, default=200)
+    ap.add_argument("--dir", default=None, help="where to put the temporary files")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: append,open,read")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    workdir = tempfile.mkdtemp(prefix="bench_pool-", dir=args.dir)
+    try:
+        print(f"kvmmap {km.__version__}, threads={km.get_num_threads()}, files under {workdir}")
+        if "append" not in skip:
+            bench_append(args, workdir)
+        if {"open", "read"} <= skip:
+            return
+        x = np.random.default_rng(2).standard_normal((args.chunk, args.heads, args.head_dim), dtype=np.float32)
+        free = shutil.disk_usage(workdir).free
+        want = int(args.large_gb * 1e9)
+        room = int((free - (1 << 30)) / 2.2)          # the cache and the dd file, plus slack
+        if want > room:
+            print(f"\nonly {free / 1e9:.1f} GB free under {workdir}: large cache scaled down from "
+                  f"{want / 1e9:.1f} GB to {max(room, 0) / 1e9:.2f} GB")
+            want = max(room, 64 << 20)
+        small, large = os.path.join(workdir, "small.kvm"), os.path.join(workdir, "large.kvm")
+        small_tokens, _ = build_cache(small, args, 1, x[:64])
+        t0 = time.perf_counter()
+        large_tokens, large_bytes = build_cache(large, args, want, x)
+        print(f"\nbuilt the large cache: {large_tokens} tokens x {args.layers} layers, "
+              f"{large_bytes / 1e9:.2f} GB of pages, in {time.perf_counter() - t0:.1f} s")
+        sizes = {"small": f"({small_tokens} tok)", "large": f"({large_tokens} tok)"}
+        if "open" not in skip:
+            bench_open(args, small, large, sizes)
+        if "read" not in skip:
+            bench_cold_read(args, large, large_tokens, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
