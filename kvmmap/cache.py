@@ -395,6 +395,29 @@ class PagedKVCache:
         except (KeyError, TypeError):
             raise SequenceError(f"no sequence is named {name!r}") from None
 
+    def store_prefix(self, seq: int, token_ids) -> int:
+        """Store ``seq``'s first ``len(token_ids)`` tokens under the hash of ``token_ids``.
+
+        A fork (pages shared) named by :func:`kvmmap.prefix.sequence_name`; returns its id
+        (the existing one if this prompt is stored already). See :mod:`kvmmap.prefix`.
+        """
+        from . import prefix
+
+        self._check_open(write=True)
+        return prefix.store_prefix(self, seq, token_ids)
+
+    def match_prefix(self, token_ids) -> tuple[int | None, int]:
+        """``(seq, length)``: the stored prompt sharing the longest prefix with ``token_ids``.
+
+        ``length`` leading tokens of ``token_ids`` have their K/V in ``seq`` (whole stored
+        prompts, or common prefixes rounded down to pages); ``(None, 0)`` if none match.
+        Reuse a match with ``s = c.fork(seq); c.truncate(s, length)``. See :mod:`kvmmap.prefix`.
+        """
+        from . import prefix
+
+        self._check_open()
+        return prefix.match_prefix(self, token_ids)
+
     def sequences(self) -> dict[int, str | None]:
         """{sequence id: name or None} for every sequence."""
         return {sid: s.name for sid, s in self._seqs.items()}
