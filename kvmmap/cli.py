@@ -1,33 +1,191 @@
-"""The ``kvmmap`` console script."""
+"""The ``kvmmap`` console script: ``inspect``, ``verify``, ``compress``, ``convert``, ``demo``.
+
+Exit status: 0 on success; 1 when ``verify`` finds damage or a command fails (a missing
+or damaged file, bad input: one line on stderr, never a traceback); 2 for a bad command
+line; 130 when interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ._version import __version__
+from .errors import KVMmapError
+from .formats import FORMATS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _progress(args) -> bool | None:
+    return False if args.no_progress else None
+
+
+def _cmd_inspect(args) -> int:
+    from .fileinfo import format_inspect, inspect_cache
+
+    info = inspect_cache(args.file)
+    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .fileinfo import format_verify, verify_cache
+
+    res = verify_cache(args.file, progress=_progress(args))
+    print(json.dumps(res, indent=2) if args.json else format_verify(res))
+    return 0 if res["ok"] else 1
+
+
+def _cmd_compress(args) -> int:
+    from .compress import KVCacheCompressor, compress_cache
+    from .fileinfo import human_bytes
+
+    method = None if args.method == "none" else args.method
+    for opt, applies in (("rank", ("lowrank", "hybrid")), ("energy", ("lowrank", "hybrid")),
+                         ("group_heads", ("lowrank", "hybrid")), ("quant_bits", ("hybrid",)),
+                         ("codebook_size", ("vq",)), ("subvector_dim", ("vq",))):
+        if getattr(args, opt) is not None and method not in applies:
+            args.parser.error(f"--{opt.replace('_', '-')} applies to --method {' or '.join(applies)}, "
+                              f"not {args.method}")
+    compressor = None
+    if method:
+        opts = {o: getattr(args, o) for o in ("rank", "codebook_size", "quant_bits", "energy", "group_heads",
+                                                "subvector_dim") if getattr(args, o) is not None}
+        compressor = KVCacheCompressor(method, seed=args.seed, **opts)
+    r = compress_cache(args.input, args.output, k_format=args.k_format, v_format=args.v_format,
+                       compressor=compressor, overwrite=args.overwrite, progress=_progress(args))
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    b0, b1 = r["bytes_on_disk_before"], r["bytes_on_disk_after"]
+    print(f"{r['src']} (K {r['k_format_before']}, V {r['v_format_before']}) -> "
+          f"{r['dst']} (K {r['k_format']}, V {r['v_format']}), method {args.method}")
+    print(f"  sequences  {r['sequences']}, {r['tokens']} tokens over all layers, "
+          f"{r['shared_pages']} pages shared by forks")
+    change = f"{b0 / b1:.2f}x smaller" if b1 <= b0 else f"{b1 / b0:.2f}x larger"
+    print(f"  on disk    {human_bytes(b0)} -> {human_bytes(b1)} ({change})")
+    print(f"  apparent   {human_bytes(r['apparent_bytes_before'])} -> {human_bytes(r['apparent_bytes_after'])}")
+    print(f"  error      K {r['k_rel_error']:.4g}, V {r['v_rel_error']:.4g}  (||before - after|| / ||before||)")
+    if method and r["method_ratio"]:
+        print(f"  {method:<10} its compressed representation is {r['method_ratio']:.2f}x smaller than float32 "
+              f"({r['method_ratio_shared']:.2f}x with basis / codebooks shared); the file stores its reconstruction "
+              f"in the formats above")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .convert import convert
+    from .fileinfo import human_bytes
+
+    r = convert(args.input, args.output, k_format=args.k_format, v_format=args.v_format, page_size=args.page_size,
+                name=args.name, append=args.append, overwrite=args.overwrite, fingerprint=args.fingerprint,
+                progress=_progress(args))
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['src']} -> {r['dst']}: {len(r['sequences'])} sequence(s) of {r['tokens']} tokens "
+          f"({', '.join(map(repr, r['sequences'][:4]))}{' ...' if len(r['sequences']) > 4 else ''}), "
+          f"{r['layers']} layers x {r['heads']} heads x head_dim {r['head_dim']}, K {r['k_format']}, V {r['v_format']}")
+    print(f"  {human_bytes(r['source_bytes'])} in, {human_bytes(r['bytes_on_disk'])} on disk "
+          f"({human_bytes(r['apparent_bytes'])} apparent)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run
+
+    return run(args.workdir)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvmmap", description="Paged, quantized KV-cache files: demo and tools."
-    )
+    parser = _Parser(prog="kvmmap", description="Paged, quantized KV-cache files: demo and tools.")
     parser.add_argument("--version", action="version", version=f"kvmmap {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data")
-    demo.add_argument("--workdir", help="where to write the demo's files (default: a temporary folder)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name, help_, func):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func, parser=p)
+        return p
+
+    def output_opts(p, progress=True):
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        if progress:
+            p.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
+
+    p = command("inspect", "describe a cache file: geometry, formats, sequences, pages, bytes", _cmd_inspect)
+    p.add_argument("file")
+    output_opts(p, progress=False)
+
+    p = command("verify", "check header, metadata, page table and every page checksum "
+                          "(exit status 1 on damage)", _cmd_verify)
+    p.add_argument("file")
+    output_opts(p)
+
+    p = command("compress", "re-encode a cache file into other formats, optionally through a compressor", _cmd_compress)
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--k-format", choices=FORMATS, help="format of K in the output (default: the input's)")
+    p.add_argument("--v-format", choices=FORMATS, help="format of V in the output (default: the input's)")
+    p.add_argument("--method", choices=("none", "lowrank", "vq", "hybrid"), default="none",
+                   help="compress and decompress each (sequence, layer) on the way (default: none)")
+    p.add_argument("--rank", type=int, help="lowrank/hybrid: latent dimensions per head group "
+                                            "(default: from --energy)")
+    p.add_argument("--energy", type=float, help="lowrank/hybrid: spectrum fraction to keep without --rank (0.99)")
+    p.add_argument("--group-heads", type=int, help="lowrank/hybrid: heads decomposed together (1)")
+    p.add_argument("--quant-bits", type=int, choices=(8, 4), help="hybrid: latent quantization (8)")
+    p.add_argument("--codebook-size", type=int, help="vq: centroids per codebook (256)")
+    p.add_argument("--subvector-dim", type=int, help="vq: elements per sub-vector (4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means and the hybrid rotation (0)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    output_opts(p)
+
+    p = command("convert", "store K/V arrays from .npz / .safetensors in a cache file "
+                           "('kv' [layers, 2, heads, seq, head_dim] or 'layers.{i}.key' / 'layers.{i}.value')",
+                _cmd_convert)
+    p.add_argument("input", help=".npz or .safetensors file")
+    p.add_argument("output", help="cache file")
+    p.add_argument("--k-format", choices=FORMATS, default="int8", help="format of K (int8)")
+    p.add_argument("--v-format", choices=FORMATS, default="int8", help="format of V (int8)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per page (16)")
+    p.add_argument("--name", help="sequence name (default: the input file's name); batch rows get /0, /1, ...")
+    p.add_argument("--fingerprint", default="", help="model fingerprint stored in the header (up to 32 bytes)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add the sequences to an existing cache file")
+    mode.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    output_opts(p)
+
+    p = command("demo", "run the end-to-end demo on built-in data", _cmd_demo)
+    p.add_argument("--workdir", help="where to write the demo's files (default: a temporary folder)")
     return parser
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, KVMmapError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run
-
-        return run(args.workdir)
-    parser.print_help()
-    return 0
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (KVMmapError, OSError) as e:
+        print(f"kvmmap {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"kvmmap {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,298 @@
+"""Import K/V arrays from ``.npz`` or ``.safetensors`` files into a cache file.
+
+Naming convention of the input (``kvmmap convert``):
+
+* **stacked**: an array named ``kv`` (or the file's only array) of shape
+  ``[layers, 2, heads, seq, head_dim]`` (index 0 of axis 1 is K, 1 is V), or
+  ``[layers, 2, batch, heads, seq, head_dim]``;
+* **per layer**: arrays named ``layers.{i}.key`` and ``layers.{i}.value`` for
+  ``i = 0 .. layers - 1``, each ``[heads, seq, head_dim]`` or ``[batch, heads, seq,
+  head_dim]`` (the layout of a transformers ``DynamicCache`` layer's ``keys`` /
+  ``values``). Other arrays in the file are ignored.
+
+Each batch row becomes one sequence, named ``NAME`` (one row) or ``NAME/0``,
+``NAME/1``, ... Arrays may be float16, float32, float64 or, in safetensors files,
+bfloat16 (read through torch when it is installed). Padding is not detected: every row
+is stored with the full ``seq`` tokens.
+
+``.safetensors`` input needs the ``safetensors`` package (``pip install
+'kvmmap[safetensors]'``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+
+import numpy as np
+from tqdm import tqdm
+
+from .cache import PagedKVCache
+from .compress import meta_slot_bytes_for
+from .errors import DTypeError, KVMmapError, ShapeError, describe
+from .fileinfo import disk_usage
+
+_PER_LAYER = re.compile(r"^layers\.(\d+)\.(key|value)$")
+
+
+class InputFileError(KVMmapError, OSError):
+    """An input file of ``convert`` cannot be read or does not follow the naming convention."""
+
+
+class _Arrays:
+    """Named arrays of an input file, loaded one at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".npz":
+            self._open_npz()
+        elif ext == ".safetensors":
+            self._open_safetensors()
+        else:
+            raise InputFileError(f"{path}: unknown input type {ext or '(no extension)'!r}; expected .npz or .safetensors")
+
+    def _open_npz(self) -> None:
+        if not zipfile.is_zipfile(self.path):
+            raise InputFileError(f"{self.path}: not an .npz file (not a zip archive)")
+        try:
+            self._npz = np.load(self.path, allow_pickle=False)
+        except (zipfile.BadZipFile, ValueError, EOFError) as e:
+            raise InputFileError(f"{self.path}: not a readable .npz file ({e})") from None
+        if not isinstance(self._npz, np.lib.npyio.NpzFile):
+            raise InputFileError(f"{self.path}: holds a single .npy array, not an .npz archive")
+        self.names = list(self._npz.files)
+        self._get = self._npz.__getitem__
+        self._whole: dict = {}      # a stacked array is read once, not once per layer
+        self._layer = lambda name, i: (self._whole.get(name) if name in self._whole
+                                       else self._whole.setdefault(name, self._npz[name]))[i]
+
+    def _npz_shape(self, name: str) -> tuple:
+        fmt = np.lib.format
+        try:
+            with self._npz.zip.open(name + ".npy") as f:
+                major, _ = fmt.read_magic(f)
+                read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+                return tuple(read(f)[0])
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+            raise InputFileError(f"{self.path}: array {name!r} is unreadable ({e})") from None
+
+    def _open_safetensors(self) -> None:
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise InputFileError(
+                f"{self.path}: reading .safetensors needs the safetensors package: pip install 'kvmmap[safetensors]'"
+            ) from None
+        try:
+            self._st = safe_open(self.path, framework="numpy")
+            self.names = list(self._st.keys())
+        except Exception as e:   # safetensors raises its own SafetensorError (and OSError)
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise InputFileError(f"{self.path}: not a readable .safetensors file ({e})") from None
+        self._get = lambda name: self._slice(name)[:]
+        self._layer = lambda name, i: self._slice(name)[i]
+
+    def _slice(self, name: str):
+        if self._st.get_slice(name).get_dtype() != "BF16":
+            return self._st.get_slice(name)
+        try:
+            import torch  # numpy has no bfloat16
+            from safetensors import safe_open
+        except ImportError:
+            raise InputFileError(f"{self.path}: array {name!r} is bfloat16, which needs torch installed to read "
+                                 f"(or save it as float16 / float32)") from None
+        pt = safe_open(self.path, framework="pt")
+        return _TorchSlice(pt.get_slice(name), torch)
+
+    def shape(self, name: str) -> tuple:
+        if hasattr(self, "_st"):
+            return tuple(self._st.get_slice(name).get_shape())
+        return self._npz_shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return _checked(self._read(self._get, name), name)
+
+    def layer(self, name: str, i: int) -> np.ndarray:
+        return _checked(self._read(self._layer, name, i), name)
+
+    def _read(self, fn, name, *args):
+        try:
+            return fn(name, *args)
+        except (KVMmapError, MemoryError):
+            raise
+        except Exception as e:     # zip, zlib, npy header and safetensors errors alike
+            raise InputFileError(f"{self.path}: array {name!r} is unreadable ({type(e).__name__}: {e})") from None
+
+    def close(self) -> None:
+        if hasattr(self, "_npz"):
+            self._npz.close()
+
+
+class _TorchSlice:
+    def __init__(self, sl, torch):
+        self._sl, self._torch = sl, torch
+
+    def __getitem__(self, idx):
+        return self._sl[idx].to(self._torch.float32).numpy()
+
+
+def _checked(a: np.ndarray, name: str) -> np.ndarray:
+    if a.dtype not in (np.float16, np.float32, np.float64):
+        raise DTypeError(f"array {name!r} must be float16, float32, float64 or bfloat16, found {a.dtype}")
+    return a
+
+
+def _plan(src: _Arrays) -> tuple[str, dict]:
+    """('stacked', {'name', 'shape'}) or ('layers', {'layers': [(key, value)], 'shape'})."""
+    stacked = "kv" if "kv" in src.names else (src.names[0] if len(src.names) == 1 else None)
+    if stacked is not None:
+        shape = src.shape(stacked)
+        if len(shape) not in (5, 6) or shape[1] != 2:
+            raise ShapeError(f"{src.path}: array {stacked!r} must be [layers, 2, heads, seq, head_dim] or "
+                             f"[layers, 2, batch, heads, seq, head_dim], found shape {list(shape)}")
+        return "stacked", {"name": stacked, "shape": shape}
+    found: dict[int, dict] = {}
+    for n in src.names:
+        m = _PER_LAYER.match(n)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = n
+    if not found:
+        raise InputFileError(
+            f"{src.path}: no K/V arrays found among {src.names[:8]}; expected 'kv' [layers, 2, heads, seq, head_dim] "
+            f"or 'layers.{{i}}.key' / 'layers.{{i}}.value' [(batch,) heads, seq, head_dim]"
+        )
+    missing = [f"layers.{i}.{side}" for i in range(max(found) + 1) for side in ("key", "value")
+               if side not in found.get(i, {})]
+    if missing:
+        raise InputFileError(f"{src.path}: missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    pairs = [(found[i]["key"], found[i]["value"]) for i in range(len(found))]
+    shape = src.shape(pairs[0][0])
+    for kn, vn in pairs:
+        for n in (kn, vn):
+            if src.shape(n) != shape:
+                raise ShapeError(f"{src.path}: {n!r} has shape {list(src.shape(n))}, but {pairs[0][0]!r} has {list(shape)}")
+    if len(shape) not in (3, 4):
+        raise ShapeError(f"{src.path}: per-layer arrays must be [heads, seq, head_dim] or [batch, heads, seq, head_dim], "
+                         f"found shape {list(shape)}")
+    return "layers", {"layers": pairs, "shape": shape}
+
+
+def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_size: int = 16,
+            name: str | None = None, append: bool = False, overwrite: bool = False,
+            fingerprint: bytes | str = b"", progress: bool | None = None) -> dict:
+    """Store the K/V arrays of an ``.npz`` / ``.safetensors`` file in a cache file.
+
+    Parameters
+    ----------
+    src : str or os.PathLike
+        Input following the naming convention of this module's docstring.
+    dst : str or os.PathLike
+        Cache file to create (or to add sequences to, with ``append``).
+    k_format, v_format : str
+        Formats of a new cache (ignored with ``append``: the file's own are used).
+    page_size : int
+        Tokens per page of a new cache.
+    name : str, optional
+        Sequence name (default: the input's file name without extension); batch rows
+        are ``name/0``, ``name/1``, ...
+    append : bool
+        Add the sequences to an existing cache with the same geometry.
+    overwrite : bool
+        Replace an existing ``dst`` (without ``append``).
+    fingerprint : bytes or str
+        Model fingerprint of a new cache.
+    progress : bool, optional
+        Progress bar over layers (None: only when stderr is a terminal).
+
+    Returns
+    -------
+    dict
+        ``layers``, ``heads``, ``head_dim``, ``tokens`` (per sequence), ``sequences``
+        (names), ``k_format``, ``v_format``, ``bytes_on_disk``, ``apparent_bytes`` (of
+        ``dst``), ``source_bytes`` (of ``src``).
+
+    Raises
+    ------
+    InputFileError, ShapeError, DTypeError, NonFiniteError, CacheFileError, OSError
+        A new ``dst`` is written under a temporary name and renamed when complete; with
+        ``append`` nothing is committed unless every array was stored.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not isinstance(page_size, (int, np.integer)) or isinstance(page_size, bool) or page_size < 1:
+        raise ShapeError(f"page_size must be a positive integer, found {page_size!r}")
+    if not os.path.exists(src):
+        raise InputFileError(f"{src}: no such file")
+    arrays = _Arrays(src)
+    try:
+        kind, plan = _plan(arrays)
+        shape = plan["shape"]
+        if kind == "stacked":
+            num_layers, rest = shape[0], shape[2:]
+        else:
+            num_layers, rest = len(plan["layers"]), shape
+        batch = rest[0] if len(rest) == 4 else 1
+        heads, seq, head_dim = rest[-3:]
+        base = name or os.path.splitext(os.path.basename(src))[0]
+        names = [base] if batch == 1 else [f"{base}/{b}" for b in range(batch)]
+
+        if append:
+            cache = PagedKVCache.open(dst, mode="r+")
+            final = None
+            got = (cache.num_layers, cache.num_kv_heads, cache.head_dim)
+            if got != (num_layers, heads, head_dim):
+                cache.close()
+                raise ShapeError(f"{dst} holds {got[0]} layers x {got[1]} heads x head_dim {got[2]}; {src} holds "
+                                 f"{num_layers} x {heads} x {head_dim}")
+        else:
+            if os.path.lexists(dst) and not overwrite:
+                raise InputFileError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it or append=True (--append)")
+            final = dst
+            dst = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.partial-{os.getpid()}")
+            slot = meta_slot_bytes_for(num_layers, heads, head_dim, page_size, k_format, v_format, batch,
+                                       batch * num_layers * (seq // page_size),
+                                       sum(len(n.encode()) + 3 for n in names))
+            cache = PagedKVCache.create(dst, num_layers=num_layers, num_kv_heads=heads, head_dim=head_dim,
+                                        page_size=page_size, k_format=k_format, v_format=v_format,
+                                        fingerprint=fingerprint, meta_slot_bytes=slot, overwrite=True)
+        try:
+            seqs = [cache.new_sequence(n) for n in names]
+            for layer in tqdm(range(num_layers), desc="convert", unit="layer",
+                              disable=None if progress is None else not progress):
+                if kind == "stacked":
+                    kv = arrays.layer(plan["name"], layer)
+                    k, v = kv[0], kv[1]
+                else:
+                    kn, vn = plan["layers"][layer]
+                    k, v = arrays.get(kn), arrays.get(vn)
+                if k.ndim == 3:
+                    k, v = k[None], v[None]
+                for b, s in enumerate(seqs):
+                    cache.append(s, layer, _tokens_first(k[b]), _tokens_first(v[b]))
+            cache.flush()
+            result = {"k_format": cache.k_format, "v_format": cache.v_format}
+            cache.close()
+            if final is not None:
+                os.replace(dst, final)
+                dst = final
+        except BaseException:
+            cache.close()     # without flush: nothing of this call is committed
+            if final is not None:
+                try:
+                    os.unlink(dst)
+                except OSError:
+                    pass
+            raise
+    finally:
+        arrays.close()
+    return {"src": src, "dst": dst, "layers": num_layers, "heads": heads, "head_dim": head_dim, "tokens": seq,
+            "sequences": names, **result, **disk_usage(dst), "source_bytes": os.path.getsize(src)}
+
+
+def _tokens_first(x: np.ndarray) -> np.ndarray:
+    """[heads, seq, head_dim] (any float dtype) -> float32 [seq, heads, head_dim]."""
+    if x.ndim != 3:
+        raise ShapeError(f"expected [heads, seq, head_dim], found {describe(x)}")
+    return np.ascontiguousarray(x.transpose(1, 0, 2), np.float32)

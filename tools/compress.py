@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""`kvmmap compress` as a script: python tools/compress.py --help."""
+
+import os
+import sys
+
+# This folder would shadow the standard library (tools/inspect.py is `inspect`): drop it.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+from kvmmap.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["compress", *sys.argv[1:]]))
