@@ -19,6 +19,7 @@ from .errors import (
     SequenceError,
     ShapeError,
 )
+from .attention import paged_decode_attention
 from .cache import PagedKVCache
 from .formats import FORMATS, Format, get_format
 from .parallel import get_num_threads, set_num_threads
@@ -30,6 +31,7 @@ __all__ = [
     "Format",
     "get_format",
     "PagedKVCache",
+    "paged_decode_attention",
     "QTensor",
     "quantize",
     "quantize_into",

@@ -569,6 +569,28 @@ class PagedKVCache:
         st = self._seq(seq).layers[self._check_layer(layer)]
         return slot_mapping(st.bt.pages, st.first, start, n, self.page_size)
 
+    def decode_attention(self, seq: int, layer: int, q, *, scale: float | None = None,
+                         window: int | None = None, backend: str = "auto") -> np.ndarray:
+        """Attention of one query token over ``seq``'s cached K/V in ``layer``.
+
+        Parameters
+        ----------
+        q : numpy.ndarray, float32 or float16, shape ``[num_q_heads, head_dim]``
+            ``num_q_heads`` a multiple of ``num_kv_heads`` (GQA).
+        scale, window, backend
+            As in :func:`kvmmap.paged_decode_attention`.
+
+        Returns
+        -------
+        numpy.ndarray, float32, shape ``[num_q_heads, head_dim]``
+        """
+        from .attention import paged_decode_attention
+
+        if not isinstance(q, np.ndarray) or q.ndim != 2:
+            raise ShapeError(f"q must be [num_q_heads, head_dim={self.head_dim}], found {describe(q)}")
+        return paged_decode_attention(self, layer, [seq], q[None], scale=scale, window=window,
+                                      backend=backend)[0]
+
     def stats(self) -> dict:
         """Pages used / free / pending, capacity, and bytes on disk and in RAM."""
         used = self._alloc.high_water - self._alloc.num_free - self._alloc.num_pending

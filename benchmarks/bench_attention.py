@@ -1,0 +1,132 @@
+"""Decode attention on the CPU (and OpenCL when asked) vs. torch SDPA on the same context.
+
+For each context length the script fills one layer of a cache file with random K/V,
+then times one decode step (one query token, all heads) with kvmmap and with
+``torch.nn.functional.scaled_dot_product_attention`` on the dequantized K/V held as
+float32 and float16 tensors. It also reports the bytes of stored K/V read per second
+against this machine's memcpy bandwidth measured in the same run.
+
+    python benchmarks/bench_attention.py                       # 4k and 64k tokens
+    python benchmarks/bench_attention.py --contexts 4096 131072 --batch 4 --backend opencl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import kvmmap as km
+
+
+def best_time(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def memcpy_gbps() -> float:
+    a = np.ones(256 << 20, np.uint8)
+    b = np.empty_like(a)
+    t = best_time(lambda: np.copyto(b, a), 5)
+    return a.nbytes / t / 1e9
+
+
+def fill(path, fmt, n, H, D, batch, rng):
+    c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D, page_size=16,
+                               k_format=fmt, v_format=fmt, overwrite=True)
+    seqs = []
+    chunk = 4096
+    for _ in range(batch):
+        s = c.new_sequence()
+        for i in range(0, n, chunk):
+            m = min(chunk, n - i)
+            c.append(s, 0, rng.standard_normal((m, H, D), dtype=np.float32),
+                     rng.standard_normal((m, H, D), dtype=np.float32))
+        seqs.append(s)
+    c.flush()
+    return c, seqs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 65536])
+    ap.add_argument("--formats", nargs="+", default=["int8", "fp16", "int4"])
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--backend", default="cpu", choices=["cpu", "opencl"])
+    ap.add_argument("--threads", type=int, default=km.get_num_threads())
+    args = ap.parse_args(argv)
+
+    try:
+        import torch
+        import torch.nn.functional as F
+        torch.set_num_threads(args.threads)
+    except ImportError:
+        torch = None
+    km.set_num_threads(args.threads)
+    H, Hq, D, B = args.kv_heads, args.q_heads, args.head_dim, args.batch
+    rng = np.random.default_rng(0)
+    bw = memcpy_gbps()
+    print(f"decode attention: batch={B}, q_heads={Hq}, kv_heads={H}, head_dim={D}, "
+          f"threads={args.threads}, backend={args.backend}")
+    print(f"baseline memcpy (np.copyto, 256 MiB): {bw:.2f} GB/s")
+    if torch is None:
+        print("torch is not installed: the SDPA columns are skipped (pip install torch==2.13.0)")
+    print(f"{'context':>8} {'format':>6} {'kvmmap ms':>10} {'KV GB/s':>8} {'vs memcpy':>9} "
+          f"{'sdpa32 ms':>10} {'vs sdpa32':>9} {'sdpa16 ms':>10} {'vs sdpa16':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.contexts:
+            sdpa = {}
+            for fmt in args.formats:
+                c, seqs = fill(os.path.join(tmp, f"{fmt}.kvm"), fmt, n, H, D, B, rng)
+                q = rng.standard_normal((B, Hq, D), dtype=np.float32)
+                run = lambda: km.paged_decode_attention(c, 0, seqs, q, backend=args.backend)
+                t = best_time(run, args.repeat)
+                pages = sum(len(c.block_table(s, 0)) for s in seqs)
+                kv_bytes = pages * c._sb.page_bytes
+                row = f"{n:>8} {fmt:>6} {t * 1e3:>10.3f} {kv_bytes / t / 1e9:>8.2f} {kv_bytes / t / 1e9 / bw:>8.2f}x"
+                if torch is not None:
+                    if not sdpa:   # SDPA on the stored (dequantized) data of the first format
+                        kk = np.stack([c.read(s, 0)[0] for s in seqs]).transpose(0, 2, 1, 3)
+                        vv = np.stack([c.read(s, 0)[1] for s in seqs]).transpose(0, 2, 1, 3)
+                        tq = torch.from_numpy(q)[:, :, None, :]
+                        for name, dt in (("sdpa32", torch.float32), ("sdpa16", torch.float16)):
+                            tk = torch.from_numpy(np.ascontiguousarray(kk)).to(dt)
+                            tv = torch.from_numpy(np.ascontiguousarray(vv)).to(dt)
+                            tqq = tq.to(dt)
+                            with torch.inference_mode():
+                                sdpa[name] = best_time(
+                                    lambda: F.scaled_dot_product_attention(tqq, tk, tv, enable_gqa=True),
+                                    max(3, args.repeat // 3))
+                            del tk, tv
+                        ref = F.scaled_dot_product_attention(tq, torch.from_numpy(np.ascontiguousarray(kk)),
+                                                             torch.from_numpy(np.ascontiguousarray(vv)),
+                                                             enable_gqa=True)[:, :, 0].numpy()
+                        err = np.abs(run() - ref).max() / np.abs(ref).max()
+                        if err > 2e-3:
+                            print(f"!! kvmmap and SDPA disagree: relative error {err:.2e}", file=sys.stderr)
+                    row += (f" {sdpa['sdpa32'] * 1e3:>10.3f} {sdpa['sdpa32'] / t:>8.2f}x"
+                            f" {sdpa['sdpa16'] * 1e3:>10.3f} {sdpa['sdpa16'] / t:>8.2f}x")
+                print(row, flush=True)
+                c.close()
+    print("KV GB/s counts the stored pages (codes + scales) read per decode step; "
+          "'vs sdpaXX' is SDPA time / kvmmap time on the same context (SDPA reads the dequantized K/V "
+          "of the first format as float32 / float16).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+# Typed loops of paged decode attention on the CPU (kvmmap/attention.py checks and prepares
+# every argument). One query token per sequence attends over that sequence's sealed pages,
+# read in place from the pool, plus its open tail page (passed as float32).
+#
+# Work is cut into items (sequence b, token range [t0, t1)); each item runs online softmax
+# over its range a block of pages at a time, every kv head in turn, and leaves
+# unnormalised partials (running max m, sum l, accumulator acc) for every query head. A
+# K/V block of one kv head is decoded once for all query heads of its GQA group. Items run
+# in parallel with prange; merge_partials combines the items of one sequence by
+# log-sum-exp (flash-decoding).
+# Nothing here raises or allocates Python objects.
+
+from cython.parallel cimport prange
+from libc.math cimport expf, INFINITY
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdlib cimport free, malloc
+
+from kvmmap._convert cimport bf16_to_f32, bits_f32, f16_to_f32, f32_bits, round_even
+
+cdef enum:
+    FMT_FP32 = 0
+    FMT_FP16 = 1
+    FMT_BF16 = 2
+    FMT_INT8 = 3
+    FMT_INT4 = 4
+    FMT_FP8_E4M3 = 5
+    FMT_FP8_E5M2 = 6
+
+
+cdef struct Side:
+    # Where one side (K or V) of a page lives and how to decode it.
+    int fmt
+    Py_ssize_t codes_off, scales_off, zeros_off   # byte offsets inside a page
+    Py_ssize_t code_row_bytes                      # bytes of one token's codes for one head
+    Py_ssize_t group                               # int4 values: elements per group
+    const float* table                             # fp8: the 256 code values
+
+
+cdef inline void decode_rows(const uint8_t* page, const Side* s, Py_ssize_t h, Py_ssize_t a,
+                             Py_ssize_t n, Py_ssize_t P, Py_ssize_t D, float* dst) noexcept nogil:
+    """Decode tokens a .. a+n-1 of head h of one page into dst [n, D] (float32)."""
+    cdef Py_ssize_t t, j, row = h * P + a
+    cdef const uint8_t* codes = page + s.codes_off + row * s.code_row_bytes
+    cdef const float* sc
+    cdef const float* zp
+    cdef const int8_t* c8
+    cdef const uint16_t* c16
+    cdef const uint8_t* cu
+    cdef float scale, zero
+    cdef float* out
+    cdef Py_ssize_t ng
+    if s.fmt == FMT_FP32:
+        for t in range(n * D):
+            dst[t] = (<const float*>codes)[t]
+    elif s.fmt == FMT_FP16:
+        c16 = <const uint16_t*>codes
+        for t in range(n * D):
+            dst[t] = f16_to_f32(c16[t])
+    elif s.fmt == FMT_BF16:
+        c16 = <const uint16_t*>codes
+        for t in range(n * D):
+            dst[t] = bf16_to_f32(c16[t])
+    elif s.fmt == FMT_INT8:
+        sc = <const float*>(page + s.scales_off) + row
+        c8 = <const int8_t*>codes
+        for t in range(n):
+            scale = sc[t]
+            out = dst + t * D
+            for j in range(D):
+                out[j] = c8[t * D + j] * scale
+    elif s.fmt == FMT_FP8_E4M3 or s.fmt == FMT_FP8_E5M2:
+        sc = <const float*>(page + s.scales_off) + row
+        for t in range(n):
+            scale = sc[t]
+            out = dst + t * D
+            cu = codes + t * D
+            for j in range(D):
+                out[j] = s.table[cu[j]] * scale
+    elif s.group == 0:
+        # int4 keys: a scale and zero per channel over the whole page, [H, 1, D]
+        sc = <const float*>(page + s.scales_off) + h * D
+        zp = <const float*>(page + s.zeros_off) + h * D
+        for t in range(n):
+            cu = codes + t * (D // 2)
+            out = dst + t * D
+            for j in range(D // 2):
+                out[2 * j] = (cu[j] & 15) * sc[2 * j] + zp[2 * j]
+                out[2 * j + 1] = (cu[j] >> 4) * sc[2 * j + 1] + zp[2 * j + 1]
+    else:
+        # int4 values: a scale and zero per token per group of `group` channels, [H, P, D/G]
+        ng = D // s.group
+        sc = <const float*>(page + s.scales_off) + row * ng
+        zp = <const float*>(page + s.zeros_off) + row * ng
+        # unpack every nibble of the n rows (contiguous) in one long loop, then scale
+        # each group; two simple loops vectorize where one nested loop does not
+        for j in range(n * D // 2):
+            dst[2 * j] = codes[j] & 15
+            dst[2 * j + 1] = codes[j] >> 4
+        for t in range(n * ng):
+            scale = sc[t]
+            zero = zp[t]
+            out = dst + t * s.group
+            for j in range(s.group):
+                out[j] = out[j] * scale + zero
+
+
+cdef inline float fast_exp(float x) noexcept nogil:
+    """e**x for x <= 0 (relative error ~2e-7); inputs below -87 give ~1e-38 instead of 0.
+
+    Branch-free so that the loops calling it vectorize (libm's expf does not).
+    """
+    cdef float y, f, r
+    cdef int32_t i
+    x = x if x > <float>-87.0 else <float>-87.0
+    y = x * <float>1.4426950408889634                 # x / ln 2
+    i = round_even(y)
+    f = y - i                                  # f in [-0.5, 0.5]
+    # 2**f by its Taylor series in f ln 2, degree 6
+    r = <float>1.5403530393381606e-4
+    r = r * f + <float>1.3333558146428443e-3
+    r = r * f + <float>9.618129107628477e-3
+    r = r * f + <float>5.550410866482158e-2
+    r = r * f + <float>2.402265069591007e-1
+    r = r * f + <float>6.931471805599453e-1
+    r = r * f + <float>1.0
+    return bits_f32(f32_bits(r) + (<uint32_t>i << 23))
+
+
+cdef inline void scores(const float* q, const float* k, Py_ssize_t n, Py_ssize_t D,
+                        float* s) noexcept nogil:
+    """s[t] = q . k[t] for n rows k [n, D]; four rows at a time so that the four dot
+    products run as independent vector chains."""
+    cdef Py_ssize_t t = 0, j
+    cdef float a0, a1, a2, a3
+    cdef const float* k0
+    while t + 4 <= n:
+        k0 = k + t * D
+        a0 = a1 = a2 = a3 = 0
+        for j in range(D):
+            a0 = a0 + q[j] * k0[j]
+            a1 = a1 + q[j] * k0[D + j]
+            a2 = a2 + q[j] * k0[2 * D + j]
+            a3 = a3 + q[j] * k0[3 * D + j]
+        s[t], s[t + 1], s[t + 2], s[t + 3] = a0, a1, a2, a3
+        t += 4
+    while t < n:
+        a0 = 0
+        for j in range(D):
+            a0 = a0 + q[j] * k[t * D + j]
+        s[t] = a0
+        t += 1
+
+
+cdef inline void accumulate(float* acc, const float* p, const float* v, Py_ssize_t n,
+                            Py_ssize_t D) noexcept nogil:
+    """acc[D] += sum_t p[t] * v[t, :], four rows per pass over acc."""
+    cdef Py_ssize_t t = 0, j
+    cdef float p0, p1, p2, p3
+    cdef const float* v0
+    while t + 4 <= n:
+        p0, p1, p2, p3 = p[t], p[t + 1], p[t + 2], p[t + 3]
+        v0 = v + t * D
+        for j in range(D):
+            acc[j] = acc[j] + (p0 * v0[j] + p1 * v0[D + j]) + (p2 * v0[2 * D + j] + p3 * v0[3 * D + j])
+        t += 4
+    while t < n:
+        p0 = p[t]
+        for j in range(D):
+            acc[j] = acc[j] + p0 * v[t * D + j]
+        t += 1
+
+
+cdef inline Py_ssize_t gather(const uint8_t* arena, Py_ssize_t page_bytes, const Side* side,
+                              const int32_t* pages, Py_ssize_t num_pages, const float* tail,
+                              Py_ssize_t pos, Py_ssize_t end, Py_ssize_t h, Py_ssize_t P,
+                              Py_ssize_t D, float* dst) noexcept nogil:
+    """Decode positions pos .. end-1 (whole pages or parts, then the tail) into dst [n, D]."""
+    cdef Py_ssize_t logical, a, n, done = 0, j
+    cdef const float* src
+    while pos < end:
+        logical = pos // P
+        a = pos - logical * P
+        n = min(P - a, end - pos)
+        if logical < num_pages:
+            decode_rows(arena + <Py_ssize_t>pages[logical] * page_bytes, side, h, a, n, P, D, dst + done * D)
+        else:
+            src = tail + (h * P + a) * D
+            for j in range(n * D):
+                dst[done * D + j] = src[j]
+        done += n
+        pos += n
+    return done
+
+
+cdef void attend_item(
+    const uint8_t* arena, Py_ssize_t page_bytes, const Side* ks, const Side* vs,
+    const int32_t* pages, Py_ssize_t num_pages, const float* tail_k, const float* tail_v,
+    Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t H, Py_ssize_t P, Py_ssize_t D,
+    const float* q, Py_ssize_t G, Py_ssize_t block,
+    float* m_out, float* l_out, float* acc, float* work,
+) noexcept nogil:
+    """Online softmax over logical positions [t0, t1) of one sequence, every head.
+
+    q [H * G, D]: the query rows, already multiplied by the softmax scale. Outputs
+    m_out, l_out [H * G] and acc [H * G, D] (unnormalised). A block of ``block`` tokens
+    is finished for every head before the next, so each page is read from memory once
+    and nearly in order; per head, K then V of the block are decoded into ``work``
+    (block * D floats), followed by the probabilities [G, block].
+    """
+    cdef float* buf = work
+    cdef float* p = work + block * D
+    cdef Py_ssize_t pos = t0, n, g, t, j, h, r
+    cdef float mnew, alpha, lsum
+    cdef float* pg
+    cdef float* ag
+    for r in range(H * G):
+        m_out[r] = -INFINITY
+        l_out[r] = 0
+    for j in range(H * G * D):
+        acc[j] = 0
+    while pos < t1:
+        n = min(block - pos % block, t1 - pos)     # blocks aligned to whole pages
+        for h in range(H):
+            gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
+            for g in range(G):
+                r = h * G + g
+                pg = p + g * block
+                scores(q + r * D, buf, n, D, pg)
+                mnew = m_out[r]
+                for t in range(n):
+                    mnew = pg[t] if pg[t] > mnew else mnew
+                lsum = 0
+                for t in range(n):
+                    pg[t] = fast_exp(pg[t] - mnew)
+                    lsum = lsum + pg[t]
+                if mnew > m_out[r]:       # rescale what was accumulated under the old max
+                    alpha = fast_exp(m_out[r] - mnew)
+                    ag = acc + r * D
+                    for j in range(D):
+                        ag[j] = ag[j] * alpha
+                    l_out[r] = l_out[r] * alpha
+                    m_out[r] = mnew
+                l_out[r] = l_out[r] + lsum
+            gather(arena, page_bytes, vs, pages, num_pages, tail_v, pos, pos + n, h, P, D, buf)
+            for g in range(G):
+                accumulate(acc + (h * G + g) * D, p + g * block, buf, n, D)
+        pos += n
+
+
+def attend(
+    const uint8_t[::1] arena, Py_ssize_t page_bytes,
+    int k_fmt, Py_ssize_t k_codes_off, Py_ssize_t k_scales_off, Py_ssize_t k_zeros_off, Py_ssize_t k_row_bytes,
+    int v_fmt, Py_ssize_t v_codes_off, Py_ssize_t v_scales_off, Py_ssize_t v_zeros_off, Py_ssize_t v_row_bytes,
+    Py_ssize_t v_group, const float[::1] k_table, const float[::1] v_table,
+    const int64_t[::1] page_indptr, const int32_t[::1] page_indices,
+    const float[:, :, :, ::1] tail_k, const float[:, :, :, ::1] tail_v,
+    const int64_t[:, ::1] items, const float[:, :, ::1] q, float sm_scale, Py_ssize_t block,
+    float[:, ::1] m, float[:, ::1] l, float[:, :, ::1] acc, int nthreads,
+):
+    """Run every work item; its partial results go to m, l [N, H * G] and acc [N, H * G, D].
+
+    items [N, 3]: (sequence index b, first logical position, end position), ranges starting
+    on multiples of ``block`` (a multiple of the page size) except a sequence's first.
+    q [B, H * G, D] float32 (query head j uses kv head j // G); tail_k/v [B, H, P, D].
+    """
+    cdef Py_ssize_t N = items.shape[0], H = tail_k.shape[1], P = tail_k.shape[2], D = tail_k.shape[3]
+    cdef Py_ssize_t Hq = q.shape[1], G = Hq // H, i, b, j
+    cdef Side ks, vs
+    cdef float* work
+    cdef float* qs
+    ks.fmt, ks.codes_off, ks.scales_off, ks.zeros_off = k_fmt, k_codes_off, k_scales_off, k_zeros_off
+    ks.code_row_bytes, ks.group, ks.table = k_row_bytes, 0, &k_table[0]
+    vs.fmt, vs.codes_off, vs.scales_off, vs.zeros_off = v_fmt, v_codes_off, v_scales_off, v_zeros_off
+    vs.code_row_bytes, vs.group, vs.table = v_row_bytes, v_group, &v_table[0]
+    cdef const uint8_t* base = &arena[0] if arena.shape[0] else NULL
+    if N == 0:
+        return
+    for i in prange(N, nogil=True, schedule="dynamic", num_threads=max(1, min(nthreads, N))):
+        b = items[i, 0]
+        work = <float*>malloc((block * D + G * block + Hq * D) * sizeof(float))
+        if work == NULL:
+            m[i, 0] = 0.0 / 0.0        # reported as an allocation failure by the caller
+            continue
+        qs = work + block * D + G * block
+        for j in range(Hq * D):
+            qs[j] = q[b, j // D, j % D] * sm_scale
+        attend_item(base, page_bytes, &ks, &vs,
+                    &page_indices[0] + page_indptr[b], page_indptr[b + 1] - page_indptr[b],
+                    &tail_k[b, 0, 0, 0], &tail_v[b, 0, 0, 0],
+                    items[i, 1], items[i, 2], H, P, D, qs, G, block,
+                    &m[i, 0], &l[i, 0], &acc[i, 0, 0], work)
+        free(work)
+
+
+def merge_partials(const int64_t[:, ::1] items, const float[:, ::1] m, const float[:, ::1] l,
+                   const float[:, :, ::1] acc, float[:, :, ::1] out):
+    """Combine the items of each sequence by log-sum-exp into out [B, H * G, D].
+
+    Items of one sequence must be adjacent in ``items``.
+    """
+    cdef Py_ssize_t N = items.shape[0], Hq = m.shape[1], D = out.shape[2]
+    cdef Py_ssize_t i = 0, k, e, b, r, j
+    cdef float mx, wsum, w
+    cdef float* o
+    with nogil:
+        while i < N:
+            b = items[i, 0]
+            e = i
+            while e < N and items[e, 0] == b:
+                e += 1
+            for r in range(Hq):
+                o = &out[b, r, 0]
+                mx = -INFINITY
+                for k in range(i, e):
+                    mx = m[k, r] if m[k, r] > mx else mx
+                for j in range(D):
+                    o[j] = 0
+                wsum = 0
+                for k in range(i, e):
+                    if l[k, r] == 0:
+                        continue
+                    w = expf(m[k, r] - mx)
+                    wsum = wsum + w * l[k, r]
+                    for j in range(D):
+                        o[j] = o[j] + w * acc[k, r, j]
+                if wsum > 0:
+                    for j in range(D):
+                        o[j] = o[j] / wsum
+            i = e

@@ -1,0 +1,208 @@
+"""Paged decode attention: one new query token per sequence against its cached K/V.
+
+The CPU path (:mod:`kvmmap._attention`) reads the quantized pages in place and decodes
+them inside the loop, a page at a time; no full-precision copy of the context is made.
+The OpenCL path (:mod:`kvmmap.opencl`) runs the same computation on a device that keeps
+its own copy of the pool and receives only the pages sealed since its last call.
+
+For every sequence ``b`` and query head ``j`` (kv head ``h = j // G`` with
+``G = num_q_heads / num_kv_heads``)::
+
+    out[b, j] = softmax(scale * K_b[:, h] @ q[b, j]) @ V_b[:, h]
+
+over the sequence's visible tokens (its last ``window`` tokens when a window is given),
+where ``K_b``, ``V_b`` are the *stored* (dequantized) keys and values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import quant
+from .errors import ConfigError, DTypeError, SequenceError, ShapeError, describe
+from .formats import get_format
+from .parallel import get_num_threads
+
+BACKENDS = ("cpu", "opencl", "auto")
+BLOCK_TOKENS = 16     # CPU: tokens decoded per head per step (rounded to whole pages)
+
+
+class PagedBatch:
+    """The page-table view of a batch of sequences of one layer, as the kernels take it.
+
+    Follows the rules of :mod:`kvmmap.pagetable`: sequence ``b`` owns sealed pages
+    ``page_indices[page_indptr[b]:page_indptr[b+1]]`` (logical page ``i`` holds positions
+    ``i * P .. i * P + P - 1``); positions at or past ``num_sealed[b] * P`` are in its tail
+    page ``tail_k[b]`` / ``tail_v[b]``. Visible positions are ``start[b] .. end[b] - 1``.
+
+    Attributes
+    ----------
+    page_indptr : int64 [B + 1]
+    page_indices : int32 [nnz]
+    start, end : int64 [B]
+    tail_k, tail_v : float32 [B, H, P, D]
+        The tails, dequantized (int4 tails are already float32).
+    """
+
+    def __init__(self, cache, layer: int, seqs, window: int | None):
+        B = len(seqs)
+        H, P, D = cache.num_kv_heads, cache.page_size, cache.head_dim
+        states = [cache._seq(s).layers[layer] for s in seqs]
+        counts = np.array([len(st.bt) for st in states], np.int64)
+        self.page_indptr = np.zeros(B + 1, np.int64)
+        np.cumsum(counts, out=self.page_indptr[1:])
+        self.page_indices = (np.concatenate([st.bt.pages for st in states]).astype(np.int32, copy=False)
+                             if B else np.zeros(0, np.int32))
+        self.end = np.array([st.n_pos for st in states], np.int64)
+        self.start = np.array([st.first for st in states], np.int64)
+        if window is not None:
+            self.start = np.maximum(self.start, self.end - window)
+        self.tail_k = np.zeros((B, H, P, D), np.float32)
+        self.tail_v = np.zeros((B, H, P, D), np.float32)
+        for b, st in enumerate(states):
+            n_tail = st.n_pos - len(st.bt) * P
+            if n_tail:
+                quant.dequantize(cache._tail_q("k", st.tail, 0, n_tail), out=self.tail_k[b, :, :n_tail])
+                quant.dequantize(cache._tail_q("v", st.tail, 0, n_tail), out=self.tail_v[b, :, :n_tail])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.end - self.start
+
+
+def check_query(cache, layer, seqs, q, scale, window):
+    """Validate the arguments of a batched decode; returns (layer, seqs, q float32, scale)."""
+    layer = cache._check_layer(layer)
+    if isinstance(seqs, (int, np.integer)):
+        raise SequenceError("seqs must be a sequence of sequence ids (use decode_attention for one)")
+    seqs = [int(s) if isinstance(s, np.integer) else s for s in seqs]
+    for s in seqs:
+        cache._seq(s)
+    if not isinstance(q, np.ndarray):
+        raise DTypeError(f"q must be a numpy array, found {type(q).__name__}")
+    if q.dtype not in (np.float32, np.float16):
+        raise DTypeError(f"q must be float32 or float16, found {q.dtype}")
+    H, D = cache.num_kv_heads, cache.head_dim
+    if q.ndim != 3 or q.shape[0] != len(seqs) or q.shape[2] != D or q.shape[1] % H or q.shape[1] == 0:
+        raise ShapeError(
+            f"q must be [batch={len(seqs)}, num_q_heads (a multiple of num_kv_heads={H}), head_dim={D}], "
+            f"found {describe(q)}"
+        )
+    if not np.isfinite(q).all():
+        raise ShapeError("q holds NaN or inf")
+    if window is not None and (not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1):
+        raise ShapeError(f"window must be a positive number of tokens or None, found {window!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not isinstance(scale, (int, float, np.floating)) or not math.isfinite(scale) or scale <= 0:
+        raise ShapeError(f"scale must be a positive finite number, found {scale!r}")
+    for s in seqs:
+        if cache.seq_len(s, layer) == 0:
+            raise SequenceError(f"sequence {s} has no tokens in layer {layer}: nothing to attend over")
+    return layer, seqs, np.ascontiguousarray(q, np.float32), float(scale)
+
+
+def _side_args(cache, side: str):
+    """(format id, codes, scales, zeros offsets, bytes per code row) of one side of a page."""
+    regs = cache.layout.regions[side]
+    f = cache.layout.formats[side]
+    code_row = f.code_width(cache.head_dim) * f.code_dtype.itemsize
+    return (f.format_id, regs["codes"].offset,
+            regs["scales"].offset if "scales" in regs else 0,
+            regs["zeros"].offset if "zeros" in regs else 0, code_row)
+
+
+def _table(fmt) -> np.ndarray:
+    return quant.fp8_values(fmt.name) if fmt.name.startswith("fp8") else np.zeros(1, np.float32)
+
+
+def _items(batch: PagedBatch, H: int, block: int, nthreads: int) -> np.ndarray:
+    """Work items (b, t0, t1): long contexts are split so every thread has work."""
+    lengths = batch.lengths
+    total = int(lengths.sum())
+    # About 4 items per thread, none shorter than 16 blocks (a split costs a merge).
+    chunk = max(16 * block, -(-total // (4 * nthreads)))
+    chunk = -(-chunk // block) * block
+    rows = []
+    for b in range(len(lengths)):
+        s, e = int(batch.start[b]), int(batch.end[b])
+        cuts = [s, *range((s // block) * block + chunk, e, chunk), e]     # on block boundaries
+        rows.extend((b, t0, t1) for t0, t1 in zip(cuts[:-1], cuts[1:]))
+    return np.array(rows, np.int64).reshape(-1, 3)
+
+
+def cpu_decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> np.ndarray:
+    """The CPU path of :func:`paged_decode_attention` (arguments already checked)."""
+    from . import _attention
+
+    H, P, D = cache.num_kv_heads, cache.page_size, cache.head_dim
+    B, Hq = q.shape[0], q.shape[1]
+    block = max(1, BLOCK_TOKENS // P) * P
+    batch = PagedBatch(cache, layer, seqs, window)
+    nthreads = get_num_threads()
+    items = _items(batch, H, block, nthreads)
+    m = np.empty((len(items), Hq), np.float32)
+    l = np.empty((len(items), Hq), np.float32)
+    acc = np.empty((len(items), Hq, D), np.float32)
+    arena = cache._arena if cache._arena.size else np.zeros(1, np.uint8)
+    kf, vf = cache.layout.formats["k"], cache.layout.formats["v"]
+    _attention.attend(
+        arena, cache._sb.page_bytes, *_side_args(cache, "k"), *_side_args(cache, "v"),
+        cache.layout.group_size["v"] if vf.name == "int4" else 0, _table(kf), _table(vf),
+        batch.page_indptr, batch.page_indices, batch.tail_k, batch.tail_v,
+        items, q, scale, block, m, l, acc, nthreads,
+    )
+    if np.isnan(m[:, 0]).any():
+        raise MemoryError("decode attention could not allocate its scratch buffers")
+    out = np.empty((B, Hq, D), np.float32)
+    _attention.merge_partials(items, m, l, acc, out)
+    return out
+
+
+def paged_decode_attention(cache, layer: int, seqs, q, *, scale: float | None = None,
+                           window: int | None = None, backend: str = "auto") -> np.ndarray:
+    """Attention of one new query token per sequence over each sequence's cached K/V.
+
+    Parameters
+    ----------
+    cache : PagedKVCache
+    layer : int
+    seqs : sequence of int, length B
+        Sequence ids (they may share pages through :meth:`PagedKVCache.fork`).
+    q : numpy.ndarray, float32 or float16, shape ``[B, num_q_heads, head_dim]``
+        ``num_q_heads`` is a multiple ``G`` of ``num_kv_heads`` (GQA; ``G == 1`` is MHA,
+        ``num_kv_heads == 1`` MQA). Query head ``j`` reads kv head ``j // G``.
+    scale : float, optional
+        Softmax scale; default ``1 / sqrt(head_dim)``.
+    window : int, optional
+        Attend only over the last ``window`` tokens of each sequence (sliding window).
+    backend : {"auto", "cpu", "opencl"}
+        ``"auto"`` uses OpenCL when a GPU is available and the CPU otherwise.
+
+    Returns
+    -------
+    numpy.ndarray, float32, shape ``[B, num_q_heads, head_dim]``
+
+    Examples
+    --------
+    >>> import numpy as np, kvmmap as km
+    >>> c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=2, head_dim=64)
+    >>> s = c.new_sequence()
+    >>> kv = np.random.default_rng(0).standard_normal((40, 2, 64), dtype=np.float32)
+    >>> c.append(s, 0, kv, kv)
+    >>> km.paged_decode_attention(c, 0, [s], np.ones((1, 8, 64), np.float32)).shape
+    (1, 8, 64)
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, found {backend!r}")
+    cache._check_open()
+    layer, seqs, q, scale = check_query(cache, layer, seqs, q, scale, window)
+    if backend == "auto":
+        from . import opencl
+        backend = "opencl" if opencl.has_gpu() else "cpu"
+    if backend == "opencl":
+        from . import opencl
+        return opencl.decode(cache, layer, seqs, q, scale, window)
+    return cpu_decode(cache, layer, seqs, q, scale, window)

@@ -1,0 +1,208 @@
+"""Paged decode attention (CPU and OpenCL) against a float64 numpy reference.
+
+The reference attends over the *stored* data: K/V read back from the cache (dequantized),
+in float64, with a plain softmax. Both backends must agree with it to a relative error
+of 2e-3 (they accumulate in float32 and use an exp approximation).
+"""
+
+import zlib
+
+import numpy as np
+import pytest
+
+import kvmmap as km
+
+RTOL = 2e-3
+FORMAT_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("int8", "int8"),
+                ("int4", "int4"), ("fp8_e4m3", "fp8_e5m2"), ("int8", "int4"), ("fp8_e5m2", "fp8_e4m3")]
+
+
+def reference(cache, layer, seqs, q, scale=None, window=None):
+    """float64 softmax(scale * K q) V per sequence and query head; q [B, Hq, D]."""
+    out = np.empty(q.shape, np.float64)
+    for b, s in enumerate(seqs):
+        k, v = (a.astype(np.float64) for a in cache.read(s, layer))
+        if window is not None:
+            k, v = k[-window:], v[-window:]
+        G = q.shape[1] // k.shape[1]
+        sc = 1 / np.sqrt(k.shape[2]) if scale is None else scale
+        for j in range(q.shape[1]):
+            logits = k[:, j // G] @ q[b, j].astype(np.float64) * sc
+            p = np.exp(logits - logits.max())
+            out[b, j] = (p / p.sum()) @ v[:, j // G]
+    return out
+
+
+def assert_close(got, want):
+    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    assert err <= RTOL, f"relative error {err:.2e} > {RTOL}"
+
+
+@pytest.fixture(params=["cpu", "opencl"])
+def backend(request):
+    if request.param == "opencl":
+        request.getfixturevalue("opencl")
+    return request.param
+
+
+def make_cache(kf, vf, H, D, lengths, rng, page_size=16, layers=2):
+    c = km.PagedKVCache.create(None, num_layers=layers, num_kv_heads=H, head_dim=D,
+                               page_size=page_size, k_format=kf, v_format=vf)
+    seqs = []
+    for n in lengths:
+        s = c.new_sequence()
+        done = 0
+        while done < n:    # mixed chunk sizes: prefill pieces and single tokens
+            m = min(n - done, int(rng.choice([1, 7, 16, 100])))
+            for layer in range(layers):
+                c.append(s, layer, rng.standard_normal((m, H, D), dtype=np.float32) * 2,
+                         rng.standard_normal((m, H, D), dtype=np.float32))
+            done += m
+        seqs.append(s)
+    return c, seqs
+
+
+@pytest.mark.parametrize("kf,vf", FORMAT_PAIRS)
+@pytest.mark.parametrize("H,G,D", [(2, 1, 64), (2, 4, 128), (1, 8, 64)])
+def test_matches_reference_across_formats_and_gqa(backend, kf, vf, H, G, D):
+    rng = np.random.default_rng(zlib.crc32(f"{kf}{vf}{H}{G}{D}".encode()))
+    lengths = [1, 15, 16, 17, 33, 300]
+    c, seqs = make_cache(kf, vf, H, D, lengths, rng)
+    q = rng.standard_normal((len(seqs), H * G, D), dtype=np.float32)
+    for layer in (0, 1):
+        got = km.paged_decode_attention(c, layer, seqs, q, backend=backend)
+        assert got.shape == q.shape and got.dtype == np.float32
+        assert_close(got, reference(c, layer, seqs, q))
+
+
+@pytest.mark.parametrize("kf,vf", [("int8", "int8"), ("fp16", "fp16"), ("int4", "int4")])
+def test_thousands_of_tokens_and_split_contexts(backend, kf, vf):
+    rng = np.random.default_rng(7)
+    c, seqs = make_cache(kf, vf, 2, 128, [5000, 3], rng, layers=1)
+    q = rng.standard_normal((2, 8, 128), dtype=np.float32)
+    want = reference(c, 0, seqs, q)
+    for threads in (1, 2, 3):
+        km.set_num_threads(threads)
+        try:
+            assert_close(km.paged_decode_attention(c, 0, seqs, q, backend=backend), want)
+        finally:
+            km.set_num_threads(km.parallel._default_threads())
+
+
+def test_peaked_scores_stay_exact(backend):
+    """Large logits (a near one-hot softmax) must not overflow the online softmax."""
+    rng = np.random.default_rng(3)
+    c, seqs = make_cache("fp32", "fp32", 1, 64, [700], rng, layers=1)
+    q = rng.standard_normal((1, 2, 64), dtype=np.float32) * 40
+    assert_close(km.paged_decode_attention(c, 0, seqs, q, backend=backend), reference(c, 0, seqs, q))
+
+
+def test_forked_pages_window_shift_and_scale(backend):
+    rng = np.random.default_rng(11)
+    c, (a, b) = make_cache("int8", "int4", 2, 64, [200, 45], rng)
+    f = c.fork(a)                       # shares a's sealed pages
+    for layer in range(2):
+        x = rng.standard_normal((9, 2, 64), dtype=np.float32)
+        c.append(f, layer, x, x)
+    g = c.fork(a)
+    c.truncate(g, 150)                  # copy-on-write of a sealed page into the tail
+    c.shift_left(b, 20)                 # a sliding window that starts inside a page
+    seqs = [a, b, f, g, a]
+    q = rng.standard_normal((len(seqs), 4, 64), dtype=np.float32)
+    for layer in range(2):
+        assert_close(km.paged_decode_attention(c, layer, seqs, q, backend=backend),
+                     reference(c, layer, seqs, q))
+        for window in (1, 16, 37, 10_000):
+            assert_close(km.paged_decode_attention(c, layer, seqs, q, window=window, backend=backend),
+                         reference(c, layer, seqs, q, window=window))
+        assert_close(km.paged_decode_attention(c, layer, seqs, q, scale=0.05, backend=backend),
+                     reference(c, layer, seqs, q, scale=0.05))
+
+
+def test_single_sequence_method_and_float16_query(backend):
+    rng = np.random.default_rng(5)
+    c, (s,) = make_cache("fp16", "int8", 4, 64, [123], rng, layers=1)
+    q = rng.standard_normal((8, 64)).astype(np.float16)
+    got = c.decode_attention(s, 0, q, backend=backend)
+    assert got.shape == (8, 64)
+    assert_close(got, reference(c, 0, [s], q[None].astype(np.float32))[0])
+
+
+def test_file_cache_reopened_read_only(tmp_path, backend):
+    rng = np.random.default_rng(9)
+    path = tmp_path / "a.kvm"
+    c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=2, head_dim=64, k_format="int8", v_format="int4")
+    s = c.new_sequence("p")
+    x = rng.standard_normal((77, 2, 64), dtype=np.float32)
+    c.append(s, 0, x, x)
+    c.flush()
+    c.close()
+    with km.PagedKVCache.open(path, mode="r") as r:
+        s = r.find_sequence("p")
+        q = rng.standard_normal((1, 2, 64), dtype=np.float32)
+        assert_close(km.paged_decode_attention(r, 0, [s], q, backend=backend), reference(r, 0, [s], q))
+
+
+def test_pages_written_after_a_call_are_seen(backend):
+    """A second call after more appends (and a page freed and reused) sees the new data."""
+    rng = np.random.default_rng(2)
+    c, (s, t) = make_cache("int8", "int8", 2, 64, [40, 40], rng, layers=1)
+    q = rng.standard_normal((1, 2, 64), dtype=np.float32)
+    km.paged_decode_attention(c, 0, [s], q, backend=backend)
+    c.free(t)
+    c.flush()                                  # t's pages become reusable
+    u = c.new_sequence()
+    for _ in range(3):
+        x = rng.standard_normal((20, 2, 64), dtype=np.float32)
+        c.append(s, 0, x, x)
+        c.append(u, 0, x * 3, x - 1)
+        for seq in (s, u):
+            assert_close(km.paged_decode_attention(c, 0, [seq], q, backend=backend), reference(c, 0, [seq], q))
+
+
+@pytest.mark.parametrize("bad,exc", [
+    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 3, 64), np.float32)), km.ShapeError),
+    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((2, 4, 64), np.float32)), km.ShapeError),
+    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 4, 32), np.float32)), km.ShapeError),
+    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 4, 64), np.int32)), km.DTypeError),
+    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.full((1, 4, 64), np.nan, np.float32)), km.ShapeError),
+    (lambda c, s: km.paged_decode_attention(c, 2, [s], np.ones((1, 4, 64), np.float32)), km.ShapeError),
+    (lambda c, s: km.paged_decode_attention(c, 0, [99], np.ones((1, 4, 64), np.float32)), km.SequenceError),
+    (lambda c, s: km.paged_decode_attention(c, 0, s, np.ones((1, 4, 64), np.float32)), km.SequenceError),
+    (lambda c, s: km.paged_decode_attention(c, 1, [s], np.ones((1, 4, 64), np.float32)), km.SequenceError),
+    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 4, 64), np.float32), window=0), km.ShapeError),
+    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 4, 64), np.float32), scale=-1.0), km.ShapeError),
+    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 4, 64), np.float32), backend="gpu"), km.ConfigError),
+    (lambda c, s: c.decode_attention(s, 0, np.ones((4, 4, 64), np.float32)), km.ShapeError),
+])
+def test_bad_input_raises_clear_errors(bad, exc):
+    c = km.PagedKVCache.create(None, num_layers=2, num_kv_heads=2, head_dim=64)
+    s = c.new_sequence()
+    x = np.ones((5, 2, 64), np.float32)
+    c.append(s, 0, x, x)      # layer 1 stays empty
+    with pytest.raises(exc):
+        bad(c, s)
+    assert c.seq_len(s, 0) == 5
+
+
+def test_works_without_opencl(monkeypatch):
+    """backend='auto' falls back to the CPU when pyopencl is missing."""
+    from kvmmap import opencl
+
+    monkeypatch.setattr(opencl, "cl", None)
+    for f in (opencl._pick_device, opencl.unavailable_reason, opencl.context):
+        f.cache_clear()
+    try:
+        assert not opencl.has_gpu()
+        c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=1, head_dim=64)
+        s = c.new_sequence()
+        x = np.ones((3, 1, 64), np.float32)
+        c.append(s, 0, x, x)
+        out = c.decode_attention(s, 0, np.ones((2, 64), np.float32), backend="auto")
+        np.testing.assert_allclose(out, 1.0, rtol=1e-6)
+        with pytest.raises(km.errors.OpenCLUnavailableError, match="pyopencl"):
+            c.decode_attention(s, 0, np.ones((2, 64), np.float32), backend="opencl")
+    finally:
+        monkeypatch.undo()
+        for f in (opencl._pick_device, opencl.unavailable_reason, opencl.context):
+            f.cache_clear()
