@@ -214,6 +214,10 @@ class PagedKVCache:
         self._next_id = 0
         self._alloc = PageAllocator()
         self._page_crc = np.zeros(0, np.uint32)
+        # When each page was last sealed (a counter, not a clock): device copies of the pool
+        # (kvmmap.opencl) upload the pages stamped after their last upload.
+        self._page_stamp = np.zeros(0, np.uint64)
+        self._stamp = 1
         self._capacity = 0
         self._arena = np.zeros(0, np.uint8)
         self._views = self.layout.arena_views(self._arena, 0)
@@ -284,6 +288,15 @@ class PagedKVCache:
             crc = np.zeros(cap, np.uint32)
             crc[: len(self._page_crc)] = self._page_crc
             self._page_crc = crc
+        if len(self._page_stamp) < cap:
+            stamp = np.zeros(cap, np.uint64)
+            stamp[: len(self._page_stamp)] = self._page_stamp
+            self._page_stamp = stamp
+
+    def _mark_sealed(self, page: int) -> None:
+        self._page_crc[page] = self._page_crc_of(page)
+        self._stamp += 1
+        self._page_stamp[page] = self._stamp
 
     def _page_crc_of(self, page: int) -> int:
         pb = self._sb.page_bytes
@@ -325,7 +338,7 @@ class PagedKVCache:
             else:
                 for name, arr in st.tail[side].items():
                     self._views[side][name][page][...] = arr
-        self._page_crc[page] = self._page_crc_of(page)
+        self._mark_sealed(page)
         st.bt.append(int(page))
 
     # ------------------------------------------------------------------ checks
@@ -463,7 +476,7 @@ class PagedKVCache:
                 (page,) = self._seal_pages(1)
                 for side in _SIDES:
                     quant.quantize_into(x[side][:, i:i + P], self._page_q(side, page, 0, P))
-                self._page_crc[page] = self._page_crc_of(page)
+                self._mark_sealed(page)
                 st.bt.append(int(page))
             else:
                 for side in _SIDES:
@@ -685,6 +698,7 @@ class PagedKVCache:
         self._next_id = next_id
         self._alloc = PageAllocator(counts.astype(np.uint32))
         self._page_crc = page_crc
+        self._page_stamp = np.ones(len(page_crc), np.uint64)
         if file_pages > 0:
             self._set_arena(self._map(file_pages), file_pages)
 

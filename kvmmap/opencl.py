@@ -23,12 +23,30 @@ except ImportError:  # the CPU path does not need it
     cl = None
 
 
+@functools.lru_cache(maxsize=1)
 def _kernel_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels_cl")
+    """Where the .cl sources are: installed as kvmmap/kernels_cl, or kernels_cl/ at the top
+    of a source checkout (editable installs and running from the repository)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for d in (os.path.join(here, "kernels_cl"), os.path.join(os.path.dirname(here), "kernels_cl")):
+        if os.path.isfile(os.path.join(d, "kvmmap_formats.h")):
+            return d
+    raise OpenCLUnavailableError(f"kvmmap's OpenCL sources (kernels_cl/) are missing next to {here}")
+
+
+_PROBE = "__kernel void probe(__global int *a) { a[0] = 1; }"
+
+
+def _build_error(e) -> str:
+    log = str(e).strip().splitlines()
+    return next((line.strip() for line in log if "error" in line.lower()), log[-1].strip() if log else "")
 
 
 @functools.lru_cache(maxsize=1)
 def _pick_device():
+    """The device kvmmap uses: see the module docstring. Devices that list themselves but
+    cannot build a kernel (PoCL whose LLVM predates the host CPU says "unknown target CPU
+    'generic'") are passed over for the next one."""
     if cl is None:
         raise OpenCLUnavailableError("pyopencl is not installed: pip install 'kvmmap[opencl]'")
     try:
@@ -40,32 +58,29 @@ def _pick_device():
         raise OpenCLUnavailableError("OpenCL platforms were found but they list no device")
     want = os.environ.get("KVMMAP_OPENCL_DEVICE", "").strip().lower()
     if want:
-        for p, d in devices:
-            if want in f"{p.name} / {d.name}".lower():
-                return d
-        names = "; ".join(f"{p.name} / {d.name}" for p, d in devices)
-        raise OpenCLUnavailableError(f"KVMMAP_OPENCL_DEVICE={want!r} matches none of: {names}")
-    gpus = [d for _, d in devices if d.type & cl.device_type.GPU]
-    return (gpus or [d for _, d in devices])[0]
+        chosen = [(p, d) for p, d in devices if want in f"{p.name} / {d.name}".lower()]
+        if not chosen:
+            names = "; ".join(f"{p.name} / {d.name}" for p, d in devices)
+            raise OpenCLUnavailableError(f"KVMMAP_OPENCL_DEVICE={want!r} matches none of: {names}")
+    else:   # GPUs first, in platform order
+        chosen = sorted(devices, key=lambda pd: not pd[1].type & cl.device_type.GPU)
+    failures = []
+    for p, d in chosen:
+        try:
+            cl.Program(cl.Context([d]), _PROBE).build()
+            return d
+        except cl.Error as e:
+            failures.append(f"{p.name} / {d.name}: {_build_error(e)}")
+    raise OpenCLUnavailableError("no OpenCL device can build kernels here: " + "; ".join(failures))
 
 
 @functools.lru_cache(maxsize=1)
 def unavailable_reason() -> str | None:
-    """Why OpenCL cannot be used here, or None if a device builds and runs kernels.
-
-    Besides finding a device this builds a one-line kernel: some OpenCL stacks list a
-    device but cannot compile for it (PoCL whose LLVM predates the host CPU says
-    "unknown target CPU 'generic'").
-    """
+    """Why OpenCL cannot be used here, or None if a device builds and runs kernels."""
     try:
-        ctx, _ = context()
-        cl.Program(ctx, "__kernel void probe(__global int *a) { a[0] = 1; }").build()
+        _pick_device()
     except OpenCLUnavailableError as e:
         return str(e)
-    except cl.Error as e:
-        log = str(e).strip().splitlines()
-        detail = next((line for line in log if "error" in line.lower()), log[-1] if log else "")
-        return f"the OpenCL device {_pick_device().name!r} cannot build kernels: {detail.strip()}"
     return None
 
 
@@ -82,14 +97,18 @@ def has_gpu() -> bool:
 @functools.lru_cache(maxsize=1)
 def context():
     """The shared context and in-order queue on the chosen device."""
-    ctx = cl.Context([_pick_device()])
+    device = _pick_device()
+    ctx = cl.Context([device])
     return ctx, cl.CommandQueue(ctx)
 
 
-@functools.lru_cache(maxsize=None)
 def program(source: str, options: tuple[str, ...] = ()):
-    """Build ``kernels_cl/<source>`` with ``-D`` options, once per process and options."""
-    ctx, _ = context()
+    """Build ``kernels_cl/<source>`` with ``-D`` options, once per context and options."""
+    return _program(context()[0], source, tuple(options))
+
+
+@functools.lru_cache(maxsize=None)
+def _program(ctx, source: str, options: tuple[str, ...]):
     with open(os.path.join(_kernel_dir(), source), encoding="utf-8") as fh:
         text = fh.read()
     opts = [*options, "-I", _kernel_dir()]
@@ -122,4 +141,164 @@ def dequantize_rows(q) -> np.ndarray:
     prg = program("dequant.cl", (f"-DKVMMAP_FORMAT={f.format_id}", f"-DHEAD_DIM={head_dim}"))
     prg.dequantize_rows(queue, (out.size,), None, codes, scales, out_buf, np.uint32(rows))
     cl.enqueue_copy(queue, out, out_buf)
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Paged decode attention
+
+MAX_SHARDS = 8          # buffer arguments of paged_attention.cl
+WG_SIZE = 128
+LOCAL_LOGITS_BYTES = 16 << 10   # local memory for one split's logits [G, SPLIT_TOKENS]
+
+
+class DevicePool:
+    """A device copy of a cache's page arena, kept up to date incrementally.
+
+    The arena is held in shards of ``pages_per_shard`` pages, each one buffer no larger
+    than ``CL_DEVICE_MAX_MEM_ALLOC_SIZE`` (a quarter of the memory on NVIDIA) or
+    ``KVMMAP_OPENCL_SHARD_BYTES`` if set. :meth:`sync` uploads only pages sealed since
+    the previous sync (sealed pages never change, so a page's stamp says it all); a shard
+    that must grow is reallocated and copied on the device, not re-uploaded.
+
+    Attributes
+    ----------
+    bytes_uploaded : int
+        Page bytes sent to the device so far (host to device), for tests and benchmarks.
+    """
+
+    def __init__(self, cache):
+        self.ctx, self.queue = context()
+        dev = _pick_device()
+        self.page_bytes = cache._sb.page_bytes
+        limit = int(os.environ.get("KVMMAP_OPENCL_SHARD_BYTES", "0") or 0) or dev.max_mem_alloc_size
+        self.pages_per_shard = max(1, limit // self.page_bytes)
+        self.global_mem = dev.global_mem_size
+        self.shards: list = []           # (buffer, pages it holds)
+        self.synced = 0                  # pages stamped after this are not on the device yet
+        self.bytes_uploaded = 0
+
+    def _ensure(self, num_pages: int) -> None:
+        pps, pb = self.pages_per_shard, self.page_bytes
+        need = -(-num_pages // pps)
+        if need > MAX_SHARDS:
+            raise OpenCLUnavailableError(
+                f"the pool's {num_pages} pages of {pb} bytes need {need} device buffers of at most "
+                f"{pps * pb} bytes; the kernels take {MAX_SHARDS}")
+        if num_pages * pb > self.global_mem:
+            raise OpenCLUnavailableError(
+                f"the pool ({num_pages * pb / 2**30:.1f} GiB) does not fit in device memory "
+                f"({self.global_mem / 2**30:.1f} GiB)")
+        for i in range(need):
+            want = min(pps, num_pages - i * pps)
+            if i < len(self.shards) and self.shards[i][1] >= want:
+                continue
+            have = self.shards[i][1] if i < len(self.shards) else 0
+            size = min(pps, max(want, 2 * have, 64))      # grow geometrically
+            buf = cl.Buffer(self.ctx, cl.mem_flags.READ_ONLY, size * pb)
+            if have:
+                cl.enqueue_copy(self.queue, buf, self.shards[i][0], byte_count=have * pb)
+                self.shards[i] = (buf, size)
+            else:
+                self.shards.append((buf, size))
+
+    def sync(self, cache) -> list:
+        """Upload the pages sealed since the last sync; returns the host arrays in flight."""
+        hw = cache._alloc.high_water
+        self._ensure(max(hw, 1))
+        stamps = cache._page_stamp[:hw]
+        dirty = np.flatnonzero(stamps > self.synced)
+        self.synced = cache._stamp
+        if not len(dirty):
+            return []
+        pps, pb = self.pages_per_shard, self.page_bytes
+        # contiguous runs of dirty pages, cut at shard boundaries
+        breaks = np.flatnonzero((np.diff(dirty) != 1) | (dirty[1:] // pps != dirty[:-1] // pps)) + 1
+        held = []
+        for run in np.split(dirty, breaks):
+            p0, p1 = int(run[0]), int(run[-1]) + 1
+            shard = p0 // pps
+            host = cache._arena[p0 * pb:p1 * pb]
+            cl.enqueue_copy(self.queue, self.shards[shard][0], host, dst_offset=(p0 - shard * pps) * pb,
+                            is_blocking=False)
+            held.append(host)
+            self.bytes_uploaded += host.nbytes
+        return held
+
+    def buffers(self) -> list:
+        bufs = [b for b, _ in self.shards]
+        return bufs + [bufs[0]] * (MAX_SHARDS - len(bufs))
+
+
+def device_pool(cache) -> DevicePool:
+    """The cache's device copy, created on first use."""
+    pool = getattr(cache, "_device_pool", None)
+    if pool is None or pool.ctx is not context()[0]:
+        pool = cache._device_pool = DevicePool(cache)
+    return pool
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(ctx, options: tuple[str, ...]):
+    prg = _program(ctx, "paged_attention.cl", options)
+    return cl.Kernel(prg, "paged_decode_split"), cl.Kernel(prg, "merge_splits")
+
+
+def _attention_kernels(cache, G: int, split_tokens: int):
+    lay = cache.layout
+    opts = [
+        f"-DK_FORMAT={lay.formats['k'].format_id}", f"-DV_FORMAT={lay.formats['v'].format_id}",
+        f"-DHEAD_DIM={cache.head_dim}", f"-DPAGE_SIZE={cache.page_size}", f"-DNUM_KV_HEADS={cache.num_kv_heads}",
+        f"-DGQA={G}", f"-DV_GROUP={lay.group_size['v'] or 1}", f"-DPAGE_BYTES={lay.page_bytes}",
+        f"-DWG_SIZE={WG_SIZE}", f"-DSPLIT_TOKENS={split_tokens}",
+    ]
+    for side in ("k", "v"):
+        regs = lay.regions[side]
+        for name in ("codes", "scales", "zeros"):
+            opts.append(f"-D{side.upper()}_{name.upper()}_OFF={regs[name].offset if name in regs else 0}")
+    return _kernels(context()[0], tuple(opts))
+
+
+def decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> np.ndarray:
+    """The OpenCL path of :func:`kvmmap.paged_decode_attention` (arguments already checked).
+
+    q: float32 [B, H * G, D]. Returns float32 [B, H * G, D].
+    """
+    from .attention import PagedBatch
+
+    ctx, queue = context()
+    H, P, D = cache.num_kv_heads, cache.page_size, cache.head_dim
+    B, Hq = q.shape[0], q.shape[1]
+    G = Hq // H
+    if D % 4:
+        raise FormatError(f"the OpenCL kernels need head_dim a multiple of 4, found {D}")
+    split = max(P, (LOCAL_LOGITS_BYTES // (4 * G)) // P * P)
+    split_kernel, merge_kernel = _attention_kernels(cache, G, split)
+    pool = device_pool(cache)
+    held = pool.sync(cache)
+    batch = PagedBatch(cache, layer, seqs, window)
+    num_splits = int(-(-batch.lengths.max() // split))
+    mf = cl.mem_flags
+
+    def upload(a):
+        a = np.ascontiguousarray(a)
+        if a.size == 0:
+            a = np.zeros(1, a.dtype)
+        return cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=a)
+
+    args = [upload(batch.page_indptr.astype(np.int32)), upload(batch.page_indices),
+            upload(batch.start.astype(np.int32)), upload(batch.end.astype(np.int32)),
+            upload(batch.tail_k), upload(batch.tail_v), upload(q)]
+    part_o = cl.Buffer(ctx, mf.READ_WRITE, B * Hq * num_splits * D * 4)
+    part_m = cl.Buffer(ctx, mf.READ_WRITE, B * Hq * num_splits * 4)
+    part_l = cl.Buffer(ctx, mf.READ_WRITE, B * Hq * num_splits * 4)
+    out = np.empty((B, Hq, D), np.float32)
+    out_buf = cl.Buffer(ctx, mf.WRITE_ONLY, out.nbytes)
+    split_kernel(queue, (num_splits * WG_SIZE, B * H), (WG_SIZE, 1),
+                 *pool.buffers(), np.uint64(pool.pages_per_shard), *args,
+                 np.float32(scale), np.int32(num_splits), part_o, part_m, part_l)
+    merge_kernel(queue, (D, B * Hq), None, part_o, part_m, part_l, np.int32(num_splits),
+                 np.int32(B * Hq), out_buf)
+    cl.enqueue_copy(queue, out, out_buf)     # blocking: also ends the page uploads
+    del held
     return out

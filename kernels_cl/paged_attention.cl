@@ -1,0 +1,266 @@
+/* Paged decode attention with fused dequantization, split over the context
+ * (flash-decoding), for every kvmmap storage format. Core OpenCL 1.2 only.
+ *
+ * Work-group (split s, sequence b, kv head h) covers visible tokens
+ * [start[b] + s * SPLIT_TOKENS, ...) of one (sequence, kv head) for all GQA query
+ * heads of that kv head, so each K/V element is loaded once for the whole group:
+ *   1. the block-table entries the split touches are copied to local memory;
+ *   2. each work-item takes tokens lid, lid + WG_SIZE, ... and computes their GQA
+ *      logits against the queries held in local memory (K rows decoded 4 at a time);
+ *   3. max and sum of exp over the split, per query head (tree reductions);
+ *   4. work-items own head dimensions and accumulate p * V over the split's tokens
+ *      (consecutive work-items read consecutive bytes of a V row);
+ * and write an unnormalised partial (o, m, l). merge_splits combines the partials of a
+ * (b, query head) by log-sum-exp.
+ *
+ * Compile-time constants (-D): K_FORMAT, V_FORMAT (kvmmap format ids), HEAD_DIM,
+ * PAGE_SIZE, NUM_KV_HEADS, GQA (query heads per kv head), V_GROUP (int4 values: group
+ * size), PAGE_BYTES, K_CODES_OFF, K_SCALES_OFF, K_ZEROS_OFF, V_CODES_OFF, V_SCALES_OFF,
+ * V_ZEROS_OFF (byte offsets inside a page, kvmmap/storage.py PageLayout), WG_SIZE,
+ * SPLIT_TOKENS. The pool may be sharded over up to 8 buffers of PAGES_PER_SHARD pages.
+ */
+#include "kvmmap_formats.h"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef WG_SIZE
+#define WG_SIZE 128
+#endif
+#ifndef SPLIT_TOKENS
+#define SPLIT_TOKENS 512
+#endif
+#define D HEAD_DIM
+#define P PAGE_SIZE
+#define G GQA
+#define SPLIT_PAGES (SPLIT_TOKENS / P + 1)
+#define DSPLIT (WG_SIZE / D > 0 ? WG_SIZE / D : 1)   /* work-items per head dimension in step 4 */
+
+#if (HEAD_DIM % 4) != 0
+#error "HEAD_DIM must be a multiple of 4"
+#endif
+
+/* bytes of one token's codes of one head */
+#define CODE_ROW(fmt) ((fmt) == KVMMAP_FP32 ? 4 * D : ((fmt) == KVMMAP_FP16 || (fmt) == KVMMAP_BF16) ? 2 * D \
+                       : (fmt) == KVMMAP_INT4 ? D / 2 : D)
+
+typedef __global const uchar *gptr;
+
+inline gptr page_base(int page, gptr s0, gptr s1, gptr s2, gptr s3, gptr s4, gptr s5, gptr s6, gptr s7,
+                      ulong pages_per_shard) {
+    ulong shard = (ulong)page / pages_per_shard;
+    gptr base = shard == 0 ? s0 : shard == 1 ? s1 : shard == 2 ? s2 : shard == 3 ? s3
+              : shard == 4 ? s4 : shard == 5 ? s5 : shard == 6 ? s6 : s7;
+    return base + ((ulong)page - shard * pages_per_shard) * (ulong)PAGE_BYTES;
+}
+
+/* Four consecutive K elements d .. d+3 of token a (in its page) of head h. */
+inline float4 load_k4(gptr page, int h, int a, int d) {
+    size_t row = (size_t)h * P + a;
+    gptr codes = page + K_CODES_OFF + row * CODE_ROW(K_FORMAT);
+#if K_FORMAT == KVMMAP_FP32
+    return vload4(0, (__global const float *)codes + d);
+#elif K_FORMAT == KVMMAP_FP16
+    return vload_half4(0, (__global const half *)codes + d);
+#elif K_FORMAT == KVMMAP_BF16
+    return as_float4(convert_uint4(vload4(0, (__global const ushort *)codes + d)) << 16);
+#elif K_FORMAT == KVMMAP_INT8
+    return convert_float4(vload4(0, (__global const char *)codes + d))
+           * ((__global const float *)(page + K_SCALES_OFF))[row];
+#elif K_FORMAT == KVMMAP_FP8_E4M3 || K_FORMAT == KVMMAP_FP8_E5M2
+    uchar4 c = vload4(0, codes + d);
+    float s = ((__global const float *)(page + K_SCALES_OFF))[row];
+#if K_FORMAT == KVMMAP_FP8_E4M3
+    return (float4)(kvmmap_fp8_e4m3(c.x), kvmmap_fp8_e4m3(c.y), kvmmap_fp8_e4m3(c.z), kvmmap_fp8_e4m3(c.w)) * s;
+#else
+    return (float4)(kvmmap_fp8_e5m2(c.x), kvmmap_fp8_e5m2(c.y), kvmmap_fp8_e5m2(c.z), kvmmap_fp8_e5m2(c.w)) * s;
+#endif
+#elif K_FORMAT == KVMMAP_INT4
+    /* keys: scale and zero per channel over the page, [H, 1, D] */
+    uchar2 c = vload2(0, codes + d / 2);
+    float4 v = (float4)(c.x & 15, c.x >> 4, c.y & 15, c.y >> 4);
+    return v * vload4(0, (__global const float *)(page + K_SCALES_OFF) + h * D + d)
+             + vload4(0, (__global const float *)(page + K_ZEROS_OFF) + h * D + d);
+#else
+#error "unsupported K_FORMAT"
+#endif
+}
+
+/* V element d of token a (in its page) of head h. */
+inline float load_v(gptr page, int h, int a, int d) {
+    size_t row = (size_t)h * P + a;
+    gptr codes = page + V_CODES_OFF + row * CODE_ROW(V_FORMAT);
+#if V_FORMAT == KVMMAP_FP32
+    return ((__global const float *)codes)[d];
+#elif V_FORMAT == KVMMAP_FP16
+    return vload_half(d, (__global const half *)codes);
+#elif V_FORMAT == KVMMAP_BF16
+    return kvmmap_bf16(((__global const ushort *)codes)[d]);
+#elif V_FORMAT == KVMMAP_INT8
+    return (float)((__global const char *)codes)[d] * ((__global const float *)(page + V_SCALES_OFF))[row];
+#elif V_FORMAT == KVMMAP_FP8_E4M3
+    return kvmmap_fp8_e4m3(codes[d]) * ((__global const float *)(page + V_SCALES_OFF))[row];
+#elif V_FORMAT == KVMMAP_FP8_E5M2
+    return kvmmap_fp8_e5m2(codes[d]) * ((__global const float *)(page + V_SCALES_OFF))[row];
+#elif V_FORMAT == KVMMAP_INT4
+    /* values: scale and zero per token per group of V_GROUP channels, [H, P, D / V_GROUP] */
+    uchar c = codes[d / 2];
+    size_t g = row * (D / V_GROUP) + d / V_GROUP;
+    float code = (d & 1) ? (float)(c >> 4) : (float)(c & 15);
+    return code * ((__global const float *)(page + V_SCALES_OFF))[g]
+                + ((__global const float *)(page + V_ZEROS_OFF))[g];
+#else
+#error "unsupported V_FORMAT"
+#endif
+}
+
+__kernel __attribute__((reqd_work_group_size(WG_SIZE, 1, 1)))
+void paged_decode_split(
+    gptr s0, gptr s1, gptr s2, gptr s3, gptr s4, gptr s5, gptr s6, gptr s7, const ulong pages_per_shard,
+    __global const int *page_indptr, __global const int *page_indices,
+    __global const int *start, __global const int *end,
+    __global const float *tail_k, __global const float *tail_v,   /* [B, H, P, D] */
+    __global const float *q,                                        /* [B, H * G, D] */
+    const float scale, const int num_splits,
+    __global float *part_o, __global float *part_m, __global float *part_l)  /* [B, H*G, S, (D)] */
+{
+    __local float q_l[G * D];
+    __local float logits[G * SPLIT_TOKENS];
+    __local float red[G * WG_SIZE];
+    __local float stat_m[G], stat_l[G];
+    __local int pages_l[SPLIT_PAGES];
+
+    const int lid = get_local_id(0);
+    const int split = get_group_id(0);
+    const int b = get_group_id(1) / NUM_KV_HEADS;
+    const int h = get_group_id(1) % NUM_KV_HEADS;
+    const int first_page = page_indptr[b];
+    const int num_pages = page_indptr[b + 1] - first_page;
+    const int t0 = start[b] + split * SPLIT_TOKENS;
+    const int t1 = min(end[b], t0 + SPLIT_TOKENS);
+    const int n = max(t1 - t0, 0);    /* 0 for the splits past this sequence's end: l = 0 */
+    const size_t out_row = ((size_t)b * NUM_KV_HEADS + h) * G;   /* first query head of the group */
+
+    /* 1. queries (pre-scaled) and the block-table entries of this split */
+    for (int i = lid; i < G * D; i += WG_SIZE)
+        q_l[i] = q[out_row * D + i] * scale;
+    const int lp0 = t0 / P;
+    const int lp1 = min((t1 - 1) / P, num_pages - 1);
+    for (int i = lid; i <= lp1 - lp0; i += WG_SIZE)
+        pages_l[i] = page_indices[first_page + lp0 + i];
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* 2. logits: one token per work-item at a time */
+    for (int t = lid; t < n; t += WG_SIZE) {
+        int pos = t0 + t, lp = pos / P, a = pos % P;
+        float acc[G];
+        for (int g = 0; g < G; g++) acc[g] = 0.0f;
+        if (lp < num_pages) {
+            gptr page = page_base(pages_l[lp - lp0], s0, s1, s2, s3, s4, s5, s6, s7, pages_per_shard);
+            for (int d = 0; d < D; d += 4) {
+                float4 k = load_k4(page, h, a, d);
+                for (int g = 0; g < G; g++)
+                    acc[g] += dot(k, vload4(0, q_l + g * D + d));
+            }
+        } else {
+            __global const float *kr = tail_k + (((size_t)b * NUM_KV_HEADS + h) * P + (pos - num_pages * P)) * D;
+            for (int d = 0; d < D; d += 4) {
+                float4 k = vload4(0, kr + d);
+                for (int g = 0; g < G; g++)
+                    acc[g] += dot(k, vload4(0, q_l + g * D + d));
+            }
+        }
+        for (int g = 0; g < G; g++) logits[g * SPLIT_TOKENS + t] = acc[g];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* 3. max, then exp and sum, per query head */
+    for (int g = 0; g < G; g++) {
+        float mx = -INFINITY;
+        for (int t = lid; t < n; t += WG_SIZE) mx = fmax(mx, logits[g * SPLIT_TOKENS + t]);
+        red[g * WG_SIZE + lid] = mx;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int stride = WG_SIZE / 2; stride > 0; stride >>= 1) {
+        if (lid < stride)
+            for (int g = 0; g < G; g++)
+                red[g * WG_SIZE + lid] = fmax(red[g * WG_SIZE + lid], red[g * WG_SIZE + lid + stride]);
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (lid < G) stat_m[lid] = red[lid * WG_SIZE];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int g = 0; g < G; g++) {
+        float sum = 0.0f, mx = stat_m[g];
+        for (int t = lid; t < n; t += WG_SIZE) {
+            float e = exp(logits[g * SPLIT_TOKENS + t] - mx);
+            logits[g * SPLIT_TOKENS + t] = e;
+            sum += e;
+        }
+        red[g * WG_SIZE + lid] = sum;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int stride = WG_SIZE / 2; stride > 0; stride >>= 1) {
+        if (lid < stride)
+            for (int g = 0; g < G; g++)
+                red[g * WG_SIZE + lid] += red[g * WG_SIZE + lid + stride];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (lid < G) stat_l[lid] = red[lid * WG_SIZE];
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    /* 4. p @ V: work-item (d, sub) takes tokens sub, sub + DSPLIT, ... */
+    for (int d0 = 0; d0 < D; d0 += WG_SIZE / DSPLIT) {
+        int d = d0 + lid % (WG_SIZE / DSPLIT), sub = lid / (WG_SIZE / DSPLIT);
+        float acc[G];
+        for (int g = 0; g < G; g++) acc[g] = 0.0f;
+        if (d < D) {
+            for (int t = sub; t < n; t += DSPLIT) {
+                int pos = t0 + t, lp = pos / P, a = pos % P;
+                float v;
+                if (lp < num_pages) {
+                    gptr page = page_base(pages_l[lp - lp0], s0, s1, s2, s3, s4, s5, s6, s7, pages_per_shard);
+                    v = load_v(page, h, a, d);
+                } else {
+                    v = tail_v[(((size_t)b * NUM_KV_HEADS + h) * P + (pos - num_pages * P)) * D + d];
+                }
+                for (int g = 0; g < G; g++) acc[g] += logits[g * SPLIT_TOKENS + t] * v;
+            }
+        }
+        /* sum over the DSPLIT work-items sharing d */
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int g = 0; g < G; g++) red[g * WG_SIZE + lid] = acc[g];
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (sub == 0 && d < D) {
+            for (int g = 0; g < G; g++) {
+                float s = 0.0f;
+                for (int k = 0; k < DSPLIT; k++) s += red[g * WG_SIZE + k * (WG_SIZE / DSPLIT) + lid];
+                part_o[((out_row + g) * num_splits + split) * D + d] = s;
+            }
+        }
+    }
+    if (lid < G) {
+        part_m[(out_row + lid) * num_splits + split] = stat_m[lid];
+        part_l[(out_row + lid) * num_splits + split] = stat_l[lid];
+    }
+}
+
+/* out[r, d] for r = b * H * G + query head: log-sum-exp merge of the split partials. */
+__kernel void merge_splits(__global const float *part_o, __global const float *part_m,
+                           __global const float *part_l, const int num_splits, const int rows,
+                           __global float *out) {
+    int d = get_global_id(0), r = get_global_id(1);
+    if (d >= D || r >= rows) return;
+    float mx = -INFINITY;
+    for (int s = 0; s < num_splits; s++)
+        if (part_l[r * num_splits + s] > 0.0f) mx = fmax(mx, part_m[r * num_splits + s]);
+    float num = 0.0f, den = 0.0f;
+    for (int s = 0; s < num_splits; s++) {
+        float l = part_l[r * num_splits + s];
+        if (l > 0.0f) {
+            float w = exp(part_m[r * num_splits + s] - mx);
+            num += w * part_o[((size_t)r * num_splits + s) * D + d];
+            den += w * l;
+        }
+    }
+    out[(size_t)r * D + d] = den > 0.0f ? num / den : 0.0f;
+}
