@@ -170,8 +170,8 @@ def _block_rows(p: int, n: int, k: int) -> int:
     return max(1, min(n, _WORK_BYTES // max(1, 4 * p * k)))
 
 
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of and squared distance to the nearest centroid, for many problems at once.
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid of every point, for many problems at once.
 
     Parameters
     ----------
@@ -180,26 +180,21 @@ def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, 
 
     Returns
     -------
-    codes : numpy.ndarray, int64, shape ``[problems, n]``
-    dist2 : numpy.ndarray, float32, shape ``[problems, n]``
+    numpy.ndarray, int64, shape ``[problems, n]``
     """
     p, n, _ = x.shape
     k = centroids.shape[1]
     codes = np.empty((p, n), np.int64)
-    dist2 = np.empty((p, n), np.float32)
-    c_sq = np.einsum("pkd,pkd->pk", centroids, centroids)[:, None, :]
+    half_sq = 0.5 * np.einsum("pkd,pkd->pk", centroids, centroids)[:, None, :]
     ct = centroids.transpose(0, 2, 1)
     step = _block_rows(p, n, k)
     for a in range(0, n, step):
-        xb = x[:, a:a + step]
-        d = c_sq - 2.0 * (xb @ ct)                  # |x|^2 is the same for every centroid
-        codes[:, a:a + step] = d.argmin(axis=2)
-        best = np.take_along_axis(d, codes[:, a:a + step, None], axis=2)[..., 0]
-        dist2[:, a:a + step] = np.maximum(best + np.einsum("pnd,pnd->pn", xb, xb), 0.0)
-    return codes, dist2
+        # |x - c|^2 / 2 - |x|^2 / 2: the same order of centroids, without the |x|^2 term
+        codes[:, a:a + step] = (half_sq - x[:, a:a + step] @ ct).argmin(axis=2)
+    return codes
 
 
-def kmeans(x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 25,
+def kmeans(x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 25, tol: float = 1e-3,
            max_train: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised k-means over many independent problems: k-means++ seeding, then Lloyd.
 
@@ -213,7 +208,10 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 25,
         Seed of the random choices (seeding, training subsample): equal inputs give
         equal outputs.
     max_iter : int
-        Lloyd iterations at most; stops earlier when no assignment changes.
+        Lloyd iterations at most.
+    tol : float
+        Stop once an iteration changes the assignment of at most this fraction of the
+        training points (0: only at a fixed point).
     max_train : int, optional
         Train on a random subset of at most this many points per problem (default
         ``256 * k``, as faiss does); the returned codes cover all points.
@@ -254,22 +252,21 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 25,
         centroids[:, j] = train[rows, pick]
         dist2 = np.minimum(dist2, ((train - centroids[:, j:j + 1]) ** 2).sum(axis=2))
 
-    codes = None
     offsets = (rows * k)[:, None]
+    codes = nearest_centroid(train, centroids)
     for _ in range(max_iter):
-        new, _ = nearest_centroid(train, centroids)
-        if codes is not None and np.array_equal(new, codes):
-            break
-        codes = new
         flat = (codes + offsets).ravel()
         counts = np.bincount(flat, minlength=p * k).reshape(p, k)
         filled = counts > 0
         for j in range(d):
             sums = np.bincount(flat, weights=train[:, :, j].ravel(), minlength=p * k).reshape(p, k)
             centroids[:, :, j][filled] = (sums[filled] / counts[filled]).astype(np.float32)
-    if train is not x or codes is None:
-        codes, _ = nearest_centroid(x, centroids)
-    return centroids, codes
+        new = nearest_centroid(train, centroids)
+        changed = np.count_nonzero(new != codes)
+        codes = new
+        if changed <= tol * codes.size:
+            break
+    return centroids, (codes if train is x else nearest_centroid(x, centroids))
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -588,7 +585,7 @@ class KVCacheCompressor:
             b, h, s, _ = x.shape
             books = params["codebooks"]
             _, m, kk, dd = books.shape
-            codes, _ = nearest_centroid(self._subvectors(x), books.reshape(h * m, kk, dd))
+            codes = nearest_centroid(self._subvectors(x), books.reshape(h * m, kk, dd))
             codes = codes.reshape(h, m, b, s).transpose(2, 0, 3, 1)
             dtype = np.uint8 if kk <= 256 else np.uint16
             return CompressedTensor("vq", x.shape, {"codebooks": books, "codes": np.ascontiguousarray(codes, dtype)},
