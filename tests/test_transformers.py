@@ -273,4 +273,11 @@ def test_bad_input_raises_kvmmap_errors(model, cfg, tmp_path):
     assert [c.store.seq_len(s, 0) for s in c.rows] == [5, 5]           # refused: nothing changed
     with pytest.raises(km.ShapeError, match="input_ids has 1 rows"):
         c.store_prefix(ids[:1])
+    with pytest.raises(NotImplementedError, match="not one of its layers"):
+        c.layers[0].crop(-1)
     c.close()
+
+    fresh = KVMmapCache(None, config=cfg, k_format="fp16", v_format="fp16")
+    with pytest.raises(km.NonFiniteError):
+        fresh.update(torch.full((1, 2, 1, 16), 1e6), torch.zeros(1, 2, 1, 16), 0)   # beyond fp16
+    assert fresh.rows == [] and fresh.store.sequences() == {}

@@ -24,19 +24,22 @@ What the model attends over
     Always exactly what the file holds, read back: keys and values are quantized on
     append and the model sees their dequantized values, for the tokens of the current
     step too. A process that reopens the file therefore sees the same numbers as the one
-    that wrote it, whatever the format, and generates the same tokens (up to the rounding
-    differences of batched versus one-token matmuls that DynamicCache has as well).
+    that wrote it, and generates the same tokens (up to the rounding differences between a
+    batched prefill and one-token steps, which DynamicCache has as well). One exception:
+    an int4 prefix reused up to a point inside a page keeps that page's tokens in float32
+    and quantizes them again, with the new tokens, when the page fills.
 
 Memory trade-off (``keep_dequantized``)
-    With ``keep_dequantized=True`` (the default) each layer keeps a dequantized copy of
-    its K/V, ``[batch, num_kv_heads, capacity, head_dim]`` in the model's dtype and on its
-    device, that grows by doubling as tokens are appended; a step appends the new tokens to
-    the file and reads back only those (plus, for int4, the page they sealed), so a decode
-    step costs O(new tokens) in kvmmap. That copy takes as much memory as a DynamicCache;
-    the file holds the quantized pages besides. With ``keep_dequantized=False`` nothing is
-    kept: every step reads and dequantizes the layer's whole context from the memory map
-    (O(context) per step), so memory stays at one layer's worth and the context may exceed
-    RAM, the OS paging the file. ``benchmarks/bench_generate.py`` measures both.
+    With ``keep_dequantized=True`` (the default) each layer keeps a dequantized copy of its
+    K/V, ``[batch, num_kv_heads, capacity, head_dim]`` in the model's dtype and on its
+    device. It grows by a quarter at a time, so a step that fits copies nothing (where
+    DynamicCache concatenates at every step). A step appends the new tokens to the file
+    and reads back only those (plus, for int4, the page they sealed): O(new tokens) of
+    kvmmap work per step. The copy takes as much memory as a DynamicCache (up to 25% more,
+    its slack); the file holds the quantized pages besides. With ``keep_dequantized=False``
+    nothing is kept: each step reads and dequantizes the layer's whole context from the
+    memory map (O(context) per step), so memory stays at one layer's worth and the context
+    may exceed RAM, the OS paging the file. ``benchmarks/bench_generate.py`` measures both.
 
 Only models whose layers all use full attention are supported (no sliding window, no
 linear attention), as with transformers' QuantizedCache.
@@ -194,13 +197,13 @@ class KVMmapLayer(CacheLayerMixin):
             raise ShapeError(f"key_states {tuple(key_states.shape)} and value_states "
                              f"{tuple(value_states.shape)} differ")
         batch, n = key_states.shape[0], key_states.shape[2]
+        k = key_states.detach().to("cpu", torch.float32).contiguous().numpy()
+        v = value_states.detach().to("cpu", torch.float32).contiguous().numpy()
+        quant.check_storable(k, store.k_format)      # refuse before anything changes
+        quant.check_storable(v, store.v_format)
         rows = owner._rows_for(batch)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k = key_states.detach().to("cpu", torch.float32).contiguous().numpy()
-        v = value_states.detach().to("cpu", torch.float32).contiguous().numpy()
-        quant.check_storable(k, store.k_format)      # refuse before any row changes
-        quant.check_storable(v, store.v_format)
         keep = owner.keep_dequantized
         if keep and self._loaded < self._length:     # reopened or reused: load once
             self._ensure(self._length, key_states)
@@ -242,7 +245,7 @@ class KVMmapLayer(CacheLayerMixin):
         self._view()
 
     def _ensure(self, tokens, like: torch.Tensor) -> None:
-        """Room for ``tokens`` in the dequantized copy (capacity doubles)."""
+        """Room for ``tokens`` in the dequantized copy (capacity grows by a quarter at least)."""
         cap = 0 if self._kbuf is None else self._kbuf.shape[2]
         batch = len(self._owner.rows)
         if self._kbuf is not None and self._kbuf.shape[0] != batch:
@@ -250,7 +253,7 @@ class KVMmapLayer(CacheLayerMixin):
         if tokens <= cap and self._kbuf.dtype == like.dtype and self._kbuf.device == like.device:
             return
         store = self._owner.store
-        new_cap = max(tokens, 2 * cap, 64)
+        new_cap = max(tokens, cap + cap // 4, 64)    # amortized O(1) copies, <= 25% slack
         shape = (batch, store.num_kv_heads, new_cap, store.head_dim)
         kbuf = torch.empty(shape, dtype=like.dtype, device=like.device)
         vbuf = torch.empty(shape, dtype=like.dtype, device=like.device)
@@ -288,15 +291,15 @@ class KVMmapLayer(CacheLayerMixin):
         self._kbuf = self._vbuf = self.keys = self.values = None
         self.is_initialized = False
 
+    # a row holds every layer: these act on the whole cache, through KVMmapCache
     def crop(self, tokens_to_remove: int) -> None:
-        """Crop the whole cache, not one layer: see :meth:`KVMmapCache.crop`."""
-        self._owner.crop(tokens_to_remove)
+        raise NotImplementedError("crop the KVMmapCache, not one of its layers (a row spans every layer)")
 
     def reset(self) -> None:
-        self._owner.reset()
+        raise NotImplementedError("reset the KVMmapCache, not one of its layers (a row spans every layer)")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._owner.reorder_cache(beam_idx)
+        raise NotImplementedError("reorder the KVMmapCache, not one of its layers (a row spans every layer)")
 
 
 class KVMmapCache(Cache):
@@ -487,7 +490,8 @@ class KVMmapCache(Cache):
         ----------
         input_ids : int tensor or array ``[batch, n]`` (or ``[n]`` for one row)
             The tokens the rows were computed from; ids beyond what the cache holds (e.g.
-            the last token ``generate`` returned) are ignored.
+            the last token ``generate`` returned) are ignored. Padding is part of a row's
+            ids (its K/V are stored too): store unpadded prompts to find them again.
 
         Returns
         -------

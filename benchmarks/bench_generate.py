@@ -1,0 +1,219 @@
+"""generate() with KVMmapCache vs. DynamicCache and transformers' QuantizedCache, in one run.
+
+    python benchmarks/bench_generate.py [--prompt 512] [--new 64] [--batch 1] [--layers 4]
+                                        [--hidden 512] [--heads 8] [--kv-heads 2] [--repeat 2]
+
+A random-weight Llama built from a LlamaConfig (no download), fp32 on the CPU.
+
+Part 1: tokens/s of a whole ``generate()`` call (prefill + ``--new`` greedy steps) for each
+cache, as a ratio to DynamicCache measured in the same run; the bytes each cache holds for
+the K/V; and the share of generated tokens equal to DynamicCache's. QuantizedCache is tried
+with each backend transformers knows (quanto, hqq, fp8); a backend that does not install or
+run here is reported with the reason.
+
+Part 2: time to first token when a stored prompt is reopened from its file
+(``KVMmapCache.open`` + ``reuse_prefix``, then ``generate``, which computes only the last
+prompt token) vs. recomputing the prompt with DynamicCache; with the file in the OS page
+cache, and after dropping it from there (posix_fadvise DONTNEED).
+
+Contenders run round-robin, ``--repeat`` rounds after one warm-up round, and each figure is
+the best of its rounds: on a shared machine the drift then hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
+
+from kvmmap.integrations.transformers import KVMmapCache
+
+
+def tensor_bytes(obj, seen=None) -> int:
+    """Bytes of every tensor reachable from a cache layer's attributes (tuples, lists, dicts)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(x, seen) for x in obj.values())
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def kv_bytes(cache) -> tuple[int, int]:
+    """(bytes of the K/V as the cache stores them, bytes of a dequantized copy beside them)."""
+    if isinstance(cache, KVMmapCache):
+        store = cache.store
+        tails = len(store.sequences()) * store.num_layers * store._tail_bytes     # open pages, in RAM
+        s = cache.stats()
+        return s["bytes_pages"] + tails, s["bytes_dequantized"]
+    return sum(tensor_bytes(layer) for layer in cache.layers), 0
+
+
+def generate_once(model, ids, cache, new):
+    """Wall time of one greedy generate() call of ``new`` tokens, and its output."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return time.perf_counter() - t0, out
+
+
+def round_robin(contenders: dict, repeat: int) -> dict:
+    """Run each contender once per round, ``repeat + 1`` rounds, the first one a warm-up.
+
+    ``contenders[name]()`` returns ``(seconds, result)``. Returns ``{name: (best seconds,
+    last result)}``, or ``{name: exception}`` for a contender that raised.
+    """
+    best = {name: (float("inf"), None) for name in contenders}
+    for r in range(repeat + 1):
+        for name, run in contenders.items():
+            if isinstance(best[name], Exception):
+                continue
+            try:
+                t, result = run()
+            except Exception as e:          # e.g. a QuantizedCache backend that is not installed
+                best[name] = e
+                continue
+            best[name] = (min(best[name][0], t) if r else float("inf"), result)
+    return best
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:9.2f} MiB" if n else f"{'-':>13s}"
+
+
+def drop_page_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=64, help="tokens generated")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.prompt + args.new + 8,
+                      pad_token_id=0, eos_token_id=None)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(1, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    P = args.page_size
+    print(f"model: random Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} heads / "
+          f"{args.kv_heads} KV heads (head_dim {args.hidden // args.heads}), fp32 weights, CPU, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"generate(): batch {args.batch}, prompt {args.prompt} tokens, {args.new} new tokens (greedy); "
+          f"best of {args.repeat} rounds, round-robin\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def kvmmap(fmt, **kw):
+            return lambda: KVMmapCache(None, config=cfg, k_format=fmt, v_format=fmt, page_size=P, **kw)
+
+        makers = {"DynamicCache (baseline)": lambda: DynamicCache(config=cfg)}
+        for fmt in ("fp16", "int8", "int4"):
+            makers[f"KVMmapCache {fmt}"] = kvmmap(fmt)
+        makers["KVMmapCache int8, read-through"] = kvmmap("int8", keep_dequantized=False)
+        makers["KVMmapCache int8, in a file"] = lambda: KVMmapCache(
+            os.path.join(tmp, "gen.kvm"), config=cfg, k_format="int8", v_format="int8", page_size=P,
+            overwrite=True)
+        for backend, kw in (("quanto", {"nbits": 4}), ("hqq", {"nbits": 4}), ("fp8", {})):
+            makers[f"QuantizedCache {backend}"] = lambda b=backend, k=kw: QuantizedCache(b, cfg, **k)
+
+        def run_with(make):
+            def run():
+                cache = make()
+                t, out = generate_once(model, ids, cache, args.new)
+                stored, copy = kv_bytes(cache)
+                if isinstance(cache, KVMmapCache):
+                    cache.close()
+                return t, (out, stored, copy)
+            return run
+
+        results = round_robin({name: run_with(make) for name, make in makers.items()}, args.repeat)
+        print(f"{'cache':32s} {'tokens/s':>9s} {'ratio':>6s} {'K/V stored':>13s} {'dequant copy':>13s} "
+              f"{'same tokens':>12s}")
+        base_time, (base_out, _, _) = results["DynamicCache (baseline)"]
+        for name, res in results.items():
+            if isinstance(res, Exception):
+                reason = (str(res).strip().splitlines() or [""])[0]
+                print(f"{name:32s} not available here: {type(res).__name__}: {reason[:100]}")
+                continue
+            t, (out, stored, copy) = res
+            same = (out[:, args.prompt:] == base_out[:, args.prompt:]).float().mean().item()
+            print(f"{name:32s} {args.batch * args.new / t:9.1f} {base_time / t:6.2f} {fmt_bytes(stored)} "
+                  f"{fmt_bytes(copy)} {100 * same:11.0f}%")
+
+        # ---------------------------------------------------------------- time to first token
+        files = {}
+        for fmt in ("fp16", "int8", "int4"):
+            path = files[fmt] = os.path.join(tmp, f"prompt-{fmt}.kvm")
+            with KVMmapCache(path, config=cfg, k_format=fmt, v_format=fmt, page_size=P, overwrite=True) as c:
+                with torch.no_grad():
+                    model(ids, past_key_values=c)
+                c.store_prefix(ids)
+                c.flush()
+
+        def reopen(path, cold):
+            def run():
+                if cold:
+                    drop_page_cache(path)
+                t0 = time.perf_counter()
+                c = KVMmapCache.open(path, config=cfg)
+                reused = c.reuse_prefix(ids)
+                with torch.no_grad():
+                    model.generate(ids, past_key_values=c, max_new_tokens=1, do_sample=False)
+                t = time.perf_counter() - t0
+                c.close()
+                return t, reused
+            return run
+
+        contenders = {"recompute the prompt (DynamicCache)":
+                      lambda: generate_once(model, ids, DynamicCache(config=cfg), 1)}
+        for fmt, path in files.items():
+            for label, cold in (("page cache warm", False), ("page cache dropped", True)):
+                contenders[f"reopen {fmt} file, {label}"] = reopen(path, cold)
+        results = round_robin(contenders, args.repeat)
+        print(f"\ntime to first token, prompt of {args.prompt} tokens, batch {args.batch} "
+              f"(reopen = KVMmapCache.open + reuse_prefix + generate computing the last token):")
+        base = results["recompute the prompt (DynamicCache)"][0]
+        for name, (t, reused) in results.items():
+            extra = ""
+            if name.startswith("reopen"):
+                size = os.stat(files[name.split()[1]]).st_blocks * 512
+                extra = f"   {reused} tokens reused, file {size / 2**20:.2f} MiB on disk"
+            print(f"{name:38s} {1e3 * t:8.1f} ms {base / t:6.2f}{extra}")
+
+    print("\nratio: DynamicCache's time / this time (higher is faster). K/V stored: DynamicCache's "
+          "tensors;\nKVMmapCache's sealed pages and open tails; QuantizedCache's quantized and residual "
+          "tensors.\ndequant copy: KVMmapCache's per-layer dequantized K/V (keep_dequantized=True; "
+          "read-through keeps none).")
+
+
+if __name__ == "__main__":
+    main()
