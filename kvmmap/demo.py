@@ -1,7 +1,8 @@
 """End-to-end demo on built-in random data: ``kvmmap demo``.
 
 Creates a cache file, appends a prompt and a few decode steps, flushes, reopens the file
-in a new process, and checks that the reloaded K/V match what this process reads.
+in a new process, checks that the reloaded K/V match what this process reads, and runs a
+decode-attention step over them (CPU, and OpenCL when a device is usable) against numpy.
 """
 
 from __future__ import annotations
@@ -20,14 +21,36 @@ LAYERS, HEADS, HEAD_DIM, PROMPT, STEPS = 4, 8, 128, 1000, 24
 
 _CHILD = """
 import sys, time, numpy as np, kvmmap as km
+from kvmmap import opencl
 t0 = time.perf_counter()
 c = km.PagedKVCache.open(sys.argv[1], mode="r")
 t_open = time.perf_counter() - t0
 s = c.find_sequence("demo-prompt")
-k, v = c.read(s, c.num_layers - 1)
+layer = c.num_layers - 1
+k, v = c.read(s, layer)
 np.save(sys.argv[2], np.stack([k, v]))
 print(f"   [new process] open() {t_open * 1e3:.2f} ms; sequence 'demo-prompt' has {c.seq_len(s)} tokens; "
       f"checksums of {len(set(c.block_table(s)))} pages verified: {'ok' if not c.verify() else 'DAMAGED'}")
+# one decode step of a 32-query-head model (GQA 4) over the reloaded layer, vs numpy in float64
+q = np.random.default_rng(1).standard_normal((4 * c.num_kv_heads, c.head_dim), dtype=np.float32)
+kk, vv, qq = k.astype(np.float64), v.astype(np.float64), q.astype(np.float64)
+logits = np.einsum("thd,hgd->hgt", kk, qq.reshape(c.num_kv_heads, 4, -1)) / np.sqrt(c.head_dim)
+p = np.exp(logits - logits.max(-1, keepdims=True))
+want = np.einsum("hgt,thd->hgd", p / p.sum(-1, keepdims=True), vv).reshape(q.shape)
+backends = ["cpu"] + (["opencl"] if opencl.available() else [])
+for backend in backends:
+    c.decode_attention(s, layer, q, backend=backend)
+    t0 = time.perf_counter()
+    out = c.decode_attention(s, layer, q, backend=backend)
+    dt = time.perf_counter() - t0
+    err = np.abs(out - want).max() / np.abs(want).max()
+    where = opencl._pick_device().name.strip() if backend == "opencl" else f"{km.get_num_threads()} threads"
+    print(f"   [new process] decode_attention(backend={backend!r}, {where}): 32 query heads over "
+          f"{c.seq_len(s)} tokens in {dt * 1e3:.2f} ms, relative error vs numpy {err:.1e}")
+    if err > 2e-3:
+        sys.exit(f"decode attention disagrees with numpy on {backend}")
+if len(backends) == 1:
+    print(f"   [new process] OpenCL skipped: {opencl.unavailable_reason()}")
 """
 
 
@@ -69,7 +92,7 @@ def run(workdir: str | None = None) -> int:
               f"{t_append * 1e3:.0f} ms; flush() {t_flush * 1e3:.1f} ms")
         print(f"   {st['pages_used']} pages of {st['page_bytes']} bytes; {st['bytes_on_disk'] / 2**20:.1f} MiB on disk "
               f"for {st['tokens']} layer-tokens ({st['tokens'] * 2 * HEADS * HEAD_DIM * 4 / 2**20:.1f} MiB as float32)")
-        print("3) reopening it in a new process:")
+        print("3) reopening it in a new process and attending over it:")
         out = os.path.join(folder, "reloaded.npy")
         subprocess.run([sys.executable, "-c", _CHILD, path, out], check=True, cwd=folder)
         k, v = c.read(s, LAYERS - 1)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 
@@ -14,5 +16,7 @@ def opencl(request):
 
     reason = ocl.unavailable_reason()
     if reason:
+        if os.environ.get("KVMMAP_REQUIRE_OPENCL") == "1":   # CI: OpenCL must run, not skip
+            pytest.fail(f"KVMMAP_REQUIRE_OPENCL=1 but OpenCL is unusable: {reason}")
         pytest.skip(f"OpenCL unusable here: {reason}")
     return ocl
