@@ -144,26 +144,72 @@ class PagedKVCache:
         if meta_slot_bytes < 4096 or meta_slot_bytes % 4096:
             raise ShapeError(f"meta_slot_bytes must be a positive multiple of 4096, found {meta_slot_bytes}")
         layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size or 32)
+        if layout.tail_bytes > meta_slot_bytes - 64:     # open() would refuse such a file
+            raise ShapeError(f"meta_slot_bytes={meta_slot_bytes} cannot hold one sequence tail of this "
+                             f"geometry ({layout.tail_bytes} bytes); pass a larger meta_slot_bytes")
         sb = Superblock(int(num_layers), int(num_kv_heads), int(head_dim), int(page_size), kf, vf,
                         v_group_size, layout.page_bytes, SUPERBLOCK_BYTES, meta_slot_bytes,
                         SUPERBLOCK_BYTES + 2 * meta_slot_bytes, bytes(fingerprint))
         self = object.__new__(cls)
         self._init_common(sb, None if path is None else os.fspath(path), writable=True)
         if self.path is not None:
-            flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+            target, old_fd = self.path, None
+            if overwrite:
+                # Build the new file under a temporary name and rename it over the old one,
+                # holding the old file's writer lock: a live writer is refused instead of
+                # truncated, and readers mapping the old file keep reading it (no SIGBUS).
+                old_fd = cls._lock_existing(target)
+                self.path = f"{target}.{os.getpid()}.{id(self):x}.tmp"
             try:
-                fd = os.open(self.path, flags, 0o644)
-            except FileExistsError:
-                raise CacheFileError(f"{self.path} exists; pass overwrite=True to replace it") from None
-            except OSError as e:
-                raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
-            self._fd = fd
-            self._lock()
-            os.pwrite(fd, sb.pack(), 0)
-            os.ftruncate(fd, sb.arena_offset)
-            self._generation, self._active_slot = 0, 1
-            self.flush()
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    raise CacheFileError(f"{self.path} exists; pass overwrite=True to replace it") from None
+                except OSError as e:
+                    raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
+                self._fd = fd
+                self._lock()
+                os.pwrite(fd, sb.pack(), 0)
+                os.ftruncate(fd, sb.arena_offset)
+                self._generation, self._active_slot = 0, 1
+                self.flush()
+                if overwrite:
+                    os.replace(self.path, target)
+                    self.path = target
+                dfd = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY)
+                try:                    # the new directory entry is durable too
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except BaseException:
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                self._closed = True
+                if overwrite and self.path != target and os.path.exists(self.path):
+                    os.unlink(self.path)
+                raise
+            finally:
+                if old_fd is not None:
+                    os.close(old_fd)
         return self
+
+    @staticmethod
+    def _lock_existing(path: str):
+        """fd holding the writer lock of an existing file at ``path`` (None if there is none)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise CacheFileError(f"cannot replace {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheFileError(f"{path} is open for writing in another process (its writer lock is "
+                                 "held); it cannot be overwritten") from None
+        return fd
 
     @classmethod
     def open(cls, path, mode: str = "r+") -> "PagedKVCache":
@@ -183,8 +229,10 @@ class PagedKVCache:
             fd = os.open(path, os.O_RDWR if mode == "r+" else os.O_RDONLY)
         except OSError as e:
             raise CacheFileError(f"cannot open {path}: {e.strerror}") from None
+        self = None
         try:
             sb = Superblock.unpack(os.pread(fd, SUPERBLOCK_BYTES, 0), path)
+            sb.check_file_size(os.fstat(fd).st_size, path)    # before sizing anything from it
             self = object.__new__(cls)
             self._init_common(sb, path, writable=mode == "r+")
             self._fd = fd
@@ -198,6 +246,8 @@ class PagedKVCache:
             self._generation, self._active_slot = gen, slot
             self._load(payload)
         except BaseException:
+            if self is not None:        # its close() (or __del__) must not close fd a second time
+                self._fd, self._closed = None, True
             os.close(fd)
             raise
         return self
@@ -227,9 +277,7 @@ class PagedKVCache:
     def _lock(self) -> None:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
+        except BlockingIOError:     # the caller closes the fd
             raise CacheFileError(f"{self.path} is open for writing in another process (its writer lock is held)") from None
 
     # ------------------------------------------------------------------ properties
@@ -648,8 +696,10 @@ class PagedKVCache:
             raise CacheFileError(f"{path}: damaged metadata: {msg}")
         if len(payload) < _META_HEAD.size:
             bad("truncated")
-        hw, nseq, next_id, _ = _META_HEAD.unpack_from(payload)
+        hw, nseq, next_id, reserved = _META_HEAD.unpack_from(payload)
         off = _META_HEAD.size
+        if reserved:
+            bad(f"reserved field is {reserved}, expected 0")
         if off + 4 * hw > len(payload):
             bad(f"{hw} page checksums do not fit in {len(payload)} bytes")
         pb = self._sb.page_bytes
@@ -665,7 +715,12 @@ class PagedKVCache:
                 bad("sequence table truncated")
             sid, name_len, has_name = _SEQ_HEAD.unpack_from(payload, off)
             off += _SEQ_HEAD.size
-            name = payload[off:off + name_len].decode("utf-8", "replace") if has_name else None
+            if has_name not in (0, 1) or (not has_name and name_len) or off + name_len > len(payload):
+                bad(f"sequence {sid}: name field (length {name_len}, has_name {has_name}) is inconsistent")
+            try:
+                name = payload[off:off + name_len].decode("utf-8") if has_name else None
+            except UnicodeDecodeError:
+                bad(f"sequence {sid}: its name is not UTF-8")
             off += name_len + (-name_len % 4)
             if sid >= next_id or sid in self._seqs or (name is not None and name in self._names):
                 bad(f"sequence id {sid} or name {name!r} repeated or out of range")

@@ -93,6 +93,18 @@ class PageLayout:
             self.regions[side] = regs
         self.page_bytes = off
 
+    @property
+    def tail_bytes(self) -> int:
+        """Bytes of one (sequence, layer) tail in the metadata: each side's page regions
+        unpadded, or float32 [H, P, D] for an int4 side (docs/FORMAT.md, Payload)."""
+        n = 0
+        for side, regs in self.regions.items():
+            if self.formats[side].name == "int4":
+                n += self.num_kv_heads * self.page_size * self.head_dim * 4
+            else:
+                n += sum(r.nbytes for r in regs.values())
+        return n
+
     def grouping(self, side: str) -> str:
         return "channel" if side == "k" and self.formats["k"].name == "int4" else "token"
 
@@ -183,6 +195,17 @@ class Superblock:
             bad(f"metadata slots at {self.meta_offset} of {self.meta_slot_bytes} bytes are misplaced")
         if self.arena_offset != self.meta_offset + 2 * self.meta_slot_bytes:
             bad(f"arena offset {self.arena_offset} does not follow the metadata slots")
+        # opening allocates one tail per layer; a slot that cannot hold one never held a
+        # sequence, so a header claiming more is refused before that allocation
+        if layout.tail_bytes > self.meta_slot_bytes - SLOT_HEADER_BYTES:
+            bad(f"one sequence tail of this geometry ({layout.tail_bytes} bytes) does not fit "
+                f"the {self.meta_slot_bytes}-byte metadata slots")
+
+    def check_file_size(self, size: int, path: str) -> None:
+        """Refuse a file too short to hold its own header and metadata slots."""
+        if size < self.arena_offset:
+            raise CacheFileError(f"{path}: truncated file: {size} bytes, but its metadata slots end at "
+                                 f"byte {self.arena_offset}")
 
     def layout(self) -> PageLayout:
         try:
@@ -201,7 +224,8 @@ def read_slot(fd: int, sb: Superblock, index: int) -> tuple[int, bytes] | None:
     magic, gen, length, payload_crc, header_crc = SLOT_HEADER.unpack(head)
     if magic != SLOT_MAGIC or crc32c.crc32c(head[:-4]) != header_crc:
         return None
-    if length > sb.meta_slot_bytes - SLOT_HEADER_BYTES:
+    # the length is checked against the slot and the file before anything is allocated
+    if length > sb.meta_slot_bytes - SLOT_HEADER_BYTES or off + SLOT_HEADER_BYTES + length > os.fstat(fd).st_size:
         return None
     payload = os.pread(fd, length, off + SLOT_HEADER_BYTES)
     if len(payload) != length or crc32c.crc32c(payload) != payload_crc:
