@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache, LlamaConfig  # noqa: E402
 
 import kvmmap as km  # noqa: E402
 from kvmmap.integrations.transformers import KVMmapCache, config_fingerprint  # noqa: E402
