@@ -133,7 +133,11 @@ class CompressedKV:
         return self.k.nbytes + self.v.nbytes
 
     def save(self, path) -> None:
-        """Write to an ``.npz`` file (uncompressed zip, no pickled objects)."""
+        """Write to ``path`` in ``.npz`` form (an uncompressed zip of arrays, nothing pickled).
+
+        The arrays are named ``k.<name>`` / ``v.<name>`` after :attr:`CompressedTensor.arrays`,
+        plus ``__header__``: UTF-8 JSON with the version, shapes, params and report.
+        """
         head = {"version": _NPZ_VERSION, "ndim": self.ndim, "dtype": self.dtype, "report": self.report}
         arrays = {}
         for side in ("k", "v"):
@@ -141,7 +145,8 @@ class CompressedKV:
             head[side] = {"method": t.method, "shape": list(t.shape), "params": t.params}
             for name, a in t.arrays.items():
                 arrays[f"{side}.{name}"] = a
-        np.savez(path, __header__=np.frombuffer(json.dumps(head).encode(), np.uint8), **arrays)
+        with open(path, "wb") as f:       # a file object: numpy would append ".npz" to a bare name
+            np.savez(f, __header__=np.frombuffer(json.dumps(head).encode(), np.uint8), **arrays)
 
     @classmethod
     def load(cls, path) -> "CompressedKV":
@@ -507,7 +512,7 @@ class KVCacheCompressor:
         if self.method == "hybrid":
             basis = basis @ _random_rotation(stored, self.seed)
         return {"mean": mean.astype(np.float32), "basis": basis.astype(np.float32), "rank": rank,
-                "width": width, "heads": x.shape[1], "head_dim": x.shape[3]}
+                "heads": x.shape[1], "head_dim": x.shape[3]}
 
     def _fit_vq(self, x: np.ndarray) -> dict:
         b, h, s, d = x.shape

@@ -215,7 +215,7 @@ def test_report_and_npz_round_trip(tmp_path, method):
     assert r["k_rel_error"] == pytest.approx(rel(k, k2), rel=1e-5)
     assert r["v_rel_error"] == pytest.approx(rel(v, v2), rel=1e-5)
     assert r["k_max_abs_error"] == pytest.approx(float(np.abs(k - k2).max()), rel=1e-5)
-    path = tmp_path / "c.npz"
+    path = tmp_path / "c.kvz"                   # saved under exactly this name
     c.save(path)
     back = CompressedKV.load(path)
     assert back.report == c.report
