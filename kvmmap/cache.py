@@ -42,6 +42,7 @@ from .storage import (
     SUPERBLOCK_BYTES,
     PageLayout,
     Superblock,
+    newest_generation,
     read_slot,
     write_slot,
 )
@@ -562,7 +563,26 @@ class PagedKVCache:
                     quant.dequantize(self._tail_q(side, st.tail, a, b), out=dest)
             done += b - a
             pos += b - a
+        first_page, last_page = (st.first + start) // P, min((st.first + stop - 1) // P, nbt - 1)
+        if not self.writable and self.path is not None and n and first_page <= last_page:
+            self._check_pages_current(st.bt.pages[first_page:last_page + 1])
         return out["k"], out["v"]
+
+    def _check_pages_current(self, pages) -> None:
+        """Read-only views: refuse data just read from pages a writer may have reused.
+
+        A page of the commit this view was opened at is rewritten only after a newer commit
+        dropped it. While that commit is still the newest on disk nothing was; otherwise
+        the pages just read must still match their checksums. Call after copying.
+        """
+        if newest_generation(self._fd, self._sb) == self._generation:
+            return
+        changed = [int(p) for p in pages if self._page_crc_of(int(p)) != int(self._page_crc[p])]
+        if changed:
+            raise CacheFileError(
+                f"{self.path}: pages {changed[:8]} changed since this read-only view was opened at "
+                f"commit {self._generation} (a writer reused them, or they are damaged); reopen the "
+                "cache to read the current state")
 
     def fork(self, seq: int, name: str | None = None) -> int:
         """A new sequence sharing ``seq``'s sealed pages (copy-on-write); returns its id."""

@@ -233,6 +233,21 @@ def read_slot(fd: int, sb: Superblock, index: int) -> tuple[int, bytes] | None:
     return gen, payload
 
 
+def newest_generation(fd: int, sb: Superblock) -> int:
+    """The highest generation among the slot headers that hold (payloads are not read).
+
+    A writer writes a slot's header after its payload, so a valid header is a commit.
+    """
+    best = -1
+    for index in (0, 1):
+        head = os.pread(fd, SLOT_HEADER.size, sb.meta_offset + index * sb.meta_slot_bytes)
+        if len(head) == SLOT_HEADER.size:
+            magic, gen, _, _, header_crc = SLOT_HEADER.unpack(head)
+            if magic == SLOT_MAGIC and crc32c.crc32c(head[:-4]) == header_crc:
+                best = max(best, gen)
+    return best
+
+
 def write_slot(fd: int, sb: Superblock, index: int, generation: int, payload: bytes) -> None:
     """Write a metadata slot (payload, then header) and make it durable."""
     if len(payload) > sb.meta_slot_bytes - SLOT_HEADER_BYTES:

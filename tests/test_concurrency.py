@@ -1,0 +1,209 @@
+"""One writer, several read-only readers, and writers that must be refused.
+
+The writer (this file run as ``writer``) commits step after step: it appends a chunk to
+sequence "log", one token to "clock" (so a reader learns the step it sees from the
+clock's length), and every few steps drops tokens from the front of "log" with
+shift_left, so freed pages are reused by later appends. Readers (this file run as
+``reader``) open the file read-only again and again and read all of "log"; every read
+must equal, byte for byte, the plain-numpy model of the step the reader opened, or be
+refused with a kvmmap error saying the writer has moved on (never silently torn data).
+Synchronisation is by the writer's stdout (a step number once its flush returned) and
+the readers' stdin (closed to stop them): nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kvmmap as km
+
+GEO = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4, k_format="fp32", v_format="fp16")
+NSTEPS = 150
+NREADERS = 3
+
+
+def chunk(step: int):
+    """K and V appended to "log" at ``step`` (both layers), [n, H, D] float32."""
+    n = 1 + (step * 7) % 13
+    x = np.random.default_rng(step).standard_normal((2, 2, n, GEO["num_kv_heads"], GEO["head_dim"]),
+                                                    dtype=np.float32)
+    return x            # [layer, k/v, n, H, D]
+
+
+def shift_at(step: int) -> int:
+    return 5 + step % 7 if step % 4 == 3 else 0
+
+
+def model(step: int):
+    """Plain-numpy contents of "log" after ``step``: per layer (k, v as fp16-rounded float32)."""
+    xs = [chunk(i) for i in range(step + 1)]
+    out = []
+    for layer in range(2):
+        k = np.zeros((0, GEO["num_kv_heads"], GEO["head_dim"]), np.float32)
+        v = k
+        for i, x in enumerate(xs):
+            k = np.concatenate([k, x[layer, 0]])
+            v = np.concatenate([v, x[layer, 1]])
+            k, v = k[shift_at(i):], v[shift_at(i):]
+        out.append((k, v.astype(np.float16).astype(np.float32)))
+    return out
+
+
+def writer(path: str) -> None:
+    c = km.PagedKVCache.create(path, **GEO)
+    log, clock = c.new_sequence("log"), c.new_sequence("clock")
+    tick = np.zeros((1, GEO["num_kv_heads"], GEO["head_dim"]), np.float32)
+    for step in range(NSTEPS):
+        if step == 1:
+            sys.stdin.readline()            # the test starts the readers after step 0, then says go
+        x = chunk(step)
+        for layer in range(2):
+            c.append(log, layer, x[layer, 0], x[layer, 1])
+        c.append(clock, 0, tick, tick)
+        if shift_at(step):
+            c.shift_left(log, shift_at(step))
+        c.flush()
+        print(step, flush=True)
+    sys.stdin.read()                        # hold the writer lock until the test is done
+
+
+def reader(path: str) -> None:
+    models, seen, refused, last = {}, [], 0, -1
+    while True:
+        stop = bool(select.select([sys.stdin], [], [], 0)[0])     # stdin closed: one last look
+        try:
+            with km.PagedKVCache.open(path, mode="r") as c:
+                step = c.seq_len(c.find_sequence("clock"), 0) - 1
+                log = c.find_sequence("log")
+                got = [c.read(log, layer) for layer in range(2)]
+        except km.CacheFileError as e:
+            if "reopen" not in str(e):
+                raise
+            refused += 1
+            continue
+        assert step >= last, f"went back from step {last} to {step}"
+        last = step
+        if step not in models:
+            models[step] = model(step)
+        for layer in range(2):
+            for side in (0, 1):
+                if got[layer][side].tobytes() != models[step][layer][side].tobytes():
+                    print(json.dumps({"torn": step, "layer": layer, "side": side}), flush=True)
+                    sys.exit(1)
+        seen.append(step)
+        if len(seen) == 1:
+            print("ready", flush=True)
+        if stop:
+            break
+    print(json.dumps({"reads": len(seen), "distinct": len(set(seen)), "refused": refused, "last": last}))
+
+
+def spawn(role, path, **kw):
+    return subprocess.Popen([sys.executable, __file__, role, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_readers_see_only_committed_states_while_a_writer_runs(tmp_path):
+    path = tmp_path / "shared.kvm"
+    w = spawn("writer", path)
+    assert w.stdout.readline().strip() == "0", w.stderr.read()
+    readers = [spawn("reader", path) for _ in range(NREADERS)]
+    for r in readers:
+        assert r.stdout.readline().strip() == "ready", r.stderr.read()
+    w.stdin.write("go\n")
+    w.stdin.flush()
+    for line in w.stdout:
+        if int(line) == NSTEPS - 1:
+            break
+    results = []
+    for r in readers:                       # the writer is done: readers must now see the last step
+        out, err = r.communicate("", timeout=120)
+        assert r.returncode == 0, f"reader failed: {out[-500:]} {err[-2000:]}"
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    w.stdin.close()
+    w.wait(timeout=60)
+    for res in results:
+        assert res["last"] == NSTEPS - 1, res
+        assert res["distinct"] >= 2, f"a reader never overlapped the writer: {res}"
+    with km.PagedKVCache.open(path, mode="r") as c:
+        assert c.verify() == []
+        # fewer page ids were ever handed out than pages sealed: the writer reused pages
+        # freed by shift_left, so a stale reader was a real hazard in this run
+        st = c.stats()
+        sealed = 2 * (sum(len(chunk(i)[0, 0]) for i in range(NSTEPS)) // GEO["page_size"]) + NSTEPS // GEO["page_size"]
+        assert st["pages_used"] + st["pages_free"] + st["pages_pending"] < sealed
+
+
+def test_old_reader_is_refused_once_its_pages_are_reused(tmp_path):
+    """A read-only view kept open across commits must not return pages the writer reused."""
+    path = tmp_path / "old.kvm"
+    w = km.PagedKVCache.create(path, **GEO)
+    s = w.new_sequence("log")
+    x = np.random.default_rng(0).standard_normal((12, 2, 32), dtype=np.float32)
+    w.append(s, 0, x, x)
+    w.flush()
+    r = km.PagedKVCache.open(path, mode="r")
+    np.testing.assert_array_equal(r.read(s, 0)[0], x)
+    w.shift_left(s, 8)                      # frees two pages, reusable after the next commit
+    w.flush()
+    np.testing.assert_array_equal(r.read(s, 0)[0], x)       # not reused yet: still exact
+    y = -np.random.default_rng(1).standard_normal((8, 2, 32), dtype=np.float32)
+    w.append(s, 0, y, y)                    # overwrites the two freed pages
+    with pytest.raises(km.CacheFileError, match="reopen"):
+        r.read(s, 0)
+    np.testing.assert_array_equal(r.read(s, 0, 8, 12)[0], x[8:])   # pages still its own are fine
+    r.close()
+    w.close()
+
+
+def test_second_writer_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "w.kvm"
+    w = spawn("writer", path)
+    assert w.stdout.readline().strip() == "0"
+    code = ("import sys, kvmmap as km\n"
+            "try:\n"
+            "    km.PagedKVCache.open(sys.argv[1], mode=sys.argv[2])\n"
+            "except km.CacheFileError as e:\n"
+            "    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path), "r+"], capture_output=True, text=True)
+    assert r.returncode == 0 and "refused:" in r.stdout and "writer lock" in r.stdout, r.stdout + r.stderr
+    # create(overwrite=True) over a file a writer holds is refused too, and the file is intact
+    code_create = ("import sys, kvmmap as km\n"
+                   "try:\n"
+                   "    km.PagedKVCache.create(sys.argv[1], num_layers=1, num_kv_heads=1, head_dim=2, overwrite=True)\n"
+                   "except km.CacheFileError as e:\n"
+                   "    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code_create, str(path)], capture_output=True, text=True)
+    assert r.returncode == 0 and "refused:" in r.stdout and "writer lock" in r.stdout, r.stdout + r.stderr
+    w.stdin.write("go\n")
+    w.stdin.flush()
+    for line in w.stdout:
+        if int(line) == NSTEPS - 1:
+            break
+    with km.PagedKVCache.open(path, mode="r") as c:
+        assert (c.num_layers, c.head_dim) == (2, 32)
+        assert c.seq_len(c.find_sequence("clock"), 0) == NSTEPS
+        for layer, (k, v) in enumerate(model(NSTEPS - 1)):
+            got = c.read(c.find_sequence("log"), layer)
+            assert got[0].tobytes() == k.tobytes() and got[1].tobytes() == v.tobytes()
+    w.stdin.close()
+    assert w.wait(timeout=60) == 0
+    # with the writer gone the lock is free: overwriting now works, and readers of the old
+    # file (mapped before) keep reading the old contents
+    old = km.PagedKVCache.open(path, mode="r")
+    before = old.read(old.find_sequence("log"), 0)[0].copy()
+    km.PagedKVCache.create(path, num_layers=1, num_kv_heads=1, head_dim=2, overwrite=True).close()
+    np.testing.assert_array_equal(old.read(old.find_sequence("log"), 0)[0], before)
+    old.close()
+    with km.PagedKVCache.open(path, mode="r") as c:
+        assert c.num_layers == 1 and c.sequences() == {}
+
+
+if __name__ == "__main__":
+    {"writer": writer, "reader": reader}[sys.argv[1]](sys.argv[2])
