@@ -46,12 +46,13 @@
 
 typedef __global const uchar *gptr;
 
-inline gptr page_base(int page, gptr s0, gptr s1, gptr s2, gptr s3, gptr s4, gptr s5, gptr s6, gptr s7,
-                      ulong pages_per_shard) {
-    ulong shard = (ulong)page / pages_per_shard;
+/* A page's address from its shard and byte offset in that shard (computed once per page
+ * in step 1: a 64-bit division per token would cost more than the load). */
+inline gptr page_base(uchar shard, ulong offset, gptr s0, gptr s1, gptr s2, gptr s3, gptr s4, gptr s5,
+                      gptr s6, gptr s7) {
     gptr base = shard == 0 ? s0 : shard == 1 ? s1 : shard == 2 ? s2 : shard == 3 ? s3
               : shard == 4 ? s4 : shard == 5 ? s5 : shard == 6 ? s6 : s7;
-    return base + ((ulong)page - shard * pages_per_shard) * (ulong)PAGE_BYTES;
+    return base + offset;
 }
 
 /* Four consecutive K elements d .. d+3 of token a (in its page) of head h. */
@@ -128,7 +129,8 @@ void paged_decode_split(
     __local float logits[G * SPLIT_TOKENS];
     __local float red[G * WG_SIZE];
     __local float stat_m[G], stat_l[G];
-    __local int pages_l[SPLIT_PAGES];
+    __local ulong offset_l[SPLIT_PAGES];
+    __local uchar shard_l[SPLIT_PAGES];
 
     const int lid = get_local_id(0);
     const int split = get_group_id(0);
@@ -146,8 +148,12 @@ void paged_decode_split(
         q_l[i] = q[out_row * D + i] * scale;
     const int lp0 = t0 / P;
     const int lp1 = min((t1 - 1) / P, num_pages - 1);
-    for (int i = lid; i <= lp1 - lp0; i += WG_SIZE)
-        pages_l[i] = page_indices[first_page + lp0 + i];
+    for (int i = lid; i <= lp1 - lp0; i += WG_SIZE) {
+        ulong page = (ulong)page_indices[first_page + lp0 + i];
+        ulong shard = page / pages_per_shard;
+        shard_l[i] = (uchar)shard;
+        offset_l[i] = (page - shard * pages_per_shard) * (ulong)PAGE_BYTES;
+    }
     barrier(CLK_LOCAL_MEM_FENCE);
 
     /* 2. logits: one token per work-item at a time */
@@ -156,7 +162,7 @@ void paged_decode_split(
         float acc[G];
         for (int g = 0; g < G; g++) acc[g] = 0.0f;
         if (lp < num_pages) {
-            gptr page = page_base(pages_l[lp - lp0], s0, s1, s2, s3, s4, s5, s6, s7, pages_per_shard);
+            gptr page = page_base(shard_l[lp - lp0], offset_l[lp - lp0], s0, s1, s2, s3, s4, s5, s6, s7);
             for (int d = 0; d < D; d += 4) {
                 float4 k = load_k4(page, h, a, d);
                 for (int g = 0; g < G; g++)
@@ -218,7 +224,7 @@ void paged_decode_split(
                 int pos = t0 + t, lp = pos / P, a = pos % P;
                 float v;
                 if (lp < num_pages) {
-                    gptr page = page_base(pages_l[lp - lp0], s0, s1, s2, s3, s4, s5, s6, s7, pages_per_shard);
+                    gptr page = page_base(shard_l[lp - lp0], offset_l[lp - lp0], s0, s1, s2, s3, s4, s5, s6, s7);
                     v = load_v(page, h, a, d);
                 } else {
                     v = tail_v[(((size_t)b * NUM_KV_HEADS + h) * P + (pos - num_pages * P)) * D + d];

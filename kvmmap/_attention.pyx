@@ -17,6 +17,16 @@ from libc.stdlib cimport free, malloc
 
 from kvmmap._convert cimport bf16_to_f32, bits_f32, f16_to_f32, f32_bits, round_even
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define KVMMAP_PREFETCH(p) __builtin_prefetch((p), 0, 0)
+    #else
+    #define KVMMAP_PREFETCH(p) ((void)0)
+    #endif
+    """
+    void KVMMAP_PREFETCH(const void* p) noexcept nogil
+
 cdef enum:
     FMT_FP32 = 0
     FMT_FP16 = 1
@@ -213,6 +223,7 @@ cdef void attend_item(
     cdef float mnew, alpha, lsum
     cdef float* pg
     cdef float* ag
+    cdef const uint8_t* nxt
     for r in range(H * G):
         m_out[r] = -INFINITY
         l_out[r] = 0
@@ -220,6 +231,14 @@ cdef void attend_item(
         acc[j] = 0
     while pos < t1:
         n = min(block - pos % block, t1 - pos)     # blocks aligned to whole pages
+        # ask for the next block's pages now: the page walk jumps between pages, which
+        # the hardware prefetchers do not follow
+        j = (pos + n) // P
+        while j < num_pages and j * P < min(pos + n + block, t1):
+            nxt = arena + <Py_ssize_t>pages[j] * page_bytes
+            for r in range(0, page_bytes, 64):
+                KVMMAP_PREFETCH(nxt + r)
+            j += 1
         for h in range(H):
             gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
             for g in range(G):

@@ -122,8 +122,9 @@ def _items(batch: PagedBatch, H: int, block: int, nthreads: int) -> np.ndarray:
     """Work items (b, t0, t1): long contexts are split so every thread has work."""
     lengths = batch.lengths
     total = int(lengths.sum())
-    # About 4 items per thread, none shorter than 16 blocks (a split costs a merge).
-    chunk = max(16 * block, -(-total // (4 * nthreads)))
+    # About 4 items per thread, none shorter than 1024 tokens (a split costs a merge, and
+    # waking a thread costs more than a short item).
+    chunk = max(1024, -(-total // (4 * nthreads)))
     chunk = -(-chunk // block) * block
     rows = []
     for b in range(len(lengths)):
