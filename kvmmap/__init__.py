@@ -21,6 +21,7 @@ from .errors import (
 )
 from .attention import paged_decode_attention
 from .cache import PagedKVCache
+from .compress import CompressedKV, KVCacheCompressor, compress_cache, decompress_kv
 from .formats import FORMATS, Format, get_format
 from .parallel import get_num_threads, set_num_threads
 from .quant import QTensor, dequantize, quantize, quantize_into
@@ -32,6 +33,10 @@ __all__ = [
     "get_format",
     "PagedKVCache",
     "paged_decode_attention",
+    "KVCacheCompressor",
+    "CompressedKV",
+    "compress_cache",
+    "decompress_kv",
     "QTensor",
     "quantize",
     "quantize_into",
