@@ -35,7 +35,7 @@ GEO = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4, k_format="int
 SLOT = 12288
 SB = 4096
 ARENA = SB + 2 * SLOT
-FUZZ_EXAMPLES = 300
+FUZZ_EXAMPLES = 500
 
 
 def snapshot(c) -> dict:
