@@ -41,6 +41,22 @@ def memcpy_gbps() -> float:
     return a.nbytes / t / 1e9
 
 
+def device_copy_gbps() -> float:
+    """Bytes read per second by a device-to-device copy of 256 MiB (the device's read bandwidth)."""
+    import pyopencl as cl
+    from kvmmap import opencl
+
+    ctx, queue = opencl.context()
+    n = 256 << 20
+    a, b = cl.Buffer(ctx, cl.mem_flags.READ_WRITE, n), cl.Buffer(ctx, cl.mem_flags.READ_WRITE, n)
+    cl.enqueue_fill_buffer(queue, a, np.uint8(1), 0, n)
+
+    def run():
+        cl.enqueue_copy(queue, b, a)
+        queue.finish()
+    return n / best_time(run, 10) / 1e9
+
+
 def fill(path, fmt, n, H, D, batch, rng):
     c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D, page_size=16,
                                k_format=fmt, v_format=fmt, overwrite=True)
@@ -83,6 +99,11 @@ def main(argv=None) -> int:
     print(f"decode attention: batch={B}, q_heads={Hq}, kv_heads={H}, head_dim={D}, "
           f"threads={args.threads}, backend={args.backend}")
     print(f"baseline memcpy (np.copyto, 256 MiB): {bw:.2f} GB/s")
+    if args.backend == "opencl":
+        from kvmmap import opencl
+        bw = device_copy_gbps()
+        print(f"baseline device copy on {opencl._pick_device().name.strip()} (256 MiB): {bw:.2f} GB/s read; "
+              "'vs memcpy' below is against this")
     if torch is None:
         print("torch is not installed: the SDPA columns are skipped (pip install torch==2.13.0)")
     print(f"{'context':>8} {'format':>6} {'kvmmap ms':>10} {'KV GB/s':>8} {'vs memcpy':>9} "
