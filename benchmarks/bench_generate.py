@@ -1,7 +1,7 @@
 """generate() with KVMmapCache vs. DynamicCache and transformers' QuantizedCache, in one run.
 
     python benchmarks/bench_generate.py [--prompt 512] [--new 64] [--batch 1] [--layers 4]
-                                        [--hidden 512] [--heads 8] [--kv-heads 2] [--repeat 2]
+                                        [--hidden 512] [--heads 8] [--kv-heads 2] [--repeat 5] [--ttft-repeat 6]
 
 A random-weight Llama built from a LlamaConfig (no download), fp32 on the CPU.
 
@@ -16,8 +16,9 @@ Part 2: time to first token when a stored prompt is reopened from its file
 prompt token) vs. recomputing the prompt with DynamicCache; with the file in the OS page
 cache, and after dropping it from there (posix_fadvise DONTNEED).
 
-Contenders run round-robin, ``--repeat`` rounds after one warm-up round, and each figure is
-the best of its rounds: on a shared machine the drift then hits all of them alike.
+Contenders run round-robin, ``--repeat`` (part 2: ``--ttft-repeat``) rounds after one
+warm-up round, and each figure is the best of its rounds: on a shared machine the drift
+then hits all of them alike.
 """
 
 from __future__ import annotations
@@ -71,12 +72,17 @@ def generate_once(model, ids, cache, new):
 def round_robin(contenders: dict, repeat: int) -> dict:
     """Run each contender once per round, ``repeat + 1`` rounds, the first one a warm-up.
 
+    The order rotates from round to round, so that load arriving from elsewhere during a
+    round does not always fall on the same contenders.
+
     ``contenders[name]()`` returns ``(seconds, result)``. Returns ``{name: (best seconds,
     last result)}``, or ``{name: exception}`` for a contender that raised.
     """
     best = {name: (float("inf"), None) for name in contenders}
+    names = list(contenders)
     for r in range(repeat + 1):
-        for name, run in contenders.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:    # rotated: no contender always first
+            run = contenders[name]
             if isinstance(best[name], Exception):
                 continue
             try:
@@ -111,7 +117,8 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5, help="timed rounds of part 1")
+    ap.add_argument("--ttft-repeat", type=int, default=6, help="timed rounds of part 2 (short runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
@@ -198,9 +205,10 @@ def main() -> None:
         for fmt, path in files.items():
             for label, cold in (("page cache warm", False), ("page cache dropped", True)):
                 contenders[f"reopen {fmt} file, {label}"] = reopen(path, cold)
-        results = round_robin(contenders, args.repeat)
+        results = round_robin(contenders, args.ttft_repeat)
         print(f"\ntime to first token, prompt of {args.prompt} tokens, batch {args.batch} "
-              f"(reopen = KVMmapCache.open + reuse_prefix + generate computing the last token):")
+              f"(reopen = KVMmapCache.open + reuse_prefix + generate computing the last token), "
+              f"best of {args.ttft_repeat}:")
         base = results["recompute the prompt (DynamicCache)"][0]
         for name, (t, reused) in results.items():
             extra = ""
