@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pool.py [--layers 4] [--heads 8] [--head-dim 128]
                                     [--prefill-tokens 4096] [--chunk 512] [--decode-tokens 256]
-                                    [--large-gb 2] [--opens 200] [--dir DIR]
+                                    [--large-gb 2] [--opens 200] [--dir DIR] [--threads N]
 
 1. Append. A "token" is one position appended to every layer; GB/s counts the float32 K and
    V handed to ``append``. Baselines run the same loop (same chunks, same layer order)
@@ -269,7 +269,10 @@ def main() -> None:
     ap.add_argument("--opens", type=int, default=200)
     ap.add_argument("--dir", default=None, help="where to put the temporary files")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: append,open,read")
+    ap.add_argument("--threads", type=int, default=None, help="kvmmap kernel threads (default: kvmmap's)")
     args = ap.parse_args()
+    if args.threads:
+        km.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
 
     workdir = tempfile.mkdtemp(prefix="bench_pool-", dir=args.dir)
