@@ -239,8 +239,13 @@ class PagedKVCache:
             self._fd = fd
             if self.writable:
                 self._lock()
-            slots = [read_slot(fd, sb, i) for i in (0, 1)]
-            valid = [(s[0], i, s[1]) for i, s in enumerate(slots) if s is not None]
+            for _ in range(3):
+                # A reader racing a writer can find each slot mid-rewrite if the writer
+                # commits twice between the two reads: look again before calling it damage.
+                slots = [read_slot(fd, sb, i) for i in (0, 1)]
+                valid = [(s[0], i, s[1]) for i, s in enumerate(slots) if s is not None]
+                if valid:
+                    break
             if not valid:
                 raise CacheFileError(f"{path}: damaged metadata: neither metadata slot holds a valid commit")
             gen, slot, payload = max(valid)

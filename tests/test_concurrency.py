@@ -162,6 +162,24 @@ def test_old_reader_is_refused_once_its_pages_are_reused(tmp_path):
     w.close()
 
 
+def test_open_looks_again_when_a_commit_races_it(tmp_path, monkeypatch):
+    """Both slots found mid-rewrite (a writer committed twice between the two reads) is
+    not damage: open() reads them again. Simulated by hiding the first look."""
+    path = tmp_path / "race.kvm"
+    with km.PagedKVCache.create(path, **GEO) as c:
+        c.new_sequence("x")
+        c.flush()
+    real, calls = km.cache.read_slot, []
+
+    def first_look_torn(fd, sb, index):
+        calls.append(index)
+        return None if len(calls) <= 2 else real(fd, sb, index)
+    monkeypatch.setattr(km.cache, "read_slot", first_look_torn)
+    with km.PagedKVCache.open(path, mode="r") as c:
+        assert c.sequences() == {0: "x"}
+    assert calls == [0, 1, 0, 1]
+
+
 def test_second_writer_is_refused_with_a_clear_error(tmp_path):
     path = tmp_path / "w.kvm"
     w = spawn("writer", path)
