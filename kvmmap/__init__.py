@@ -5,6 +5,14 @@
 ('fp32', 'fp16', 'bf16', 'int8', 'int4', 'fp8_e4m3', 'fp8_e5m2')
 """
 
+import os as _os
+
+# The kernels run short OpenMP regions; idle threads that spin between them (libgomp's
+# default) take the CPU from other work, and throughput collapses when cores are shared.
+# Must be set before the OpenMP runtime loads with the first Cython module; an explicit
+# setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from ._version import __version__
 from .errors import (
     ConfigError,

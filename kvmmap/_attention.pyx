@@ -17,16 +17,6 @@ from libc.stdlib cimport free, malloc
 
 from kvmmap._convert cimport bf16_to_f32, bits_f32, f16_to_f32, f32_bits, round_even
 
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define KVMMAP_PREFETCH(p) __builtin_prefetch((p), 0, 0)
-    #else
-    #define KVMMAP_PREFETCH(p) ((void)0)
-    #endif
-    """
-    void KVMMAP_PREFETCH(const void* p) noexcept nogil
-
 cdef enum:
     FMT_FP32 = 0
     FMT_FP16 = 1
@@ -36,6 +26,9 @@ cdef enum:
     FMT_FP8_E4M3 = 5
     FMT_FP8_E5M2 = 6
 
+
+cdef enum:
+    DIRECT_MAX_G = 1     # use int8 rows without decoding them when G is at most this
 
 cdef struct Side:
     # Where one side (K or V) of a page lives and how to decode it.
@@ -180,6 +173,95 @@ cdef inline void accumulate(float* acc, const float* p, const float* v, Py_ssize
         t += 1
 
 
+cdef inline void scores2(const float* q0, const float* q1, const float* k, Py_ssize_t n,
+                         Py_ssize_t D, float* s0, float* s1) noexcept nogil:
+    """scores() for two query rows at once: each K row loaded serves both (GQA)."""
+    cdef Py_ssize_t t = 0, j
+    cdef float a0, a1, a2, a3, b0, b1, b2, b3
+    cdef const float* k0
+    while t + 4 <= n:
+        k0 = k + t * D
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = 0
+        for j in range(D):
+            a0 = a0 + q0[j] * k0[j]
+            a1 = a1 + q0[j] * k0[D + j]
+            a2 = a2 + q0[j] * k0[2 * D + j]
+            a3 = a3 + q0[j] * k0[3 * D + j]
+            b0 = b0 + q1[j] * k0[j]
+            b1 = b1 + q1[j] * k0[D + j]
+            b2 = b2 + q1[j] * k0[2 * D + j]
+            b3 = b3 + q1[j] * k0[3 * D + j]
+        s0[t], s0[t + 1], s0[t + 2], s0[t + 3] = a0, a1, a2, a3
+        s1[t], s1[t + 1], s1[t + 2], s1[t + 3] = b0, b1, b2, b3
+        t += 4
+    if t < n:
+        scores(q0, k + t * D, n - t, D, s0 + t)
+        scores(q1, k + t * D, n - t, D, s1 + t)
+
+
+cdef inline void accumulate2(float* acc0, float* acc1, const float* p0, const float* p1,
+                             const float* v, Py_ssize_t n, Py_ssize_t D) noexcept nogil:
+    """accumulate() for two query rows at once: each V row loaded serves both."""
+    cdef Py_ssize_t t = 0, j
+    cdef float w0, w1, w2, w3, u0, u1, u2, u3, x0, x1, x2, x3
+    cdef const float* v0
+    while t + 4 <= n:
+        w0, w1, w2, w3 = p0[t], p0[t + 1], p0[t + 2], p0[t + 3]
+        u0, u1, u2, u3 = p1[t], p1[t + 1], p1[t + 2], p1[t + 3]
+        v0 = v + t * D
+        for j in range(D):
+            x0, x1, x2, x3 = v0[j], v0[D + j], v0[2 * D + j], v0[3 * D + j]
+            acc0[j] = acc0[j] + (w0 * x0 + w1 * x1) + (w2 * x2 + w3 * x3)
+            acc1[j] = acc1[j] + (u0 * x0 + u1 * x1) + (u2 * x2 + u3 * x3)
+        t += 4
+    if t < n:
+        accumulate(acc0, p0 + t, v + t * D, n - t, D)
+        accumulate(acc1, p1 + t, v + t * D, n - t, D)
+
+
+cdef inline void scores_i8(const float* q, const int8_t* c, const float* sc, Py_ssize_t n,
+                           Py_ssize_t D, float* s) noexcept nogil:
+    """scores() straight from int8 rows c [n, D] with a scale per row: no decode pass."""
+    cdef Py_ssize_t t = 0, j
+    cdef float a0, a1, a2, a3
+    cdef const int8_t* c0
+    while t + 4 <= n:
+        c0 = c + t * D
+        a0 = a1 = a2 = a3 = 0
+        for j in range(D):
+            a0 = a0 + q[j] * c0[j]
+            a1 = a1 + q[j] * c0[D + j]
+            a2 = a2 + q[j] * c0[2 * D + j]
+            a3 = a3 + q[j] * c0[3 * D + j]
+        s[t], s[t + 1], s[t + 2], s[t + 3] = a0 * sc[t], a1 * sc[t + 1], a2 * sc[t + 2], a3 * sc[t + 3]
+        t += 4
+    while t < n:
+        a0 = 0
+        for j in range(D):
+            a0 = a0 + q[j] * c[t * D + j]
+        s[t] = a0 * sc[t]
+        t += 1
+
+
+cdef inline void accumulate_i8(float* acc, const float* p, const float* sc, const int8_t* c,
+                               Py_ssize_t n, Py_ssize_t D) noexcept nogil:
+    """accumulate() straight from int8 rows c [n, D], folding each row's scale into p."""
+    cdef Py_ssize_t t = 0, j
+    cdef float p0, p1, p2, p3
+    cdef const int8_t* c0
+    while t + 4 <= n:
+        p0, p1, p2, p3 = p[t] * sc[t], p[t + 1] * sc[t + 1], p[t + 2] * sc[t + 2], p[t + 3] * sc[t + 3]
+        c0 = c + t * D
+        for j in range(D):
+            acc[j] = acc[j] + (p0 * c0[j] + p1 * c0[D + j]) + (p2 * c0[2 * D + j] + p3 * c0[3 * D + j])
+        t += 4
+    while t < n:
+        p0 = p[t] * sc[t]
+        for j in range(D):
+            acc[j] = acc[j] + p0 * c[t * D + j]
+        t += 1
+
+
 cdef inline Py_ssize_t gather(const uint8_t* arena, Py_ssize_t page_bytes, const Side* side,
                               const int32_t* pages, Py_ssize_t num_pages, const float* tail,
                               Py_ssize_t pos, Py_ssize_t end, Py_ssize_t h, Py_ssize_t P,
@@ -219,11 +301,15 @@ cdef void attend_item(
     """
     cdef float* buf = work
     cdef float* p = work + block * D
-    cdef Py_ssize_t pos = t0, n, g, t, j, h, r
+    cdef Py_ssize_t pos = t0, n, g, t, j, h, r, a = 0
     cdef float mnew, alpha, lsum
     cdef float* pg
     cdef float* ag
-    cdef const uint8_t* nxt
+    cdef const uint8_t* page
+    cdef const int8_t* kc
+    cdef const int8_t* vc
+    cdef const float* ksc = NULL
+    cdef const float* vsc
     for r in range(H * G):
         m_out[r] = -INFINITY
         l_out[r] = 0
@@ -231,20 +317,33 @@ cdef void attend_item(
         acc[j] = 0
     while pos < t1:
         n = min(block - pos % block, t1 - pos)     # blocks aligned to whole pages
-        # ask for the next block's pages now: the page walk jumps between pages, which
-        # the hardware prefetchers do not follow
-        j = (pos + n) // P
-        while j < num_pages and j * P < min(pos + n + block, t1):
-            nxt = arena + <Py_ssize_t>pages[j] * page_bytes
-            for r in range(0, page_bytes, 64):
-                KVMMAP_PREFETCH(nxt + r)
-            j += 1
+        # int8 rows inside one sealed page are used as they are, with no decode pass, when
+        # few query heads share them (with more, converting codes once per head costs more
+        # than decoding them once into the buffer)
+        page = NULL
+        if G <= DIRECT_MAX_G and pos // P == (pos + n - 1) // P and pos // P < num_pages:
+            page = arena + <Py_ssize_t>pages[pos // P] * page_bytes
+            a = pos % P
         for h in range(H):
-            gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
+            if page != NULL and ks.fmt == FMT_INT8:
+                kc = <const int8_t*>(page + ks.codes_off) + (h * P + a) * D
+                ksc = <const float*>(page + ks.scales_off) + h * P + a
+            else:
+                kc = NULL
+                gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
+            if kc != NULL:
+                scores_i8(q + h * G * D, kc, ksc, n, D, p)
+            else:
+                g = 0
+                while g + 2 <= G:
+                    scores2(q + (h * G + g) * D, q + (h * G + g + 1) * D, buf, n, D,
+                            p + g * block, p + (g + 1) * block)
+                    g += 2
+                if g < G:
+                    scores(q + (h * G + g) * D, buf, n, D, p + g * block)
             for g in range(G):
                 r = h * G + g
                 pg = p + g * block
-                scores(q + r * D, buf, n, D, pg)
                 mnew = m_out[r]
                 for t in range(n):
                     mnew = pg[t] if pg[t] > mnew else mnew
@@ -260,9 +359,20 @@ cdef void attend_item(
                     l_out[r] = l_out[r] * alpha
                     m_out[r] = mnew
                 l_out[r] = l_out[r] + lsum
-            gather(arena, page_bytes, vs, pages, num_pages, tail_v, pos, pos + n, h, P, D, buf)
-            for g in range(G):
-                accumulate(acc + (h * G + g) * D, p + g * block, buf, n, D)
+            if page != NULL and vs.fmt == FMT_INT8:
+                vc = <const int8_t*>(page + vs.codes_off) + (h * P + a) * D
+                vsc = <const float*>(page + vs.scales_off) + h * P + a
+                for g in range(G):
+                    accumulate_i8(acc + (h * G + g) * D, p + g * block, vsc, vc, n, D)
+            else:
+                gather(arena, page_bytes, vs, pages, num_pages, tail_v, pos, pos + n, h, P, D, buf)
+                g = 0
+                while g + 2 <= G:
+                    accumulate2(acc + (h * G + g) * D, acc + (h * G + g + 1) * D,
+                                p + g * block, p + (g + 1) * block, buf, n, D)
+                    g += 2
+                if g < G:
+                    accumulate(acc + (h * G + g) * D, p + g * block, buf, n, D)
         pos += n
 
 

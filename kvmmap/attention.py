@@ -205,5 +205,11 @@ def paged_decode_attention(cache, layer: int, seqs, q, *, scale: float | None = 
         backend = "opencl" if opencl.has_gpu() else "cpu"
     if backend == "opencl":
         from . import opencl
-        return opencl.decode(cache, layer, seqs, q, scale, window)
-    return cpu_decode(cache, layer, seqs, q, scale, window)
+        out = opencl.decode(cache, layer, seqs, q, scale, window)
+    else:
+        out = cpu_decode(cache, layer, seqs, q, scale, window)
+    if not cache.writable and cache.path is not None:
+        # a read-only view: refuse the result if a writer has since reused pages it read
+        cache._check_pages_current(np.unique(np.concatenate(
+            [cache._seq(s).layers[layer].bt.pages for s in seqs])))
+    return out
