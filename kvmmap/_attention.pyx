@@ -40,9 +40,10 @@ cdef struct Side:
 
 
 cdef inline void decode_rows(const uint8_t* page, const Side* s, Py_ssize_t h, Py_ssize_t a,
-                             Py_ssize_t n, Py_ssize_t P, Py_ssize_t D, float* dst) noexcept nogil:
-    """Decode tokens a .. a+n-1 of head h of one page into dst [n, D] (float32)."""
-    cdef Py_ssize_t t, j, row = h * P + a
+                             Py_ssize_t n, Py_ssize_t P, Py_ssize_t D, float* dst,
+                             Py_ssize_t ld) noexcept nogil:
+    """Decode tokens a .. a+n-1 of head h of one page into rows dst + t * ld (float32 [D])."""
+    cdef Py_ssize_t t, j, gi, ng, row = h * P + a
     cdef const uint8_t* codes = page + s.codes_off + row * s.code_row_bytes
     cdef const float* sc
     cdef const float* zp
@@ -51,60 +52,51 @@ cdef inline void decode_rows(const uint8_t* page, const Side* s, Py_ssize_t h, P
     cdef const uint8_t* cu
     cdef float scale, zero
     cdef float* out
-    cdef Py_ssize_t ng
-    if s.fmt == FMT_FP32:
-        for t in range(n * D):
-            dst[t] = (<const float*>codes)[t]
-    elif s.fmt == FMT_FP16:
-        c16 = <const uint16_t*>codes
-        for t in range(n * D):
-            dst[t] = f16_to_f32(c16[t])
-    elif s.fmt == FMT_BF16:
-        c16 = <const uint16_t*>codes
-        for t in range(n * D):
-            dst[t] = bf16_to_f32(c16[t])
-    elif s.fmt == FMT_INT8:
-        sc = <const float*>(page + s.scales_off) + row
-        c8 = <const int8_t*>codes
-        for t in range(n):
-            scale = sc[t]
-            out = dst + t * D
+    for t in range(n):
+        out = dst + t * ld
+        cu = codes + t * s.code_row_bytes
+        if s.fmt == FMT_FP32:
             for j in range(D):
-                out[j] = c8[t * D + j] * scale
-    elif s.fmt == FMT_FP8_E4M3 or s.fmt == FMT_FP8_E5M2:
-        sc = <const float*>(page + s.scales_off) + row
-        for t in range(n):
-            scale = sc[t]
-            out = dst + t * D
-            cu = codes + t * D
+                out[j] = (<const float*>cu)[j]
+        elif s.fmt == FMT_FP16:
+            c16 = <const uint16_t*>cu
+            for j in range(D):
+                out[j] = f16_to_f32(c16[j])
+        elif s.fmt == FMT_BF16:
+            c16 = <const uint16_t*>cu
+            for j in range(D):
+                out[j] = bf16_to_f32(c16[j])
+        elif s.fmt == FMT_INT8:
+            scale = (<const float*>(page + s.scales_off))[row + t]
+            c8 = <const int8_t*>cu
+            for j in range(D):
+                out[j] = c8[j] * scale
+        elif s.fmt == FMT_FP8_E4M3 or s.fmt == FMT_FP8_E5M2:
+            scale = (<const float*>(page + s.scales_off))[row + t]
             for j in range(D):
                 out[j] = s.table[cu[j]] * scale
-    elif s.group == 0:
-        # int4 keys: a scale and zero per channel over the whole page, [H, 1, D]
-        sc = <const float*>(page + s.scales_off) + h * D
-        zp = <const float*>(page + s.zeros_off) + h * D
-        for t in range(n):
-            cu = codes + t * (D // 2)
-            out = dst + t * D
+        elif s.group == 0:
+            # int4 keys: a scale and zero per channel over the whole page, [H, 1, D]
+            sc = <const float*>(page + s.scales_off) + h * D
+            zp = <const float*>(page + s.zeros_off) + h * D
             for j in range(D // 2):
                 out[2 * j] = (cu[j] & 15) * sc[2 * j] + zp[2 * j]
                 out[2 * j + 1] = (cu[j] >> 4) * sc[2 * j + 1] + zp[2 * j + 1]
-    else:
-        # int4 values: a scale and zero per token per group of `group` channels, [H, P, D/G]
-        ng = D // s.group
-        sc = <const float*>(page + s.scales_off) + row * ng
-        zp = <const float*>(page + s.zeros_off) + row * ng
-        # unpack every nibble of the n rows (contiguous) in one long loop, then scale
-        # each group; two simple loops vectorize where one nested loop does not
-        for j in range(n * D // 2):
-            dst[2 * j] = codes[j] & 15
-            dst[2 * j + 1] = codes[j] >> 4
-        for t in range(n * ng):
-            scale = sc[t]
-            zero = zp[t]
-            out = dst + t * s.group
-            for j in range(s.group):
-                out[j] = out[j] * scale + zero
+        else:
+            # int4 values: a scale and zero per token per group of `group` channels,
+            # [H, P, D/G]; unpack the row, then scale each group (two simple loops
+            # vectorize where one nested loop does not)
+            ng = D // s.group
+            sc = <const float*>(page + s.scales_off) + (row + t) * ng
+            zp = <const float*>(page + s.zeros_off) + (row + t) * ng
+            for j in range(D // 2):
+                out[2 * j] = cu[j] & 15
+                out[2 * j + 1] = cu[j] >> 4
+            for gi in range(ng):
+                scale = sc[gi]
+                zero = zp[gi]
+                for j in range(gi * s.group, (gi + 1) * s.group):
+                    out[j] = out[j] * scale + zero
 
 
 cdef inline float fast_exp(float x) noexcept nogil:
@@ -274,7 +266,7 @@ cdef inline Py_ssize_t gather(const uint8_t* arena, Py_ssize_t page_bytes, const
         a = pos - logical * P
         n = min(P - a, end - pos)
         if logical < num_pages:
-            decode_rows(arena + <Py_ssize_t>pages[logical] * page_bytes, side, h, a, n, P, D, dst + done * D)
+            decode_rows(arena + <Py_ssize_t>pages[logical] * page_bytes, side, h, a, n, P, D, dst + done * D, D)
         else:
             src = tail + (h * P + a) * D
             for j in range(n * D):
@@ -456,3 +448,32 @@ def merge_partials(const int64_t[:, ::1] items, const float[:, ::1] m, const flo
                     for j in range(D):
                         o[j] = o[j] / wsum
             i = e
+
+
+def read_pages(
+    const uint8_t[::1] arena, Py_ssize_t page_bytes, Py_ssize_t P,
+    int fmt, Py_ssize_t codes_off, Py_ssize_t scales_off, Py_ssize_t zeros_off, Py_ssize_t row_bytes,
+    Py_ssize_t group, const float[::1] table, const int32_t[::1] pages, Py_ssize_t pos,
+    float[:, :, ::1] out, int nthreads,
+):
+    """Decode positions pos .. pos + n - 1 (all in the sealed pages listed) into out [n, H, D].
+
+    Logical page i of ``pages`` holds positions i * P .. i * P + P - 1. Pages are decoded
+    in parallel, each straight into its token-major rows.
+    """
+    cdef Py_ssize_t n = out.shape[0], H = out.shape[1], D = out.shape[2]
+    cdef Py_ssize_t first = pos // P, last, i, a, b, h, done
+    cdef Side s
+    if n == 0:
+        return
+    last = (pos + n - 1) // P
+    s.fmt, s.codes_off, s.scales_off, s.zeros_off = fmt, codes_off, scales_off, zeros_off
+    s.code_row_bytes, s.group, s.table = row_bytes, group, &table[0]
+    for i in prange(first, last + 1, nogil=True, schedule="static",
+                    num_threads=max(1, min(nthreads, (last - first + 1) // 8))):
+        a = pos - i * P if i == first else 0
+        b = min(P, pos + n - i * P)
+        done = i * P + a - pos
+        for h in range(H):
+            decode_rows(&arena[0] + <Py_ssize_t>pages[i] * page_bytes, &s, h, a, b - a, P, D,
+                        &out[done, h, 0], H * D)

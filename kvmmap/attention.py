@@ -118,6 +118,16 @@ def _table(fmt) -> np.ndarray:
     return quant.fp8_values(fmt.name) if fmt.name.startswith("fp8") else np.zeros(1, np.float32)
 
 
+def read_sealed(cache, side: str, pages: np.ndarray, pos: int, out: np.ndarray) -> None:
+    """Decode positions ``pos ..`` of sealed ``pages`` of one side into out [n, H, D]."""
+    from . import _attention
+
+    f = cache.layout.formats[side]
+    _attention.read_pages(cache._arena, cache._sb.page_bytes, cache.page_size, *_side_args(cache, side),
+                          cache.layout.group_size[side] if f.name == "int4" and side == "v" else 0,
+                          _table(f), pages.astype(np.int32, copy=False), pos, out, get_num_threads())
+
+
 def _items(batch: PagedBatch, H: int, block: int, nthreads: int) -> np.ndarray:
     """Work items (b, t0, t1): long contexts are split so every thread has work."""
     lengths = batch.lengths

@@ -555,19 +555,18 @@ class PagedKVCache:
             raise ShapeError(f"need 0 <= start <= stop <= {st.length}, found start={start!r}, stop={stop!r}")
         n = stop - start
         out = {side: np.empty((n, self.num_kv_heads, self.head_dim), np.float32) for side in _SIDES}
-        P, pos, end, done = self.page_size, st.first + start, st.first + stop, 0
+        P, pos, end = self.page_size, st.first + start, st.first + stop
         nbt = len(st.bt)
-        while pos < end:
-            logical, a = divmod(pos, P)
-            b = min(P, a + end - pos)
+        sealed = max(0, min(end, nbt * P) - pos)      # positions in sealed pages, then the tail
+        if sealed:
+            from .attention import read_sealed
             for side in _SIDES:
-                dest = out[side][done:done + b - a].transpose(1, 0, 2)
-                if logical < nbt:
-                    quant.dequantize(self._page_q(side, int(st.bt.pages[logical]), a, b), out=dest)
-                else:
-                    quant.dequantize(self._tail_q(side, st.tail, a, b), out=dest)
-            done += b - a
-            pos += b - a
+                read_sealed(self, side, st.bt.pages, pos, out[side][:sealed])
+        if sealed < n:
+            a = pos + sealed - nbt * P
+            for side in _SIDES:
+                quant.dequantize(self._tail_q(side, st.tail, a, a + n - sealed),
+                                 out=out[side][sealed:].transpose(1, 0, 2))
         first_page, last_page = (st.first + start) // P, min((st.first + stop - 1) // P, nbt - 1)
         if not self.writable and self.path is not None and n and first_page <= last_page:
             self._check_pages_current(st.bt.pages[first_page:last_page + 1])
