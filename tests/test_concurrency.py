@@ -189,7 +189,9 @@ def test_second_writer_is_refused_with_a_clear_error(tmp_path):
             "    km.PagedKVCache.open(sys.argv[1], mode=sys.argv[2])\n"
             "except km.CacheFileError as e:\n"
             "    print('refused:', e)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(path), "r+"], capture_output=True, text=True)
+    # cwd: a folder without the source tree, so the installed kvmmap is imported
+    r = subprocess.run([sys.executable, "-c", code, str(path), "r+"], capture_output=True, text=True,
+                       cwd=path.parent)
     assert r.returncode == 0 and "refused:" in r.stdout and "writer lock" in r.stdout, r.stdout + r.stderr
     # create(overwrite=True) over a file a writer holds is refused too, and the file is intact
     code_create = ("import sys, kvmmap as km\n"
@@ -197,7 +199,8 @@ def test_second_writer_is_refused_with_a_clear_error(tmp_path):
                    "    km.PagedKVCache.create(sys.argv[1], num_layers=1, num_kv_heads=1, head_dim=2, overwrite=True)\n"
                    "except km.CacheFileError as e:\n"
                    "    print('refused:', e)\n")
-    r = subprocess.run([sys.executable, "-c", code_create, str(path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code_create, str(path)], capture_output=True, text=True,
+                       cwd=path.parent)
     assert r.returncode == 0 and "refused:" in r.stdout and "writer lock" in r.stdout, r.stdout + r.stderr
     w.stdin.write("go\n")
     w.stdin.flush()

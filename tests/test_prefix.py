@@ -70,10 +70,11 @@ def test_name_is_blake2b_of_int64_tokens():
     assert prefix.sequence_name(np.array(ids, np.uint16), 2) == want
 
 
-def test_name_is_stable_across_processes():
+def test_name_is_stable_across_processes(tmp_path):
     code = "from kvmmap.prefix import sequence_name; print(sequence_name(list(range(40)), 16))"
+    # cwd=tmp_path: away from the source tree, so the installed kvmmap is imported
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+                           env={**os.environ, "PYTHONHASHSEED": seed}, cwd=tmp_path).stdout.strip()
             for seed in ("1", "2")}
     assert outs == {prefix.sequence_name(range(40), 16)}
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -152,8 +153,9 @@ CHILD = MODEL_CODE + textwrap.dedent("""
 
 
 def run_child(*args):
+    # cwd: away from the source tree, so the installed kvmmap is imported
     r = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONHASHSEED": "random"}, timeout=300)
+                       env={**os.environ, "PYTHONHASHSEED": "random"}, timeout=300, cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
