@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from . import quant
-from .errors import ConfigError, DTypeError, SequenceError, ShapeError, describe
+from .errors import ConfigError, DTypeError, NonFiniteError, SequenceError, ShapeError, describe
 from .formats import get_format
 from .parallel import get_num_threads
 
@@ -74,6 +74,11 @@ class PagedBatch:
 
 def check_query(cache, layer, seqs, q, scale, window):
     """Validate the arguments of a batched decode; returns (layer, seqs, q float32, scale)."""
+    from .cache import PagedKVCache
+
+    if not isinstance(cache, PagedKVCache):
+        raise ConfigError(f"cache must be a PagedKVCache, found {type(cache).__name__}")
+    cache._check_open()
     layer = cache._check_layer(layer)
     if isinstance(seqs, (int, np.integer)):
         raise SequenceError("seqs must be a sequence of sequence ids (use decode_attention for one)")
@@ -81,7 +86,9 @@ def check_query(cache, layer, seqs, q, scale, window):
     for s in seqs:
         cache._seq(s)
     if not isinstance(q, np.ndarray):
-        raise DTypeError(f"q must be a numpy array, found {type(q).__name__}")
+        if not hasattr(q, "__array__"):
+            raise DTypeError(f"q must be a numpy array, found {type(q).__name__}")
+        q = np.asarray(q)        # e.g. a CPU torch tensor
     if q.dtype not in (np.float32, np.float16):
         raise DTypeError(f"q must be float32 or float16, found {q.dtype}")
     H, D = cache.num_kv_heads, cache.head_dim
@@ -91,7 +98,7 @@ def check_query(cache, layer, seqs, q, scale, window):
             f"found {describe(q)}"
         )
     if not np.isfinite(q).all():
-        raise ShapeError("q holds NaN or inf")
+        raise NonFiniteError("q holds NaN or inf")
     if window is not None and (not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1):
         raise ShapeError(f"window must be a positive number of tokens or None, found {window!r}")
     if scale is None:
@@ -208,7 +215,6 @@ def paged_decode_attention(cache, layer: int, seqs, q, *, scale: float | None = 
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, found {backend!r}")
-    cache._check_open()
     layer, seqs, q, scale = check_query(cache, layer, seqs, q, scale, window)
     if backend == "auto":
         from . import opencl

@@ -671,6 +671,8 @@ class PagedKVCache:
         """
         from .attention import paged_decode_attention
 
+        if not isinstance(q, np.ndarray) and hasattr(q, "__array__"):
+            q = np.asarray(q)
         if not isinstance(q, np.ndarray) or q.ndim != 2:
             raise ShapeError(f"q must be [num_q_heads, head_dim={self.head_dim}], found {describe(q)}")
         return paged_decode_attention(self, layer, [seq], q[None], scale=scale, window=window,

@@ -74,7 +74,9 @@ def _cmd_compress(args) -> int:
     print(f"  apparent   {human_bytes(r['apparent_bytes_before'])} -> {human_bytes(r['apparent_bytes_after'])}")
     print(f"  error      K {r['k_rel_error']:.4g}, V {r['v_rel_error']:.4g}  (||before - after|| / ||before||)")
     if method and r["method_ratio"]:
-        print(f"  {method:<10} its compressed representation is {r['method_ratio']:.2f}x smaller than float32 "
+        ratio = r["method_ratio"]
+        size = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+        print(f"  {method:<10} its compressed representation is {size} than float32 "
               f"({r['method_ratio_shared']:.2f}x with basis / codebooks shared); the file stores its reconstruction "
               f"in the formats above")
     return 0

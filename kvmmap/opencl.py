@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from .errors import FormatError, KernelBuildError, OpenCLUnavailableError
+from .errors import ConfigError, FormatError, KernelBuildError, OpenCLUnavailableError
 from .formats import get_format
 
 try:
@@ -171,7 +171,12 @@ class DevicePool:
         self.ctx, self.queue = context()
         dev = _pick_device()
         self.page_bytes = cache._sb.page_bytes
-        limit = int(os.environ.get("KVMMAP_OPENCL_SHARD_BYTES", "0") or 0) or dev.max_mem_alloc_size
+        env = os.environ.get("KVMMAP_OPENCL_SHARD_BYTES", "").strip()
+        try:
+            limit = int(env) if env else 0
+        except ValueError:
+            raise ConfigError(f"KVMMAP_OPENCL_SHARD_BYTES must be a number of bytes, found {env!r}") from None
+        limit = min(limit, dev.max_mem_alloc_size) if limit > 0 else dev.max_mem_alloc_size
         self.pages_per_shard = max(1, limit // self.page_bytes)
         self.global_mem = dev.global_mem_size
         self.shards: list = []           # (buffer, pages it holds)

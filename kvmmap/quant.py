@@ -268,6 +268,8 @@ def quantize_into(x, out: QTensor) -> None:
         On a rejected input nothing is promised about the destination's contents, so
         write into space that is not yet visible (the pool does).
     """
+    if not isinstance(out, QTensor):
+        raise DTypeError(f"quantize_into writes into a QTensor (see quantize), found {type(out).__name__}")
     f = get_format(out.format)
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise DTypeError(f"quantize_into needs float32 input, found {getattr(x, 'dtype', type(x).__name__)}")

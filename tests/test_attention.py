@@ -165,7 +165,7 @@ def test_pages_written_after_a_call_are_seen(backend):
     (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((2, 4, 64), np.float32)), km.ShapeError),
     (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 4, 32), np.float32)), km.ShapeError),
     (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 4, 64), np.int32)), km.DTypeError),
-    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.full((1, 4, 64), np.nan, np.float32)), km.ShapeError),
+    (lambda c, s: km.paged_decode_attention(c, 0, [s], np.full((1, 4, 64), np.nan, np.float32)), km.NonFiniteError),
     (lambda c, s: km.paged_decode_attention(c, 2, [s], np.ones((1, 4, 64), np.float32)), km.ShapeError),
     (lambda c, s: km.paged_decode_attention(c, 0, [99], np.ones((1, 4, 64), np.float32)), km.SequenceError),
     (lambda c, s: km.paged_decode_attention(c, 0, s, np.ones((1, 4, 64), np.float32)), km.SequenceError),
@@ -174,6 +174,7 @@ def test_pages_written_after_a_call_are_seen(backend):
     (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 4, 64), np.float32), scale=-1.0), km.ShapeError),
     (lambda c, s: km.paged_decode_attention(c, 0, [s], np.ones((1, 4, 64), np.float32), backend="gpu"), km.ConfigError),
     (lambda c, s: c.decode_attention(s, 0, np.ones((4, 4, 64), np.float32)), km.ShapeError),
+    (lambda c, s: km.paged_decode_attention("cache.kvm", 0, [s], np.ones((1, 4, 64), np.float32)), km.ConfigError),
 ])
 def test_bad_input_raises_clear_errors(bad, exc):
     c = km.PagedKVCache.create(None, num_layers=2, num_kv_heads=2, head_dim=64)
