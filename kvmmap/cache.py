@@ -250,7 +250,22 @@ class PagedKVCache:
                 raise CacheFileError(f"{path}: damaged metadata: neither metadata slot holds a valid commit")
             gen, slot, payload = max(valid)
             self._generation, self._active_slot = gen, slot
-            self._load(payload)
+            try:
+                self._load(payload)
+            except CacheFileError as e:
+                # Refused; the older slot is not used in its place. A slot's payload and
+                # header are each checksummed and the header is written last, so a crash
+                # leaves a slot that fails a checksum, never one that holds and is invalid.
+                # This one was written by a bug, forged, or the file was cut short behind
+                # it: falling back would hand out a state its writer had replaced, without
+                # a word, and a writer's next commit would overwrite the evidence.
+                older = [g for g, i, _ in valid if i != slot]
+                other = (f"Slot {1 - slot} holds an older commit (generation {older[0]}), not used"
+                         if older else f"Slot {1 - slot} holds no valid commit")
+                raise CacheFileError(
+                    f"{path}: damaged metadata: the newest commit (slot {slot}, generation {gen}) passes its "
+                    f"checksums but is invalid: {e}. {other}: a slot whose checksums hold was written whole, so "
+                    "this is a bug, a forged file or a truncated file, not an interrupted write") from None
         except BaseException:
             if self is not None:        # its close() (or __del__) must not close fd a second time
                 self._fd, self._closed = None, True
@@ -717,9 +732,10 @@ class PagedKVCache:
         return b"".join(parts)
 
     def _load(self, payload: bytes) -> None:
-        path = self.path
+        """Build the state from a slot payload; CacheFileError(reason) if it is invalid
+        (open() says which slot and file)."""
         def bad(msg):
-            raise CacheFileError(f"{path}: damaged metadata: {msg}")
+            raise CacheFileError(msg)
         if len(payload) < _META_HEAD.size:
             bad("truncated")
         hw, nseq, next_id, reserved = _META_HEAD.unpack_from(payload)

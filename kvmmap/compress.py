@@ -722,8 +722,11 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
     stores K/V in its page formats, which is what every reader of the file needs), and
     appended to ``dst`` in ``k_format`` / ``v_format``. Names, page size and fingerprint
     are kept. Sequences that share leading pages in ``src`` (forks) share them in ``dst``.
-    ``dst`` is written under a temporary name and renamed when complete, so a failure
-    leaves no partial file.
+    ``src`` is only read. ``dst`` is built as ``.NAME.partial-PID`` in its directory,
+    committed (synced), then renamed to ``dst``: at ``dst`` there is only ever no file, the
+    file that was there, or the complete result. A failure removes the partial file; a
+    process killed leaves it, and the next call for the same ``dst`` deletes it
+    (:func:`kvmmap.storage.remove_stale_partials`: partial files whose writer lock is free).
 
     Parameters
     ----------
@@ -754,6 +757,7 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
     """
     from .cache import PagedKVCache
     from .fileinfo import disk_usage, layer_tables
+    from .storage import partial_path, remove_stale_partials
 
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.lexists(dst):
@@ -762,7 +766,8 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
         if not overwrite:
             raise CacheFileError(f"{dst} exists; pass overwrite=True (kvmmap compress --overwrite) to replace it")
     before = disk_usage(src)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.partial-{os.getpid()}")
+    remove_stale_partials(dst)
+    tmp = partial_path(dst)
     sums = {"k": [0.0, 0.0], "v": [0.0, 0.0]}          # ||x - y||^2, ||x||^2
     method_in = method_out = method_shared = 0
     tokens = shared_total = 0
@@ -817,8 +822,15 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
                         bar.update()
                     done[sid] = out
             d.flush()
-            d.close()
+            # renamed while still open: its writer lock marks the complete partial file as
+            # live, so a concurrent call's cleanup leaves it alone
             os.replace(tmp, dst)
+            dfd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
+            try:                        # the new name survives a power loss too
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            d.close()
         except BaseException:
             d.close()
             try:

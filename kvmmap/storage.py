@@ -15,6 +15,7 @@ generation whose checksums hold is the committed state.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 from dataclasses import dataclass
@@ -215,15 +216,31 @@ class Superblock:
             raise CacheFileError(f"damaged header: inconsistent geometry ({e})") from None
 
 
+def _slot_header(head: bytes) -> tuple[int, int, int] | None:
+    """(generation, payload length, payload crc) of a 64-byte slot header that holds, else None.
+
+    It holds if its magic and header checksum are right and its last 32 bytes, which no
+    checksum covers, are zero as docs/FORMAT.md fixes. A writer writes all 64 bytes in one
+    call and old headers are zero there too, so a nonzero byte is damage to this header:
+    the slot counts as damaged, exactly like one that fails its checksum.
+    """
+    if len(head) < SLOT_HEADER_BYTES:
+        return None
+    magic, gen, length, payload_crc, header_crc = SLOT_HEADER.unpack_from(head)
+    if magic != SLOT_MAGIC or crc32c.crc32c(head[:SLOT_HEADER.size - 4]) != header_crc:
+        return None
+    if any(head[SLOT_HEADER.size:SLOT_HEADER_BYTES]):
+        return None
+    return gen, length, payload_crc
+
+
 def read_slot(fd: int, sb: Superblock, index: int) -> tuple[int, bytes] | None:
     """(generation, payload) of a metadata slot, or None if it is empty or damaged."""
     off = sb.meta_offset + index * sb.meta_slot_bytes
-    head = os.pread(fd, SLOT_HEADER.size, off)
-    if len(head) < SLOT_HEADER.size:
+    got = _slot_header(os.pread(fd, SLOT_HEADER_BYTES, off))
+    if got is None:
         return None
-    magic, gen, length, payload_crc, header_crc = SLOT_HEADER.unpack(head)
-    if magic != SLOT_MAGIC or crc32c.crc32c(head[:-4]) != header_crc:
-        return None
+    gen, length, payload_crc = got
     # the length is checked against the slot and the file before anything is allocated
     if length > sb.meta_slot_bytes - SLOT_HEADER_BYTES or off + SLOT_HEADER_BYTES + length > os.fstat(fd).st_size:
         return None
@@ -240,11 +257,9 @@ def newest_generation(fd: int, sb: Superblock) -> int:
     """
     best = -1
     for index in (0, 1):
-        head = os.pread(fd, SLOT_HEADER.size, sb.meta_offset + index * sb.meta_slot_bytes)
-        if len(head) == SLOT_HEADER.size:
-            magic, gen, _, _, header_crc = SLOT_HEADER.unpack(head)
-            if magic == SLOT_MAGIC and crc32c.crc32c(head[:-4]) == header_crc:
-                best = max(best, gen)
+        got = _slot_header(os.pread(fd, SLOT_HEADER_BYTES, sb.meta_offset + index * sb.meta_slot_bytes))
+        if got is not None:
+            best = max(best, got[0])
     return best
 
 
@@ -261,3 +276,47 @@ def write_slot(fd: int, sb: Superblock, index: int, generation: int, payload: by
     os.pwrite(fd, payload, off + SLOT_HEADER_BYTES)
     os.pwrite(fd, head.ljust(SLOT_HEADER_BYTES, b"\0"), off)
     os.fsync(fd)
+
+
+def partial_path(dst: str) -> str:
+    """Where a tool builds a new file ``dst`` before renaming it into place.
+
+    A hidden name in the same directory (so the rename is atomic), unique to this process;
+    :func:`remove_stale_partials` finds it by its prefix ``.NAME.partial-``.
+    """
+    folder, base = os.path.split(os.path.abspath(dst))
+    return os.path.join(folder, f".{base}.partial-{os.getpid()}")
+
+
+def remove_stale_partials(dst: str) -> list[str]:
+    """Delete the partial files of ``dst`` whose writer is gone; returns their paths.
+
+    A partial file is a cache being created, and its writer holds the file's ``flock``
+    until the file has its final name or the writer gave up; a process that dies releases
+    it. So a partial whose lock can be taken has no live writer and is deleted, while one
+    that is locked belongs to a run still going and is left alone. (A run caught in the
+    microseconds between creating its file and locking it loses the file and fails with an
+    error when it renames; it never produces a half-written ``dst``.)
+    """
+    folder, base = os.path.split(os.path.abspath(dst))
+    prefix = f".{base}.partial-"
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            removed.append(path)
+        except OSError:                 # locked (a live run) or not ours to delete
+            pass
+        finally:
+            os.close(fd)
+    return removed

@@ -15,19 +15,29 @@ The file is then reopened for writing (so the dead writer's lock must be gone), 
 replayed in RAM, where s is the last step reported (or the next one, if the writer died
 between its flush and its print). With exact formats (fp32 K, fp16 V) every value is
 also compared with plain numpy. Finally the reopened file takes the next step and commits.
+
+`kvmmap compress` is killed the same two ways (a hook at the n-th call that changes its
+output; the test, on reading a call number from the pipe). The source must be untouched,
+and the output path must hold nothing, the file that was there, or a complete cache equal
+to an uninterrupted run; the next run must delete the partial file left behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 import kvmmap as km
+from kvmmap.compress import compress_cache
 
 GEOMETRY = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4)
 CONFIGS = {"exact": ("fp32", "fp16"), "quant": ("int8", "int4")}
@@ -289,5 +299,292 @@ def test_plan_exercises_every_kill_point():
     assert sum(op[2] for ops in plan(1) for op in ops if op[0] == "append") > 400
 
 
+# ------------------------------------------------------------------ kills during `kvmmap compress`
+#
+# A compress process runs the CLI's `kvmmap compress` and numbers every call that changes
+# its output: appends and forks into the new cache, os.pwrite, os.ftruncate, os.fsync,
+# os.replace. A trace run prints them; a killed run SIGKILLs itself at the n-th, or prints
+# them and is killed by the test when it has read the n-th from the pipe. Each run is a
+# child forked by a server process (this file as a script) that has imported kvmmap
+# already, so that a kill costs a fork, not an interpreter start.
+
+COMPRESS_ARGS = {"formats": ["--k-format", "int8", "--v-format", "int4"],
+                 "lowrank": ["--method", "lowrank", "--rank", "4"]}
+SOURCE_STEPS = 15                  # plan(1) steps 0..15 in the source: 10 sequences, forks, shifts
+WAIT_FOR_KILL = -1                 # kill_at for a run that the test kills
+
+
+def report(line: str) -> None:
+    """One whole line to stdout in one write(2): a SIGKILL cannot cut it in half."""
+    os.write(1, f"{line}\n".encode())
+
+
+def _install_compress_hooks(kill_at: int) -> None:
+    from kvmmap import cache
+
+    count = [0]
+
+    def event(name):
+        count[0] += 1
+        if count[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        report(f"event {name}")
+
+    def hook(obj, attr, before=None, after=None):
+        real = getattr(obj, attr)
+
+        def wrapped(*a, **kw):
+            if before:
+                event(before)
+            r = real(*a, **kw)
+            if after:
+                event(after)
+            return r
+        setattr(obj, attr, wrapped)
+
+    hook(cache.PagedKVCache, "append", after="append")
+    hook(cache.PagedKVCache, "fork", after="fork")
+    hook(os, "pwrite", after="pwrite")
+    hook(os, "ftruncate", after="ftruncate")
+    hook(os, "fsync", before="fsync")
+    hook(os, "replace", before="replace", after="replaced")
+
+
+def compress_server() -> None:
+    """Per line of stdin ``[src, dst, kill_at, args]``: fork a child that runs `kvmmap
+    compress` with the hooks, wait for it, print ``exit <status>`` (-9: SIGKILL)."""
+    import traceback
+
+    from kvmmap import cli, compress, fileinfo  # noqa: F401  (imported once, before forking)
+
+    for line in sys.stdin:
+        src, dst, kill_at, args = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 4
+            try:
+                sys.stdout = open(os.devnull, "w")     # the CLI's report: not part of the protocol
+                report(f"pid {os.getpid()}")
+                _install_compress_hooks(kill_at)
+                rc = cli.main(["compress", src, dst, "--no-progress", *args])
+                report(f"done {rc}")
+                if kill_at == WAIT_FOR_KILL and rc == 0:
+                    while True:
+                        signal.pause()
+                code = rc or (3 if kill_at else 0)     # 3: the kill point was never reached
+            except BaseException:
+                traceback.print_exc()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        report(f"exit {-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)}")
+
+
+class CompressRunner:
+    """The test's end of :func:`compress_server`."""
+
+    def __init__(self, stderr_path):
+        self.stderr_path = stderr_path
+        self.stderr = open(stderr_path, "w")
+        # one BLAS thread: lowrank's small eigh calls are ~20x slower with threads on a busy machine
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, __file__, "compress-server"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+
+    def run(self, src, dst, args, kill_at=0, stop_after=None) -> list[str]:
+        """Run `kvmmap compress` in a child that kills itself at event ``kill_at``, is killed
+        by the test on reporting event ``stop_after``, or (neither) completes; the events
+        it reported."""
+        wanted = WAIT_FOR_KILL if stop_after is not None else kill_at
+        self.proc.stdin.write(json.dumps([str(src), str(dst), wanted, list(args)]) + "\n")
+        self.proc.stdin.flush()
+        events, pid = [], None
+        watchdog = threading.Timer(120, self.proc.kill)      # a hung run ends the server: readline gets ""
+        watchdog.start()
+        try:
+            while True:
+                line = self.proc.stdout.readline()
+                assert line, f"compress server died: {open(self.stderr_path).read()[-2000:]}"
+                word, *rest = line.split() or [""]
+                if word == "pid":
+                    pid = int(rest[0])
+                elif word == "event":
+                    events.append(rest[0])
+                    if len(events) == stop_after:
+                        os.kill(pid, signal.SIGKILL)
+                elif word == "exit":
+                    status = int(rest[0])
+                    break
+                else:
+                    assert word == "done", f"unexpected line {line!r} from the compress server"
+        finally:
+            watchdog.cancel()
+        want = 0 if wanted == 0 else -signal.SIGKILL
+        assert status == want, f"compress exited with {status}: {open(self.stderr_path).read()[-2000:]}"
+        return events
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.proc.stdout.close()
+        self.stderr.close()
+
+
+def describe(path) -> tuple:
+    """Formats, fingerprint, names and every sequence's values and block tables of a cache."""
+    with km.PagedKVCache.open(path, mode="r+") as c:        # r+: no writer holds it
+        assert c.verify() == []
+        return c.k_format, c.v_format, c.fingerprint, snapshot(c)
+
+
+def partials(dst) -> list[str]:
+    return sorted(p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.partial-"))
+
+
+@dataclass
+class CompressSetup:
+    src: pathlib.Path
+    src_bytes: bytes
+    refs: dict                     # per argument set: describe() of a complete run's output
+    traces: dict                   # per argument set: the events of that run
+    runner: CompressRunner
+
+
+@pytest.fixture(scope="module")
+def compress_setup(tmp_path_factory):
+    """A source file; per argument set the output and the events of a complete run."""
+    d = tmp_path_factory.mktemp("compress")
+    runner = CompressRunner(d / "server.err")
+    src = d / "src.kvm"
+    c = km.PagedKVCache.create(src, **GEOMETRY, k_format="fp32", v_format="fp16", fingerprint="crash-test",
+                               meta_slot_bytes=1 << 17)
+    ids = {}
+    for ops in plan(1)[:SOURCE_STEPS + 1]:
+        for op in ops:
+            apply_op(c, op, ids)
+        c.flush()
+    c.close()
+    refs, traces = {}, {}
+    for name, args in COMPRESS_ARGS.items():
+        traces[name] = runner.run(src, d / f"ref-{name}.kvm", args)
+        refs[name] = describe(d / f"ref-{name}.kvm")
+    # the child computes what compress_cache computes here (no BLAS in this one, so no
+    # thread count can change a rounding)
+    compress_cache(src, d / "here.kvm", k_format="int8", v_format="int4")
+    assert describe(d / "here.kvm") == refs["formats"]
+    yield CompressSetup(src, src.read_bytes(), refs, traces, runner)
+    runner.close()
+
+
+def check_after_compress_kill(tmp_path, setup: CompressSetup, name: str, old: bytes | None) -> tuple[str, list]:
+    """Source untouched; at the output path nothing, the old file, or a complete cache equal
+    to the reference; a rerun deletes the dead run's partial files and completes. Returns
+    what was at the output path ("absent", "old", "new") and the partial files found."""
+    dst = tmp_path / "out.kvm"
+    assert setup.src.read_bytes() == setup.src_bytes
+    with km.PagedKVCache.open(setup.src, mode="r+") as c:
+        assert c.verify() == []
+    left = partials(dst)
+    if not dst.exists():
+        outcome = "absent"
+    elif old is not None and dst.stat().st_size == len(old) and dst.read_bytes() == old:
+        outcome = "old"
+    else:
+        assert describe(dst) == setup.refs[name]
+        outcome = "new"
+    setup.runner.run(setup.src, dst, [*COMPRESS_ARGS[name], "--overwrite"])
+    assert partials(dst) == [] and describe(dst) == setup.refs[name]
+    return outcome, left
+
+
+def compress_kill_points(trace: list[str]) -> dict[str, int]:
+    """Chosen events (1-based) of a compress trace to kill at."""
+    appends = [i + 1 for i, e in enumerate(trace) if e == "append"]
+    final = len(trace) - trace[::-1].index("replace")         # the rename of the finished file
+    assert trace[final - 6:final + 1] == ["append", "fsync", "pwrite", "pwrite", "fsync", "replace", "replaced"]
+    return {
+        "first append": appends[0],
+        "between the layers of a sequence": appends[len(appends) // 2],   # appends go layer 0, layer 1, ...
+        "after a fork": trace.index("fork") + 1,
+        "last append, nothing committed": appends[-1],
+        "before the data fsync of the commit": final - 4,
+        "slot payload written": final - 3,
+        "slot header written": final - 2,
+        "committed, before the rename": final,
+        "renamed, before the directory fsync": final + 1,
+    }
+
+
+COMPRESS_KILLS = ["first append", "between the layers of a sequence", "after a fork", "last append, nothing committed",
+                  "before the data fsync of the commit", "slot payload written", "slot header written",
+                  "committed, before the rename", "renamed, before the directory fsync"]
+
+
+def expected_outcome(trace: list[str], kill_at: int, old: bytes | None) -> str:
+    renamed = len(trace) - trace[::-1].index("replaced")
+    return "new" if kill_at >= renamed else ("absent" if old is None else "old")
+
+
+@pytest.mark.parametrize("i", range(len(COMPRESS_KILLS)), ids=COMPRESS_KILLS)
+def test_kill_during_compress(tmp_path, compress_setup, i):
+    setup, name = compress_setup, ("formats", "lowrank")[i % 2]
+    trace = setup.traces[name]
+    kill_at = compress_kill_points(trace)[COMPRESS_KILLS[i]]
+    dst = tmp_path / "out.kvm"
+    old, args = None, COMPRESS_ARGS[name]
+    if i % 3 == 2:                                 # --overwrite over an existing cache
+        old = setup.src_bytes
+        dst.write_bytes(old)
+        args = [*args, "--overwrite"]
+    assert setup.runner.run(setup.src, dst, args, kill_at=kill_at) == trace[:kill_at - 1]
+    outcome, left = check_after_compress_kill(tmp_path, setup, name, old)
+    assert outcome == expected_outcome(trace, kill_at, old)
+    # a dead run leaves its partial file (the next run deletes it) until it has renamed it
+    assert bool(left) == (outcome != "new")
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_kill_during_compress_at_random_points(tmp_path, compress_setup, trial):
+    """Self-kills at a random event (even trials); kills by the test when it reads a random
+    event from the pipe, wherever the run has got to by then (odd trials)."""
+    rng = np.random.default_rng(2000 + trial)
+    setup, name = compress_setup, ("formats", "lowrank")[trial // 2 % 2]
+    trace = setup.traces[name]
+    n = int(rng.integers(1, len(trace) + 1))
+    if trial % 2 == 0:
+        assert setup.runner.run(setup.src, tmp_path / "out.kvm", COMPRESS_ARGS[name], kill_at=n) == trace[:n - 1]
+        outcome, _ = check_after_compress_kill(tmp_path, setup, name, None)
+        assert outcome == expected_outcome(trace, n, None)
+    else:
+        reported = setup.runner.run(setup.src, tmp_path / "out.kvm", COMPRESS_ARGS[name], stop_after=n)
+        assert len(reported) >= n and reported == trace[:len(reported)]
+        outcome, _ = check_after_compress_kill(tmp_path, setup, name, None)
+        renamed = len(trace) - trace[::-1].index("replaced")
+        if len(reported) != renamed - 1:           # else it may have died between rename and report
+            assert outcome == ("new" if len(reported) >= renamed else "absent")
+
+
+def test_stale_partials_are_removed_but_not_a_live_one(tmp_path):
+    """remove_stale_partials deletes partial files whose writer lock is free, keeps one a
+    live writer holds, and leaves other names alone."""
+    dst = tmp_path / "out.kvm"
+    dead = tmp_path / ".out.kvm.partial-99999999"
+    dead.write_bytes(b"x")
+    dead_tmp = tmp_path / ".out.kvm.partial-99999999.99999999.7f00.tmp"     # inside create(overwrite=True)
+    dead_tmp.write_bytes(b"x")
+    other = tmp_path / ".other.kvm.partial-1"
+    other.write_bytes(b"x")
+    live = km.PagedKVCache.create(tmp_path / ".out.kvm.partial-1", **GEOMETRY, meta_slot_bytes=1 << 16)
+    removed = km.storage.remove_stale_partials(dst)
+    assert sorted(map(os.path.basename, removed)) == sorted([dead.name, dead_tmp.name])
+    assert partials(dst) == [".out.kvm.partial-1"] and other.exists()
+    live.close()
+    assert km.storage.remove_stale_partials(dst) and partials(dst) == []
+
+
 if __name__ == "__main__":
-    writer(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    if sys.argv[1] == "compress-server":
+        compress_server()
+    else:
+        writer(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -4,8 +4,10 @@ A small cache holds two commits, A then B (no page is freed between them, so fal
 from B to A is exact). Every test damages a copy of it and checks:
 
 * superblock: every single flipped byte is refused;
-* newest metadata slot (header, page table, tails): open falls back to commit A, exactly;
-  both slots: refused; the older slot: harmless;
+* newest metadata slot (header and its zero padding, page table, tails): open falls back
+  to commit A, exactly; both slots: refused; the older slot: harmless;
+* a newest slot whose checksums hold but whose contents are invalid: refused, naming both
+  slots (not a torn write, so no fallback);
 * data pages: open works and verify() returns exactly the damaged page;
 * truncated files: refused unless every committed page is still whole;
 * hostile files, whose checksums are recomputed after crafting, so only validation stands
@@ -30,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvmmap as km
+from kvmmap.fileinfo import verify_cache
 
 GEO = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4, k_format="int8", v_format="int4")
 SLOT = 12288
@@ -124,10 +127,7 @@ def test_newest_slot_damage_falls_back_to_the_previous_commit(tmp_path, pristine
     p = tmp_path / "d.kvm"
     for off in offsets:
         p.write_bytes(flip(raw, off))
-        with km.PagedKVCache.open(p, mode="r") as c:
-            if off >= start + 32 and off < start + 64:     # zero padding: not covered, not read
-                assert snapshot(c) == snap_b
-                continue
+        with km.PagedKVCache.open(p, mode="r") as c:      # zero padding (bytes 32..63) included
             assert snapshot(c) == snap_a, f"flipped byte at {off}"
             assert c.verify() == []
     # the fallen-back cache commits again and its new state sticks
@@ -148,6 +148,54 @@ def test_older_slot_damage_is_harmless_and_both_damaged_is_refused(tmp_path, pri
         assert snapshot(c) == snap_b
     both = flip(flip(raw, SB + 70), SB + SLOT + 70)
     refused(write(tmp_path, both), "neither metadata slot")
+
+
+def slot_generation(raw: bytes, slot: int) -> int:
+    return struct.unpack_from("<Q", raw, SB + slot * SLOT + 8)[0]
+
+
+def test_slot_header_padding_must_be_zero(tmp_path, pristine):
+    """Bytes 32..63 of a slot header are zero (FORMAT.md) and no checksum covers them: a
+    nonzero byte there makes the slot damaged, for open(), the reader's staleness check
+    and `kvmmap verify` alike."""
+    raw, snap_a, snap_b, _, _ = pristine
+    new, old = newest_slot(raw), 1 - newest_slot(raw)
+    for off in (32, 45, 63):
+        p = write(tmp_path, set_field(raw, SB + new * SLOT + off, 1, 0x80))
+        with km.PagedKVCache.open(p, mode="r") as c:
+            assert snapshot(c) == snap_a and c.verify() == []
+            assert km.storage.newest_generation(c._fd, c._sb) == slot_generation(raw, old)
+        res = verify_cache(p)
+        assert [s["state"] for s in sorted(res["slots"], key=lambda s: s["slot"] != new)] == ["damaged", "valid"]
+    p = write(tmp_path, set_field(raw, SB + old * SLOT + 40, 1, 1))
+    with km.PagedKVCache.open(p, mode="r") as c:
+        assert snapshot(c) == snap_b
+    both = set_field(set_field(raw, SB + old * SLOT + 40, 1, 1), SB + new * SLOT + 40, 1, 1)
+    refused(write(tmp_path, both), "neither metadata slot")
+
+
+def test_checksummed_but_invalid_newest_slot_is_refused_naming_both_slots(tmp_path, pristine):
+    """A newest slot whose checksums hold but whose contents are invalid is not a torn
+    write (that fails a checksum): open() refuses, in both modes, rather than fall back to
+    the older commit, and says which slot, which generations, and why."""
+    raw, _, _, pb, used = pristine
+    new, old = newest_slot(raw), 1 - newest_slot(raw)
+    g_new, g_old = slot_generation(raw, new), slot_generation(raw, old)
+    assert g_new == g_old + 1
+    bad = fix_checksums(set_field(raw, SB + new * SLOT + 64 + 16, 4, 7))      # payload reserved field
+    refused(write(tmp_path, bad),
+            rf"the newest commit \(slot {new}, generation {g_new}\) passes its checksums but is invalid: "
+            rf"reserved field is 7, expected 0\. Slot {old} holds an older commit \(generation {g_old}\), "
+            r"not used: .* not an interrupted write")
+    # the older slot damaged as well
+    refused(write(tmp_path, flip(bad, SB + old * SLOT + 70)),
+            rf"generation {g_new}\) passes .* Slot {old} holds no valid commit")
+    # a file cut short behind a valid commit is refused the same way, though every page of
+    # the older commit is still there
+    assert struct.unpack_from("<Q", raw, SB + old * SLOT + 64)[0] <= max(used)
+    refused(write(tmp_path, raw[:ARENA + max(used) * pb]), rf"truncated file\. Slot {old} holds an older commit")
+    r = verify_cache(write(tmp_path, bad))
+    assert not r["ok"] and any(f"generation {g_new}" in p for p in r["problems"])
 
 
 def test_damaged_data_pages_are_named_by_verify(tmp_path, pristine):
