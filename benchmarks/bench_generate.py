@@ -41,6 +41,11 @@ def tensor_bytes(obj, seen=None) -> int:
         if id(obj) in seen:
             return 0
         seen.add(id(obj))
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            # a tensor subclass (quanto's quantized tensors): its own numel() * element_size()
+            # describe the dequantized view, so count the tensors it is made of
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(obj, n), seen) for n in names)
         return obj.numel() * obj.element_size()
     if isinstance(obj, (tuple, list)):
         return sum(tensor_bytes(x, seen) for x in obj)
