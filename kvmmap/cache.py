@@ -574,7 +574,8 @@ class PagedKVCache:
         nbt = len(st.bt)
         sealed = max(0, min(end, nbt * P) - pos)      # positions in sealed pages, then the tail
         if sealed:
-            from .attention import read_sealed
+            from .attention import read_sealed, will_need
+            will_need(self, st.bt.pages[pos // P:(pos + sealed - 1) // P + 1])
             for side in _SIDES:
                 read_sealed(self, side, st.bt.pages, pos, out[side][:sealed])
         if sealed < n:
