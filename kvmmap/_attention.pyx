@@ -121,13 +121,19 @@ cdef inline float fast_exp(float x) noexcept nogil:
     return bits_f32(f32_bits(r) + (<uint32_t>i << 23))
 
 
-cdef inline void scores(const float* q, const float* k, Py_ssize_t n, Py_ssize_t D,
+ctypedef fused row_t:
+    # K / V rows as the loops read them: decoded float32, or int8 codes used as they are
+    float
+    int8_t
+
+
+cdef inline void scores(const float* q, const row_t* k, Py_ssize_t n, Py_ssize_t D,
                         float* s) noexcept nogil:
     """s[t] = q . k[t] for n rows k [n, D]; four rows at a time so that the four dot
     products run as independent vector chains."""
     cdef Py_ssize_t t = 0, j
     cdef float a0, a1, a2, a3
-    cdef const float* k0
+    cdef const row_t* k0
     while t + 4 <= n:
         k0 = k + t * D
         a0 = a1 = a2 = a3 = 0
@@ -146,12 +152,12 @@ cdef inline void scores(const float* q, const float* k, Py_ssize_t n, Py_ssize_t
         t += 1
 
 
-cdef inline void accumulate(float* acc, const float* p, const float* v, Py_ssize_t n,
+cdef inline void accumulate(float* acc, const float* p, const row_t* v, Py_ssize_t n,
                             Py_ssize_t D) noexcept nogil:
     """acc[D] += sum_t p[t] * v[t, :], four rows per pass over acc."""
     cdef Py_ssize_t t = 0, j
     cdef float p0, p1, p2, p3
-    cdef const float* v0
+    cdef const row_t* v0
     while t + 4 <= n:
         p0, p1, p2, p3 = p[t], p[t + 1], p[t + 2], p[t + 3]
         v0 = v + t * D
@@ -211,49 +217,6 @@ cdef inline void accumulate2(float* acc0, float* acc1, const float* p0, const fl
         accumulate(acc1, p1 + t, v + t * D, n - t, D)
 
 
-cdef inline void scores_i8(const float* q, const int8_t* c, const float* sc, Py_ssize_t n,
-                           Py_ssize_t D, float* s) noexcept nogil:
-    """scores() straight from int8 rows c [n, D] with a scale per row: no decode pass."""
-    cdef Py_ssize_t t = 0, j
-    cdef float a0, a1, a2, a3
-    cdef const int8_t* c0
-    while t + 4 <= n:
-        c0 = c + t * D
-        a0 = a1 = a2 = a3 = 0
-        for j in range(D):
-            a0 = a0 + q[j] * c0[j]
-            a1 = a1 + q[j] * c0[D + j]
-            a2 = a2 + q[j] * c0[2 * D + j]
-            a3 = a3 + q[j] * c0[3 * D + j]
-        s[t], s[t + 1], s[t + 2], s[t + 3] = a0 * sc[t], a1 * sc[t + 1], a2 * sc[t + 2], a3 * sc[t + 3]
-        t += 4
-    while t < n:
-        a0 = 0
-        for j in range(D):
-            a0 = a0 + q[j] * c[t * D + j]
-        s[t] = a0 * sc[t]
-        t += 1
-
-
-cdef inline void accumulate_i8(float* acc, const float* p, const float* sc, const int8_t* c,
-                               Py_ssize_t n, Py_ssize_t D) noexcept nogil:
-    """accumulate() straight from int8 rows c [n, D], folding each row's scale into p."""
-    cdef Py_ssize_t t = 0, j
-    cdef float p0, p1, p2, p3
-    cdef const int8_t* c0
-    while t + 4 <= n:
-        p0, p1, p2, p3 = p[t] * sc[t], p[t + 1] * sc[t + 1], p[t + 2] * sc[t + 2], p[t + 3] * sc[t + 3]
-        c0 = c + t * D
-        for j in range(D):
-            acc[j] = acc[j] + (p0 * c0[j] + p1 * c0[D + j]) + (p2 * c0[2 * D + j] + p3 * c0[3 * D + j])
-        t += 4
-    while t < n:
-        p0 = p[t] * sc[t]
-        for j in range(D):
-            acc[j] = acc[j] + p0 * c[t * D + j]
-        t += 1
-
-
 cdef inline Py_ssize_t gather(const uint8_t* arena, Py_ssize_t page_bytes, const Side* side,
                               const int32_t* pages, Py_ssize_t num_pages, const float* tail,
                               Py_ssize_t pos, Py_ssize_t end, Py_ssize_t h, Py_ssize_t P,
@@ -289,10 +252,11 @@ cdef void attend_item(
     m_out, l_out [H * G] and acc [H * G, D] (unnormalised). A block of ``block`` tokens
     is finished for every head before the next, so each page is read from memory once
     and nearly in order; per head, K then V of the block are decoded into ``work``
-    (block * D floats), followed by the probabilities [G, block].
+    (block * D floats), followed by the probabilities [G, block] and one scratch row [block].
     """
     cdef float* buf = work
     cdef float* p = work + block * D
+    cdef float* pw = p + G * block
     cdef Py_ssize_t pos = t0, n, g, t, j, h, r, a = 0
     cdef float mnew, alpha, lsum
     cdef float* pg
@@ -324,7 +288,9 @@ cdef void attend_item(
                 kc = NULL
                 gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
             if kc != NULL:
-                scores_i8(q + h * G * D, kc, ksc, n, D, p)
+                scores(q + h * G * D, kc, n, D, p)
+                for t in range(n):
+                    p[t] = p[t] * ksc[t]
             else:
                 g = 0
                 while g + 2 <= G:
@@ -354,8 +320,10 @@ cdef void attend_item(
             if page != NULL and vs.fmt == FMT_INT8:
                 vc = <const int8_t*>(page + vs.codes_off) + (h * P + a) * D
                 vsc = <const float*>(page + vs.scales_off) + h * P + a
-                for g in range(G):
-                    accumulate_i8(acc + (h * G + g) * D, p + g * block, vsc, vc, n, D)
+                for g in range(G):      # fold each row's scale into its weight
+                    for t in range(n):
+                        pw[t] = p[g * block + t] * vsc[t]
+                    accumulate(acc + (h * G + g) * D, pw, vc, n, D)
             else:
                 gather(arena, page_bytes, vs, pages, num_pages, tail_v, pos, pos + n, h, P, D, buf)
                 g = 0
@@ -398,11 +366,11 @@ def attend(
         return
     for i in prange(N, nogil=True, schedule="dynamic", num_threads=max(1, min(nthreads, N))):
         b = items[i, 0]
-        work = <float*>malloc((block * D + G * block + Hq * D) * sizeof(float))
+        work = <float*>malloc((block * D + (G + 1) * block + Hq * D) * sizeof(float))
         if work == NULL:
             m[i, 0] = 0.0 / 0.0        # reported as an allocation failure by the caller
             continue
-        qs = work + block * D + G * block
+        qs = work + block * D + (G + 1) * block
         for j in range(Hq * D):
             qs[j] = q[b, j // D, j % D] * sm_scale
         attend_item(base, page_bytes, &ks, &vs,
