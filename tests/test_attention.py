@@ -89,6 +89,20 @@ def test_thousands_of_tokens_and_split_contexts(backend, kf, vf):
             km.set_num_threads(km.parallel._default_threads())
 
 
+@pytest.mark.parametrize("H,G,D,P,kf,vf", [
+    (2, 2, 256, 16, "int8", "int4"),      # head_dim above the OpenCL work-group size
+    (1, 16, 64, 8, "fp16", "int8"),       # a wide GQA group, small pages
+    (2, 4, 128, 32, "int4", "fp8_e4m3"),  # int4 keys over 32-token pages
+    (3, 3, 96, 16, "bf16", "int4"),       # head_dim not a power of two
+    (1, 1, 4, 1, "fp32", "fp32"),         # one-token pages
+])
+def test_unusual_geometry(backend, H, G, D, P, kf, vf):
+    rng = np.random.default_rng(D * 100 + P)
+    c, seqs = make_cache(kf, vf, H, D, [1, max(P - 1, 1), 3 * P + 1, 700], rng, page_size=P, layers=1)
+    q = rng.standard_normal((len(seqs), H * G, D), dtype=np.float32)
+    assert_close(km.paged_decode_attention(c, 0, seqs, q, backend=backend), reference(c, 0, seqs, q))
+
+
 def test_peaked_scores_stay_exact(backend):
     """Large logits (a near one-hot softmax) must not overflow the online softmax."""
     rng = np.random.default_rng(3)
