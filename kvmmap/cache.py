@@ -28,6 +28,7 @@ import numpy as np
 from . import quant
 from .errors import (
     CacheFileError,
+    ConfigError,
     DTypeError,
     ReadOnlyError,
     SequenceError,
@@ -51,6 +52,14 @@ _META_HEAD = struct.Struct("<QIII")     # high_water, num_sequences, next_sequen
 _SEQ_HEAD = struct.Struct("<IHH")       # sequence id, name length, reserved
 _LAYER_HEAD = struct.Struct("<QII")     # positions written, positions dropped in front, sealed pages
 _SIDES = ("k", "v")
+# geometry limits of docs/FORMAT.md, which open() enforces (storage.Superblock.validate)
+MAX_LAYERS, MAX_KV_HEADS, MAX_HEAD_DIM, MAX_PAGE_SIZE = 1 << 16, 1 << 12, 1 << 14, 1 << 16
+MAX_INT4_K_PAGE_SIZE = (1 << 16) - 1        # int4 keys: page_size is stored in a 16-bit group size
+MAX_META_SLOT_BYTES = (1 << 62) - 4096      # keeps arena_offset = 4096 + 2S a valid file offset (< 2**63)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 class _LayerState:
@@ -125,32 +134,45 @@ class PagedKVCache:
         overwrite : bool
             Replace an existing file instead of refusing.
         """
-        for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim), ("page_size", page_size)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ShapeError(f"{name} must be a positive integer, found {v!r}")
+        for name, v, hi in (("num_layers", num_layers, MAX_LAYERS), ("num_kv_heads", num_kv_heads, MAX_KV_HEADS),
+                            ("head_dim", head_dim, MAX_HEAD_DIM), ("page_size", page_size, MAX_PAGE_SIZE)):
+            if not _is_int(v) or not 1 <= v <= hi:
+                raise ShapeError(f"{name} must be an integer in 1..{hi} (docs/FORMAT.md), found {v!r}")
         kf, vf = get_format(k_format), get_format(v_format)
         for f in (kf, vf):
             if f.name == "int4" and head_dim % 2:
                 raise ShapeError(f"int4 needs an even head_dim, found {head_dim}")
+        if kf.name == "int4" and page_size > MAX_INT4_K_PAGE_SIZE:
+            raise ShapeError(f"int4 keys are grouped over a page and the group size field is 16 bits: page_size "
+                             f"must be at most {MAX_INT4_K_PAGE_SIZE}, found {page_size}")
         if vf.name == "int4":
             if v_group_size is None:
                 v_group_size = 32 if head_dim % 32 == 0 else head_dim
+            if not _is_int(v_group_size):
+                raise ConfigError(f"v_group_size must be an integer, found {v_group_size!r}")
             quant._resolve_grouping(vf, (1, head_dim), "token", v_group_size)
+        elif v_group_size is not None:
+            # the file has no group for such values; ignoring it would hide a mistaken setting
+            raise ConfigError(f"v_group_size applies to int4 values only; v_format is {vf.name}, "
+                              f"found v_group_size={v_group_size!r}")
         v_group_size = int(v_group_size or 0)
         if isinstance(fingerprint, str):
             fingerprint = fingerprint.encode()
+        if not isinstance(fingerprint, (bytes, bytearray)):
+            raise ConfigError(f"fingerprint must be bytes or str, found {type(fingerprint).__name__}")
         if len(fingerprint) > FINGERPRINT_BYTES:
             raise ShapeError(f"fingerprint holds at most {FINGERPRINT_BYTES} bytes, found {len(fingerprint)}")
-        if meta_slot_bytes < 4096 or meta_slot_bytes % 4096:
-            raise ShapeError(f"meta_slot_bytes must be a positive multiple of 4096, found {meta_slot_bytes}")
-        layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size or 32)
+        if not _is_int(meta_slot_bytes) or not 4096 <= meta_slot_bytes <= MAX_META_SLOT_BYTES or meta_slot_bytes % 4096:
+            raise ShapeError(f"meta_slot_bytes must be a multiple of 4096 in 4096..{MAX_META_SLOT_BYTES}, "
+                             f"found {meta_slot_bytes!r}")
+        meta_slot_bytes = int(meta_slot_bytes)
+        layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size)
         if layout.tail_bytes > meta_slot_bytes - 64:     # open() would refuse such a file
             raise ShapeError(f"meta_slot_bytes={meta_slot_bytes} cannot hold one sequence tail of this "
                              f"geometry ({layout.tail_bytes} bytes); pass a larger meta_slot_bytes")
         sb = Superblock(int(num_layers), int(num_kv_heads), int(head_dim), int(page_size), kf, vf,
-                        v_group_size, layout.page_bytes, SUPERBLOCK_BYTES, meta_slot_bytes,
-                        SUPERBLOCK_BYTES + 2 * meta_slot_bytes, bytes(fingerprint))
+                        int(page_size) if kf.name == "int4" else 0, v_group_size, layout.page_bytes,
+                        SUPERBLOCK_BYTES, meta_slot_bytes, SUPERBLOCK_BYTES + 2 * meta_slot_bytes, bytes(fingerprint))
         self = object.__new__(cls)
         self._init_common(sb, None if path is None else os.fspath(path), writable=True)
         if self.path is not None:
@@ -170,8 +192,11 @@ class PagedKVCache:
                     raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
                 self._fd = fd
                 self._lock()
-                os.pwrite(fd, sb.pack(), 0)
-                os.ftruncate(fd, sb.arena_offset)
+                try:
+                    os.pwrite(fd, sb.pack(), 0)
+                    os.ftruncate(fd, sb.arena_offset)   # e.g. EFBIG: slots beyond the file system's limit
+                except OSError as e:
+                    raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
                 self._generation, self._active_slot = 0, 1
                 self.flush()
                 if overwrite:
@@ -183,12 +208,15 @@ class PagedKVCache:
                 finally:
                     os.close(dfd)
             except BaseException:
-                if self._fd is not None:
+                if self._fd is not None:    # this call created the file at self.path: remove it
                     os.close(self._fd)
                     self._fd = None
+                    if self.path != target or not overwrite:
+                        try:
+                            os.unlink(self.path)
+                        except OSError:
+                            pass
                 self._closed = True
-                if overwrite and self.path != target and os.path.exists(self.path):
-                    os.unlink(self.path)
                 raise
             finally:
                 if old_fd is not None:
@@ -224,7 +252,7 @@ class PagedKVCache:
             read-only and may run beside a writer, seeing the state committed when opened.
         """
         if mode not in ("r", "r+"):
-            raise ValueError(f"mode must be 'r' or 'r+', found {mode!r}")
+            raise ConfigError(f"mode must be 'r' or 'r+', found {mode!r}")
         path = os.fspath(path)
         try:
             fd = os.open(path, os.O_RDWR if mode == "r+" else os.O_RDONLY)
@@ -502,10 +530,12 @@ class PagedKVCache:
 
     def sequences(self) -> dict[int, str | None]:
         """{sequence id: name or None} for every sequence."""
+        self._check_open()
         return {sid: s.name for sid, s in self._seqs.items()}
 
     def seq_len(self, seq: int, layer: int | None = None) -> int:
         """Tokens stored for ``seq`` in ``layer``, or in every layer (the minimum) if None."""
+        self._check_open()
         s = self._seq(seq)
         if layer is None:
             return min(st.length for st in s.layers)
@@ -663,10 +693,12 @@ class PagedKVCache:
 
     def block_table(self, seq: int, layer: int = 0) -> np.ndarray:
         """Physical ids of the sealed pages of one layer of ``seq``, in logical order (a copy)."""
+        self._check_open()
         return self._seq(seq).layers[self._check_layer(layer)].bt.pages.copy()
 
     def slot_mapping(self, seq: int, layer: int, start: int, n: int) -> np.ndarray:
         """Physical slot of each of ``n`` visible tokens from ``start`` (-1: still in the tail)."""
+        self._check_open()
         st = self._seq(seq).layers[self._check_layer(layer)]
         return slot_mapping(st.bt.pages, st.first, start, n, self.page_size)
 
@@ -696,6 +728,7 @@ class PagedKVCache:
 
     def stats(self) -> dict:
         """Pages used / free / pending, capacity, and bytes on disk and in RAM."""
+        self._check_open()
         used = self._alloc.high_water - self._alloc.num_free - self._alloc.num_pending
         tails = len(self._seqs) * self.num_layers * self._tail_bytes
         disk = 0

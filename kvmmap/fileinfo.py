@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .cache import PagedKVCache
 from .errors import CacheFileError, PageTableError
 from .pagetable import check_paged_layout
-from .storage import SLOT_HEADER, SUPERBLOCK_BYTES, Superblock, read_slot
+from .storage import SLOT_HEADER_BYTES, SUPERBLOCK_BYTES, Superblock, read_slot
 
 _FLOAT32_BYTES = 4
 
@@ -192,11 +192,11 @@ def format_inspect(info: dict) -> str:
 
 def _slot_status(fd: int, sb: Superblock, index: int) -> dict:
     off = sb.meta_offset + index * sb.meta_slot_bytes
-    head = os.pread(fd, SLOT_HEADER.size, off)
     got = read_slot(fd, sb, index)
     if got is not None:
         return {"slot": index, "state": "valid", "generation": int(got[0])}
-    if not any(head):
+    # empty only if the whole 64-byte header is zero, padding included (as read_slot checks it)
+    if not any(os.pread(fd, SLOT_HEADER_BYTES, off)):
         return {"slot": index, "state": "empty"}
     return {"slot": index, "state": "damaged"}
 

@@ -136,6 +136,7 @@ class Superblock:
     page_size: int
     k_format: Format
     v_format: Format
+    k_group_size: int
     v_group_size: int
     page_bytes: int
     meta_offset: int
@@ -145,12 +146,10 @@ class Superblock:
     version: tuple = VERSION
 
     def pack(self) -> bytes:
-        k_group = self.page_size if self.k_format.name == "int4" else 0
-        v_group = self.v_group_size if self.v_format.name == "int4" else 0
         head = _SB.pack(
             MAGIC, *self.version, SUPERBLOCK_BYTES, self.num_layers, self.num_kv_heads,
             self.head_dim, self.page_size, self.k_format.format_id, self.v_format.format_id,
-            k_group, v_group, 0, self.page_bytes, self.meta_offset, self.meta_slot_bytes,
+            self.k_group_size, self.v_group_size, 0, self.page_bytes, self.meta_offset, self.meta_slot_bytes,
             self.arena_offset, self.fingerprint.ljust(FINGERPRINT_BYTES, b"\0"),
         )
         body = head.ljust(_SB_CRC_AT, b"\0")
@@ -171,13 +170,18 @@ class Superblock:
         (stored,) = struct.unpack_from("<I", raw, _SB_CRC_AT)
         if crc32c.crc32c(raw[:_SB_CRC_AT]) != stored:
             raise CacheFileError(f"{path}: damaged header: superblock checksum mismatch")
-        if sb_bytes != SUPERBLOCK_BYTES or flags != 0 or any(raw[_SB.size:_SB_CRC_AT]):
-            raise CacheFileError(f"{path}: damaged header: reserved fields are not zero")
+        if sb_bytes != SUPERBLOCK_BYTES or flags != 0:
+            raise CacheFileError(f"{path}: damaged header: superblock size {sb_bytes} (expected "
+                                 f"{SUPERBLOCK_BYTES}) or flags {flags} (expected 0)")
+        # a later 1.x may add fields in the reserved bytes, which this version ignores
+        if minor == 0 and any(raw[_SB.size:_SB_CRC_AT]):
+            raise CacheFileError(f"{path}: damaged header: reserved bytes {_SB.size}..{_SB_CRC_AT - 1} "
+                                 "of a version 1.0 file are not zero")
         try:
             kfmt, vfmt = format_by_id(kf), format_by_id(vf)
         except FormatError as e:
             raise CacheFileError(f"{path}: damaged header: {e}") from None
-        sb = cls(L, H, D, P, kfmt, vfmt, vg, page_bytes, meta_off, slot_bytes, arena_off, fp, (major, minor))
+        sb = cls(L, H, D, P, kfmt, vfmt, kg, vg, page_bytes, meta_off, slot_bytes, arena_off, fp, (major, minor))
         sb.validate(path)
         return sb
 
@@ -189,6 +193,19 @@ class Superblock:
                             ("head_dim", self.head_dim, 1 << 14), ("page_size", self.page_size, 1 << 16)):
             if not 1 <= v <= hi:
                 bad(f"{name}={v} is outside 1..{hi}")
+        k4, v4 = self.k_format.name == "int4", self.v_format.name == "int4"
+        if (k4 or v4) and self.head_dim % 2:
+            bad(f"head_dim={self.head_dim} is odd, but int4 packs two codes a byte and needs an even head_dim")
+        if self.k_group_size != (self.page_size if k4 else 0):
+            bad(f"k group size is {self.k_group_size}, expected "
+                + (f"page_size={self.page_size} for int4 keys (so page_size <= 65535)" if k4
+                   else f"0 for {self.k_format.name} keys"))
+        if not v4 and self.v_group_size != 0:
+            bad(f"v group size is {self.v_group_size}, expected 0 for {self.v_format.name} values")
+        if v4 and not (2 <= self.v_group_size <= 256 and self.v_group_size % 2 == 0
+                       and self.head_dim % self.v_group_size == 0):
+            bad(f"v group size is {self.v_group_size}, expected an even number in 2..256 that divides "
+                f"head_dim={self.head_dim} for int4 values")
         layout = self.layout()
         if layout.page_bytes != self.page_bytes:
             bad(f"page_bytes={self.page_bytes} does not match the geometry ({layout.page_bytes})")
@@ -211,7 +228,7 @@ class Superblock:
     def layout(self) -> PageLayout:
         try:
             return PageLayout(self.num_kv_heads, self.head_dim, self.page_size,
-                              self.k_format, self.v_format, self.v_group_size or 32)
+                              self.k_format, self.v_format, self.v_group_size)
         except (ValueError, ZeroDivisionError) as e:
             raise CacheFileError(f"damaged header: inconsistent geometry ({e})") from None
 

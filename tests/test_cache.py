@@ -255,3 +255,49 @@ def test_second_writer_is_refused(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
     c.close()
 
+
+
+def test_create_enforces_the_format_limits_and_refuses_bad_settings(tmp_path):
+    """create() refuses what open() would refuse or what cannot be stored, with a kvmmap
+    error, before any file exists."""
+    path = tmp_path / "x.kvm"
+    geo = dict(num_layers=1, num_kv_heads=1, head_dim=8, page_size=4)
+    cases = [
+        (dict(num_layers=65537), km.ShapeError, r"num_layers must be an integer in 1\.\.65536"),
+        (dict(num_kv_heads=4097), km.ShapeError, r"num_kv_heads must be an integer in 1\.\.4096"),
+        (dict(head_dim=16386), km.ShapeError, r"head_dim must be an integer in 1\.\.16384"),
+        (dict(page_size=65537), km.ShapeError, r"page_size must be an integer in 1\.\.65536"),
+        (dict(page_size=2.0), km.ShapeError, "page_size"),
+        (dict(page_size=65536, k_format="int4"), km.ShapeError, "at most 65535"),
+        (dict(meta_slot_bytes="4096"), km.ShapeError, "meta_slot_bytes"),
+        (dict(meta_slot_bytes=1 << 62), km.ShapeError, "meta_slot_bytes"),
+        (dict(v_group_size=4), km.ConfigError, "v_group_size applies to int4 values only; v_format is int8"),
+        (dict(v_format="int4", v_group_size="4"), km.ConfigError, "v_group_size must be an integer"),
+        (dict(fingerprint=123), km.ConfigError, "fingerprint must be bytes or str"),
+    ]
+    for kw, err, match in cases:
+        with pytest.raises(err, match=match):
+            km.PagedKVCache.create(path, **{**geo, **kw})
+        assert not path.exists()
+    with pytest.raises(km.ConfigError, match="mode must be 'r' or 'r\\+', found 'w'"):
+        km.PagedKVCache.open(path, mode="w")
+    # the largest values fit and reopen
+    for kw in (dict(page_size=65535, k_format="int4"), dict(page_size=65536, num_layers=65536),
+               dict(num_kv_heads=4096), dict(head_dim=16384)):
+        km.PagedKVCache.create(path, **{**geo, **kw}, overwrite=True).close()
+        with km.PagedKVCache.open(path, mode="r") as c:
+            assert {k: getattr(c, k) for k in geo} == {**geo, **{k: v for k, v in kw.items() if k in geo}}
+
+
+def test_a_closed_cache_refuses_every_call(tmp_path):
+    c = km.PagedKVCache.create(tmp_path / "c.kvm", num_layers=1, num_kv_heads=H, head_dim=D, page_size=P)
+    s = c.new_sequence("a")
+    x = tokens(20, 3)
+    c.append(s, 0, x, x)
+    c.flush()
+    c.close()
+    for call in (lambda: c.sequences(), lambda: c.seq_len(s), lambda: c.seq_len(s, 0),
+                 lambda: c.block_table(s), lambda: c.slot_mapping(s, 0, 0, 4), lambda: c.stats(),
+                 lambda: c.read(s, 0), lambda: c.find_sequence("a"), lambda: c.flush(), lambda: c.verify()):
+        with pytest.raises(km.CacheFileError, match="the cache is closed"):
+            call()

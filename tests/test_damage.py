@@ -10,6 +10,8 @@ from B to A is exact). Every test damages a copy of it and checks:
   slots (not a torn write, so no fallback);
 * data pages: open works and verify() returns exactly the damaged page;
 * truncated files: refused unless every committed page is still whole;
+* a higher minor version may use the reserved superblock bytes; 1.0 may not; group size
+  fields and int4's even head_dim are checked;
 * hostile files, whose checksums are recomputed after crafting, so only validation stands
   between them and the reader: refused without allocating more than a bounded amount, and
   never mapped past the end of the file;
@@ -414,6 +416,69 @@ def test_hostile_payload_fields(tmp_path, pristine):
             p.write_bytes(fix_checksums(set_field(raw, off, width, value)))
             outcomes[open_hostile(p)] += 1
     assert outcomes["refused"] > 0 and outcomes["opened"] > 0, outcomes
+
+
+def test_a_higher_minor_version_may_use_the_reserved_bytes(tmp_path, pristine):
+    """FORMAT.md: a higher minor of major 1 is read, additions only in the reserved bytes
+    104..4091; a 1.0 file must keep them zero."""
+    raw, _, snap_b, _, _ = pristine
+    v11 = fix_checksums(set_field(set_field(raw, 10, 2, 1), 200, 1, 0x5A))     # minor 1, a field of 1.1
+    p = write(tmp_path, v11)
+    for mode in ("r", "r+"):
+        with km.PagedKVCache.open(p, mode=mode) as c:
+            assert c.version == (1, 1) and snapshot(c) == snap_b and c.verify() == []
+    assert verify_cache(p)["ok"]
+    with km.PagedKVCache.open(p, mode="r+") as c:          # a writer keeps the superblock as it is
+        c.append(0, 0, tokens(3, 70), tokens(3, 71))
+        c.flush()
+    assert p.read_bytes()[:SB] == v11[:SB]
+    with km.PagedKVCache.open(p, mode="r") as c:
+        assert c.seq_len(0, 0) == 32
+    refused(write(tmp_path, fix_checksums(set_field(raw, 200, 1, 0x5A))), "reserved bytes .* version 1.0")
+    # flags and the superblock size stay fixed in every 1.x
+    refused(write(tmp_path, fix_checksums(set_field(set_field(raw, 10, 2, 1), 38, 2, 1))), "flags 1")
+
+
+def craft(tmp_path, raw, edits, name="g.kvm"):
+    for off, width, value in edits:
+        raw = set_field(raw, off, width, value)
+    return write(tmp_path, fix_checksums(raw), name)
+
+
+def test_group_size_fields_and_int4_head_dim_are_validated(tmp_path, pristine):
+    """Offsets 34 / 36 (K / V group size) and the even head_dim of int4, with checksums and
+    page_bytes forged to match: each is refused for what it breaks."""
+    raw, _, snap_b, _, _ = pristine                 # K int8, V int4 in groups of 32, D 32, P 4
+    H, D, P = GEO["num_kv_heads"], GEO["head_dim"], GEO["page_size"]
+    assert struct.unpack_from("<HH", raw, 34) == (0, 32)
+    refused(craft(tmp_path, raw, [(34, 2, P)]), "k group size is 4, expected 0 for int8 keys")
+    refused(craft(tmp_path, raw, [(36, 2, 0)]), "v group size is 0, expected an even number in 2..256")
+    pb12 = km.storage.PageLayout(H, D, P, "int8", "int4", 12).page_bytes      # 12 does not divide 32
+    refused(craft(tmp_path, raw, [(36, 2, 12), (40, 8, pb12)]), "v group size is 12, .* divides head_dim=32")
+
+    # K int4, V fp16, no sequences (a tail's size does not depend on what is forged below)
+    path = tmp_path / "k4.kvm"
+    km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D, page_size=P, k_format="int4",
+                           v_format="fp16", meta_slot_bytes=SLOT).close()
+    k4 = path.read_bytes()
+    assert struct.unpack_from("<HH", k4, 34) == (P, 0)
+    with km.PagedKVCache.open(path, mode="r") as c:
+        assert c.sequences() == {}
+    refused(craft(tmp_path, k4, [(34, 2, 2 * P)]), "k group size is 8, expected page_size=4 for int4 keys")
+    refused(craft(tmp_path, k4, [(36, 2, 32)]), "v group size is 32, expected 0 for fp16 values")
+    odd = km.storage.PageLayout(H, D - 1, P, "int4", "fp16", 0).page_bytes
+    refused(craft(tmp_path, k4, [(24, 4, D - 1), (40, 8, odd)]), "head_dim=31 is odd")
+
+
+def test_verify_calls_a_slot_with_nonzero_padding_damaged_not_empty(tmp_path):
+    path = tmp_path / "e.kvm"
+    km.PagedKVCache.create(path, **GEO, meta_slot_bytes=SLOT).close()    # one commit, in slot 0
+    assert [s["state"] for s in verify_cache(path)["slots"]] == ["valid", "empty"]
+    raw = path.read_bytes()
+    p = write(tmp_path, set_field(raw, SB + SLOT + 40, 1, 1))            # slot 1's padding only
+    assert [s["state"] for s in verify_cache(p)["slots"]] == ["valid", "damaged"]
+    with km.PagedKVCache.open(p, mode="r") as c:
+        assert c.sequences() == {}
 
 
 # ------------------------------------------------------------------ fuzz
