@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,7 +151,24 @@ class CompressedKV:
 
     @classmethod
     def load(cls, path) -> "CompressedKV":
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+
+        Returns
+        -------
+        CompressedKV
+            The arrays as saved (dtypes and shapes of :attr:`CompressedTensor.arrays`),
+            with ``ndim``, ``dtype`` and ``report``.
+
+        Raises
+        ------
+        CacheFileError
+            The file is missing or unreadable, is not a zip of arrays written by
+            :meth:`save`, or has another version. Its message names the path.
+        """
         try:
             with np.load(path, allow_pickle=False) as z:
                 head = json.loads(bytes(z["__header__"]).decode())
@@ -162,9 +180,14 @@ class CompressedKV:
                     prefix = f"{side}."
                     arrays = {n[len(prefix):]: z[n] for n in z.files if n.startswith(prefix)}
                     sides[side] = CompressedTensor(h["method"], tuple(h["shape"]), arrays, h["params"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise CacheFileError(f"{path}: not a compressed K/V file written by CompressedKV.save ({e})") from None
-        return cls(sides["k"], sides["v"], head["ndim"], head["dtype"], head["report"])
+                return cls(sides["k"], sides["v"], head["ndim"], head["dtype"], head["report"])
+        except CacheFileError:
+            raise
+        except OSError as e:        # missing, a directory, unreadable
+            raise CacheFileError(f"cannot read {path}: {e.strerror or e}") from None
+        except (KeyError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as e:
+            raise CacheFileError(f"{path}: not a compressed K/V file written by CompressedKV.save "
+                                 f"({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------- k-means
@@ -736,7 +759,8 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
     compressor : KVCacheCompressor, optional
         Fitted per (sequence, layer) on that data unless it was :meth:`~KVCacheCompressor.fit`.
     overwrite : bool
-        Replace an existing ``dst``.
+        Replace an existing ``dst``. Refused while another process has ``dst`` open for
+        writing (its writer lock is held); the lock is then held until the rename.
     progress : bool, optional
         Progress bar over (sequence, layer) pairs (None: only when stderr is a terminal).
 
@@ -756,8 +780,6 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
     CacheFileError, FormatError, NonFiniteError, ConfigError, OSError
     """
     from .cache import PagedKVCache
-    from .fileinfo import disk_usage, layer_tables
-    from .storage import partial_path, remove_stale_partials
 
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.lexists(dst):
@@ -765,6 +787,23 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
             raise CacheFileError(f"{dst} is the input file; write the compressed cache elsewhere")
         if not overwrite:
             raise CacheFileError(f"{dst} exists; pass overwrite=True (kvmmap compress --overwrite) to replace it")
+    # The old dst's writer lock is held until the rename, as create(overwrite=True) does: a
+    # writer that has dst open is refused instead of having its file replaced under it, and
+    # no writer can open it meanwhile.
+    old_fd = PagedKVCache._lock_existing(dst) if overwrite else None
+    try:
+        return _compress_into(src, dst, k_format, v_format, compressor, progress)
+    finally:
+        if old_fd is not None:
+            os.close(old_fd)
+
+
+def _compress_into(src: str, dst: str, k_format, v_format, compressor, progress) -> dict:
+    """compress_cache's work, once ``dst`` may be replaced."""
+    from .cache import PagedKVCache
+    from .fileinfo import disk_usage, layer_tables
+    from .storage import partial_path, remove_stale_partials
+
     before = disk_usage(src)
     remove_stale_partials(dst)
     tmp = partial_path(dst)

@@ -32,6 +32,7 @@ from .cache import PagedKVCache
 from .compress import meta_slot_bytes_for
 from .errors import DTypeError, KVMmapError, ShapeError, describe
 from .fileinfo import disk_usage
+from .storage import partial_path, remove_stale_partials
 
 _PER_LAYER = re.compile(r"^layers\.(\d+)\.(key|value)$")
 
@@ -201,7 +202,8 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
     append : bool
         Add the sequences to an existing cache with the same geometry.
     overwrite : bool
-        Replace an existing ``dst`` (without ``append``).
+        Replace an existing ``dst`` (without ``append``). Refused while another process
+        has ``dst`` open for writing (its writer lock is held).
     fingerprint : bytes or str
         Model fingerprint of a new cache.
     progress : bool, optional
@@ -217,8 +219,10 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
     Raises
     ------
     InputFileError, ShapeError, DTypeError, NonFiniteError, CacheFileError, OSError
-        A new ``dst`` is written under a temporary name and renamed when complete; with
-        ``append`` nothing is committed unless every array was stored.
+        A new ``dst`` is written as ``.NAME.partial-PID`` in its directory and renamed
+        when complete; partial files of ``dst`` left by a killed run are deleted first
+        (:func:`kvmmap.storage.remove_stale_partials`). With ``append`` nothing is
+        committed unless every array was stored.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if not isinstance(page_size, (int, np.integer)) or isinstance(page_size, bool) or page_size < 1:
@@ -226,6 +230,7 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
     if not os.path.exists(src):
         raise InputFileError(f"{src}: no such file")
     arrays = _Arrays(src)
+    old_fd = None
     try:
         kind, plan = _plan(arrays)
         shape = plan["shape"]
@@ -250,7 +255,10 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
             if os.path.lexists(dst) and not overwrite:
                 raise InputFileError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it or append=True (--append)")
             final = dst
-            dst = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.partial-{os.getpid()}")
+            # held until the rename, as compress_cache does: a live writer of dst is refused
+            old_fd = PagedKVCache._lock_existing(final) if overwrite else None
+            remove_stale_partials(final)
+            dst = partial_path(final)
             slot = meta_slot_bytes_for(num_layers, heads, head_dim, page_size, k_format, v_format, batch,
                                        batch * num_layers * (seq // page_size),
                                        sum(len(n.encode()) + 3 for n in names))
@@ -273,13 +281,16 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
                     cache.append(s, layer, _tokens_first(k[b]), _tokens_first(v[b]))
             cache.flush()
             result = {"k_format": cache.k_format, "v_format": cache.v_format}
-            cache.close()
             if final is not None:
+                # renamed while still open: its writer lock marks the complete partial file
+                # as live, so a concurrent call's cleanup leaves it alone
                 os.replace(dst, final)
                 dst = final
+                _fsync_dir(final)
+            cache.close()
         except BaseException:
             cache.close()     # without flush: nothing of this call is committed
-            if final is not None:
+            if final is not None and dst != final:
                 try:
                     os.unlink(dst)
                 except OSError:
@@ -287,8 +298,19 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
             raise
     finally:
         arrays.close()
+        if old_fd is not None:
+            os.close(old_fd)
     return {"src": src, "dst": dst, "layers": num_layers, "heads": heads, "head_dim": head_dim, "tokens": seq,
             "sequences": names, **result, **disk_usage(dst), "source_bytes": os.path.getsize(src)}
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the directory entry of ``path`` durable (it survives a power loss)."""
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _tokens_first(x: np.ndarray) -> np.ndarray:

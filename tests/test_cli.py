@@ -236,3 +236,33 @@ def test_tools_scripts_are_the_same_commands(cache_file, tmp_path):
     r = run(tmp_path, cache_file.name, "c2.kvm", "--v-format", "int4", script=TOOLS / "compress.py")
     assert r.returncode == 0 and (tmp_path / "c2.kvm").exists()
     fails(run(tmp_path, "nothing.npz", "x.kvm", script=TOOLS / "convert.py"), 1, "no such file")
+
+
+def test_overwrite_refuses_an_output_held_by_a_writer(cache_file, tmp_path):
+    """compress/convert --overwrite do not rename over a file that a writer has open."""
+    out = tmp_path / "out.kvm"
+    assert run(tmp_path, "compress", cache_file.name, out.name).returncode == 0
+    before = out.read_bytes()
+    np.savez(tmp_path / "kv.npz", kv=np.ones((L, 2, H, 5, D), np.float32))
+    with km.PagedKVCache.open(out, "r+"):
+        fails(run(tmp_path, "compress", cache_file.name, out.name, "--overwrite"), 1,
+              "out.kvm is open for writing in another process (its writer lock is held)")
+        fails(run(tmp_path, "convert", "kv.npz", out.name, "--overwrite"), 1, "writer lock")
+    assert out.read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+    assert run(tmp_path, "convert", "kv.npz", out.name, "--overwrite").returncode == 0
+
+
+def test_convert_removes_stale_partials_but_not_a_live_one(tmp_path):
+    """A killed convert leaves its partial file; the next convert to the same output deletes
+    it (no writer holds its lock), as compress does, and leaves a live run's alone."""
+    np.savez(tmp_path / "kv.npz", kv=np.ones((L, 2, H, 5, D), np.float32))
+    stale = tmp_path / ".out.kvm.partial-99999999"
+    stale.write_bytes(b"x" * 100)
+    live = km.PagedKVCache.create(tmp_path / ".out.kvm.partial-1", num_layers=L, num_kv_heads=H, head_dim=D,
+                                  meta_slot_bytes=1 << 16)
+    assert run(tmp_path, "convert", "kv.npz", "out.kvm").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == [".out.kvm.partial-1"]
+    live.close()
+    with km.PagedKVCache.open(tmp_path / "out.kvm", "r") as c:
+        assert c.seq_len(c.find_sequence("kv")) == 5

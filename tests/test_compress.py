@@ -229,6 +229,29 @@ def test_report_and_npz_round_trip(tmp_path, method):
         CompressedKV.load(tmp_path / "other.npz")
 
 
+def test_load_of_a_missing_or_damaged_file_raises_cache_file_error_naming_it(tmp_path):
+    k, v = decaying((1, H, S, D), 18), decaying((1, H, S, D), 19)
+    good = tmp_path / "c.kvz"
+    KVCacheCompressor("lowrank", rank=4).compress_kv(k, v).save(good)
+    raw = good.read_bytes()
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    np.savez(tmp_path / "listhead.npz", __header__=np.frombuffer(b"[1, 2]", np.uint8))
+    bad = [tmp_path / "missing.kvz", tmp_path, tmp_path / "one.npy", tmp_path / "listhead.npz"]
+    for i, n in enumerate((0, 10, 100, len(raw) // 2, len(raw) - 30)):
+        cut = tmp_path / f"cut{i}.kvz"
+        cut.write_bytes(raw[:n])
+        bad.append(cut)
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF          # inside the arrays: the zip's CRC fails
+    (tmp_path / "flip.kvz").write_bytes(bytes(flipped))
+    bad.append(tmp_path / "flip.kvz")
+    for path in bad:
+        with pytest.raises(km.CacheFileError, match=str(path)) as info:
+            CompressedKV.load(path)
+        assert isinstance(info.value, OSError)
+    assert CompressedKV.load(good).report["method"] == "lowrank"
+
+
 def test_fit_once_and_reuse_on_other_data():
     k, v = decaying((1, H, 230, D), 18), decaying((1, H, 230, D), 19)
     calib_k, calib_v, other_k, other_v = k[:, :, :200], v[:, :, :200], k[:, :, 200:], v[:, :, 200:]
@@ -357,3 +380,19 @@ def test_compress_cache_refuses_damage_and_clobbering(tmp_path):
         compress_cache(src, tmp_path / "out.kvm")
     assert not (tmp_path / "out.kvm").exists()
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_compress_overwrite_refuses_an_output_held_by_a_writer(tmp_path):
+    """Like create(overwrite=True): replacing a file that a writer has open would lose its
+    later commits (they would go to a file no longer at that name)."""
+    src = make_cache(tmp_path / "src.kvm")
+    dst = make_cache(tmp_path / "dst.kvm", kf="fp16", vf="fp16", seed=5)
+    before = dst.read_bytes()
+    with km.PagedKVCache.open(dst, "r+"):              # a separate open file: its flock conflicts
+        with pytest.raises(km.CacheFileError, match="dst.kvm is open for writing .*writer lock"):
+            compress_cache(src, dst, k_format="int8", overwrite=True)
+    assert dst.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.kvm", "src.kvm"]
+    compress_cache(src, dst, k_format="int8", overwrite=True)         # the writer is gone
+    with km.PagedKVCache.open(dst, "r") as d:
+        assert d.k_format == "int8"
