@@ -700,6 +700,10 @@ class PagedKVCache:
         """Physical slot of each of ``n`` visible tokens from ``start`` (-1: still in the tail)."""
         self._check_open()
         st = self._seq(seq).layers[self._check_layer(layer)]
+        # the kernel indexes the block table without bounds checks: a negative start would read outside it
+        if not (_is_int(start) and _is_int(n) and 0 <= start and 0 <= n and start + n <= st.length):
+            raise ShapeError(f"need 0 <= start, 0 <= n and start + n <= {st.length} tokens, "
+                             f"found start={start!r}, n={n!r}")
         return slot_mapping(st.bt.pages, st.first, start, n, self.page_size)
 
     def decode_attention(self, seq: int, layer: int, q, *, scale: float | None = None,

@@ -301,3 +301,20 @@ def test_a_closed_cache_refuses_every_call(tmp_path):
                  lambda: c.read(s, 0), lambda: c.find_sequence("a"), lambda: c.flush(), lambda: c.verify()):
         with pytest.raises(km.CacheFileError, match="the cache is closed"):
             call()
+
+
+def test_slot_mapping_matches_the_block_table_and_refuses_out_of_range_tokens():
+    c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=H, head_dim=D, page_size=P)
+    s = c.new_sequence()
+    x = tokens(40, 4)
+    c.append(s, 0, x, x)
+    c.shift_left(s, 3)                                        # 37 visible tokens from position 3
+    bt = c.block_table(s).astype(np.int64)
+    pos = 3 + np.arange(37)
+    want = np.where(pos // P < len(bt), bt[np.minimum(pos // P, len(bt) - 1)] * P + pos % P, -1)
+    np.testing.assert_array_equal(c.slot_mapping(s, 0, 0, 37), want)
+    np.testing.assert_array_equal(c.slot_mapping(s, 0, 30, 7), want[30:])
+    assert c.slot_mapping(s, 0, 37, 0).shape == (0,)
+    for start, n in ((-1, 3), (-100, 3), (0, -1), (30, 8), (2.5, 1), ("a", 1)):
+        with pytest.raises(km.ShapeError, match="start"):
+            c.slot_mapping(s, 0, start, n)
