@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import struct
 
 import crc32c
@@ -132,7 +133,30 @@ class PagedKVCache:
             Capacity of each of the two metadata slots; reserved sparsely, so it costs no
             disk until used.
         overwrite : bool
-            Replace an existing file instead of refusing.
+            Replace an existing file instead of refusing. The new file is built under a
+            temporary name and renamed over the old one while holding its writer lock.
+
+        Returns
+        -------
+        PagedKVCache
+            Open for writing (``mode="r+"``), with no sequence, committed once.
+
+        Raises
+        ------
+        ShapeError
+            A geometry value outside the limits of docs/FORMAT.md (num_layers 1..65536,
+            num_kv_heads 1..4096, head_dim 1..16384, page_size 1..65536 and at most 65535
+            for int4 keys), an odd head_dim with int4, a fingerprint over 32 bytes, or a
+            meta_slot_bytes that is not a multiple of 4096 or cannot hold one sequence tail.
+        ConfigError
+            ``v_group_size`` given for values that are not int4, or not an integer; a
+            fingerprint that is neither bytes nor str.
+        FormatError
+            An unknown format, or an int4 ``v_group_size`` that is not even, at most 256
+            and a divisor of head_dim.
+        CacheFileError
+            ``path`` exists (without ``overwrite``), is held by a writer in another
+            process (with ``overwrite``), or cannot be created. No file is left behind.
         """
         for name, v, hi in (("num_layers", num_layers, MAX_LAYERS), ("num_kv_heads", num_kv_heads, MAX_KV_HEADS),
                             ("head_dim", head_dim, MAX_HEAD_DIM), ("page_size", page_size, MAX_PAGE_SIZE)):
@@ -250,6 +274,21 @@ class PagedKVCache:
         mode : {"r+", "r"}
             "r+" takes the file's writer lock (a second writer is refused); "r" maps it
             read-only and may run beside a writer, seeing the state committed when opened.
+
+        Returns
+        -------
+        PagedKVCache
+            At the newest valid commit in the file.
+
+        Raises
+        ------
+        ConfigError
+            ``mode`` is neither "r" nor "r+".
+        CacheFileError
+            The file cannot be opened, is not a regular file or not a kvmmap cache, has
+            another major version, a damaged or invalid header, no valid metadata slot or
+            a newest slot whose contents are invalid, is truncated, or (mode "r+") its
+            writer lock is held by another process. The file is left unchanged.
         """
         if mode not in ("r", "r+"):
             raise ConfigError(f"mode must be 'r' or 'r+', found {mode!r}")
@@ -260,6 +299,8 @@ class PagedKVCache:
             raise CacheFileError(f"cannot open {path}: {e.strerror}") from None
         self = None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):     # mode "r" opens a directory without error
+                raise CacheFileError(f"cannot open {path}: not a regular file")
             sb = Superblock.unpack(os.pread(fd, SUPERBLOCK_BYTES, 0), path)
             sb.check_file_size(os.fstat(fd).st_size, path)    # before sizing anything from it
             self = object.__new__(cls)
@@ -482,7 +523,28 @@ class PagedKVCache:
     # ------------------------------------------------------------------ sequences
 
     def new_sequence(self, name: str | None = None) -> int:
-        """Start an empty sequence; returns its id. ``name`` (unique) finds it again later."""
+        """Start an empty sequence.
+
+        Parameters
+        ----------
+        name : str, optional
+            Unique, non-empty, under 64 KiB of UTF-8; :meth:`find_sequence` finds the
+            sequence by it, in this process or after reopening the file.
+
+        Returns
+        -------
+        int
+            The new sequence's id (ids are never reused).
+
+        Raises
+        ------
+        SequenceError
+            ``name`` is not a non-empty string under 64 KiB, or is taken.
+        ReadOnlyError
+            The cache was opened with ``mode="r"``.
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open(write=True)
         if name is not None:
             if not isinstance(name, str) or not name or len(name.encode()) > 65535:
@@ -498,7 +560,23 @@ class PagedKVCache:
         return sid
 
     def find_sequence(self, name: str) -> int:
-        """Id of the sequence called ``name``."""
+        """Id of the sequence called ``name``.
+
+        Parameters
+        ----------
+        name : str
+
+        Returns
+        -------
+        int
+
+        Raises
+        ------
+        SequenceError
+            No sequence has this name.
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open()
         try:
             return self._names[name]
@@ -508,8 +586,34 @@ class PagedKVCache:
     def store_prefix(self, seq: int, token_ids) -> int:
         """Store ``seq``'s first ``len(token_ids)`` tokens under the hash of ``token_ids``.
 
-        A fork (pages shared) named by :func:`kvmmap.prefix.sequence_name`; returns its id
-        (the existing one if this prompt is stored already). See :mod:`kvmmap.prefix`.
+        A fork (pages shared) named by :func:`kvmmap.prefix.sequence_name`. See
+        :mod:`kvmmap.prefix`.
+
+        Parameters
+        ----------
+        seq : int
+            A sequence holding the K/V of exactly these token ids from position 0, at
+            least ``len(token_ids)`` tokens in every layer.
+        token_ids : sequence of int, or integer numpy array / torch tensor, shape ``[n]``
+            ``n >= 1`` non-negative ids.
+
+        Returns
+        -------
+        int
+            The stored sequence's id; the existing one if this prompt is stored already.
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``.
+        ShapeError
+            ``token_ids`` is empty, not 1-D, negative or beyond int64, or longer than ``seq``.
+        DTypeError
+            ``token_ids`` are not integers.
+        ReadOnlyError
+            The cache was opened with ``mode="r"``.
+        CacheFileError
+            The cache is closed.
         """
         from . import prefix
 
@@ -517,11 +621,28 @@ class PagedKVCache:
         return prefix.store_prefix(self, seq, token_ids)
 
     def match_prefix(self, token_ids) -> tuple[int | None, int]:
-        """``(seq, length)``: the stored prompt sharing the longest prefix with ``token_ids``.
+        """The stored prompt sharing the longest prefix with ``token_ids``.
 
-        ``length`` leading tokens of ``token_ids`` have their K/V in ``seq`` (whole stored
-        prompts, or common prefixes rounded down to pages); ``(None, 0)`` if none match.
         Reuse a match with ``s = c.fork(seq); c.truncate(s, length)``. See :mod:`kvmmap.prefix`.
+
+        Parameters
+        ----------
+        token_ids : sequence of int, or integer numpy array / torch tensor, shape ``[n]``
+
+        Returns
+        -------
+        seq : int or None
+            The stored sequence (ties: the lowest id); None if none matches.
+        length : int
+            Leading tokens of ``token_ids`` whose K/V ``seq`` holds: a whole stored
+            prompt, or a common prefix rounded down to whole pages; 0 if none matches.
+
+        Raises
+        ------
+        ShapeError, DTypeError
+            ``token_ids`` is not a 1-D array of non-negative integers.
+        CacheFileError
+            The cache is closed.
         """
         from . import prefix
 
@@ -529,12 +650,39 @@ class PagedKVCache:
         return prefix.match_prefix(self, token_ids)
 
     def sequences(self) -> dict[int, str | None]:
-        """{sequence id: name or None} for every sequence."""
+        """{sequence id: name or None} for every sequence.
+
+        Raises
+        ------
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open()
         return {sid: s.name for sid, s in self._seqs.items()}
 
     def seq_len(self, seq: int, layer: int | None = None) -> int:
-        """Tokens stored for ``seq`` in ``layer``, or in every layer (the minimum) if None."""
+        """Tokens stored for ``seq`` in one layer, or in every layer.
+
+        Parameters
+        ----------
+        seq : int
+        layer : int, optional
+            ``0 .. num_layers - 1``; None: the fewest over all layers.
+
+        Returns
+        -------
+        int
+            Visible tokens (those :meth:`read` returns).
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``.
+        ShapeError
+            ``layer`` out of range.
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open()
         s = self._seq(seq)
         if layer is None:
@@ -588,9 +736,29 @@ class PagedKVCache:
     def read(self, seq: int, layer: int, start: int = 0, stop: int | None = None):
         """Dequantized K and V of tokens ``start .. stop - 1`` of one layer.
 
+        Parameters
+        ----------
+        seq : int
+        layer : int
+            ``0 .. num_layers - 1``.
+        start, stop : int, optional
+            ``0 <= start <= stop <= seq_len(seq, layer)``; ``stop`` defaults to the
+            sequence's length in this layer.
+
         Returns
         -------
         k, v : numpy.ndarray, float32, shape ``[stop - start, num_kv_heads, head_dim]``
+            New arrays (nothing refers to the file).
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``.
+        ShapeError
+            ``layer`` or ``start`` / ``stop`` out of range.
+        CacheFileError
+            The cache is closed; or, on a read-only view, a writer has since reused pages
+            this read copied (reopen to read the current state).
         """
         self._check_open()
         st = self._seq(seq).layers[self._check_layer(layer)]
@@ -635,7 +803,31 @@ class PagedKVCache:
                 "cache to read the current state")
 
     def fork(self, seq: int, name: str | None = None) -> int:
-        """A new sequence sharing ``seq``'s sealed pages (copy-on-write); returns its id."""
+        """A new sequence holding what ``seq`` holds, sharing its sealed pages.
+
+        Sealed pages are reference-counted, not copied; only the open tail of each layer
+        is copied. Later writes to either sequence never change the other.
+
+        Parameters
+        ----------
+        seq : int
+        name : str, optional
+            A unique name for the new sequence, as in :meth:`new_sequence`.
+
+        Returns
+        -------
+        int
+            The new sequence's id.
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``, or ``name`` invalid or taken.
+        ReadOnlyError
+            The cache was opened with ``mode="r"``.
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open(write=True)
         src = self._seq(seq)
         sid = self.new_sequence(name)
@@ -646,7 +838,24 @@ class PagedKVCache:
         return sid
 
     def free(self, seq: int) -> None:
-        """Drop a sequence; its pages return to the free list at the next commit."""
+        """Drop a sequence and its name.
+
+        Its pages no other sequence shares return to the free list at the next
+        :meth:`flush` (so the committed state never refers to a reused page).
+
+        Parameters
+        ----------
+        seq : int
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``.
+        ReadOnlyError
+            The cache was opened with ``mode="r"``.
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open(write=True)
         s = self._seq(seq)
         for st in s.layers:
@@ -656,7 +865,28 @@ class PagedKVCache:
             del self._names[s.name]
 
     def truncate(self, seq: int, n: int) -> None:
-        """Keep the first ``n`` tokens of every layer of ``seq`` (layers shorter keep all)."""
+        """Keep the first ``n`` tokens of every layer of ``seq`` (layers shorter keep all).
+
+        A sealed page cut in the middle is not changed: its kept tokens are copied into
+        the tail (copy-on-write) and the page is dropped.
+
+        Parameters
+        ----------
+        seq : int
+        n : int
+            ``n >= 0``.
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``.
+        ShapeError
+            ``n`` is not an integer >= 0.
+        ReadOnlyError
+            The cache was opened with ``mode="r"``.
+        CacheFileError
+            The cache is closed.
+        """
         s = self._seq_and_count(seq, n, "truncate")
         P = self.page_size
         for st in s.layers:
@@ -680,7 +910,28 @@ class PagedKVCache:
             st.n_pos = new_pos
 
     def shift_left(self, seq: int, n: int) -> None:
-        """Drop the first ``n`` tokens of every layer of ``seq`` (a sliding window)."""
+        """Drop the first ``n`` tokens of every layer of ``seq`` (a sliding window).
+
+        Layers holding fewer than ``n`` tokens become empty. Pages that hold no visible
+        token any more are dropped.
+
+        Parameters
+        ----------
+        seq : int
+        n : int
+            ``n >= 0``.
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``.
+        ShapeError
+            ``n`` is not an integer >= 0.
+        ReadOnlyError
+            The cache was opened with ``mode="r"``.
+        CacheFileError
+            The cache is closed.
+        """
         s = self._seq_and_count(seq, n, "shift_left")
         P = self.page_size
         for st in s.layers:
@@ -692,12 +943,59 @@ class PagedKVCache:
                 st.n_pos -= drop * P
 
     def block_table(self, seq: int, layer: int = 0) -> np.ndarray:
-        """Physical ids of the sealed pages of one layer of ``seq``, in logical order (a copy)."""
+        """Physical ids of the sealed pages of one layer of ``seq``, in logical order.
+
+        Parameters
+        ----------
+        seq : int
+        layer : int
+            ``0 .. num_layers - 1`` (default 0).
+
+        Returns
+        -------
+        numpy.ndarray, uint32, shape ``[num_sealed_pages]``
+            A copy. Visible token ``i`` is in page ``[(first + i) // page_size]`` when
+            that index is below ``num_sealed_pages``, else in the open tail
+            (docs/FORMAT.md; ``first`` < page_size tokens dropped by :meth:`shift_left`).
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``.
+        ShapeError
+            ``layer`` out of range.
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open()
         return self._seq(seq).layers[self._check_layer(layer)].bt.pages.copy()
 
     def slot_mapping(self, seq: int, layer: int, start: int, n: int) -> np.ndarray:
-        """Physical slot of each of ``n`` visible tokens from ``start`` (-1: still in the tail)."""
+        """Physical slot of each of ``n`` visible tokens from ``start``.
+
+        Parameters
+        ----------
+        seq : int
+        layer : int
+            ``0 .. num_layers - 1``.
+        start, n : int
+            ``0 <= start``, ``0 <= n``, ``start + n <= seq_len(seq, layer)``.
+
+        Returns
+        -------
+        numpy.ndarray, int64, shape ``[n]``
+            ``page * page_size + row`` of each token in the page arena; -1 for tokens in
+            the open tail (not in a sealed page yet).
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``.
+        ShapeError
+            ``layer``, ``start`` or ``n`` out of range.
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open()
         st = self._seq(seq).layers[self._check_layer(layer)]
         # the kernel indexes the block table without bounds checks: a negative start would read outside it
@@ -731,7 +1029,25 @@ class PagedKVCache:
                                       backend=backend)[0]
 
     def stats(self) -> dict:
-        """Pages used / free / pending, capacity, and bytes on disk and in RAM."""
+        """Pages, bytes and tokens of the cache as it is now (uncommitted changes included).
+
+        Returns
+        -------
+        dict of str to int
+            ``sequences``: sequences held; ``pages_used``: pages some block table lists;
+            ``pages_free``: pages ready for reuse; ``pages_pending``: pages dropped since
+            the last commit (reusable after the next :meth:`flush`); ``pages_capacity``:
+            pages the arena can hold before it grows; ``page_bytes``: bytes of one page;
+            ``bytes_pages``: ``pages_used * page_bytes``; ``bytes_on_disk``: blocks the
+            file occupies (0 in RAM; the file is sparse); ``bytes_in_ram``: open tails,
+            page checksums and reference counts, plus the arena of a RAM-only cache;
+            ``tokens``: visible tokens summed over sequences and layers.
+
+        Raises
+        ------
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open()
         used = self._alloc.high_water - self._alloc.num_free - self._alloc.num_pending
         tails = len(self._seqs) * self.num_layers * self._tail_bytes
@@ -841,7 +1157,18 @@ class PagedKVCache:
         """Commit: make every change so far durable. After it returns a crash loses nothing.
 
         Data pages are synced first; then the metadata goes to the slot not holding the
-        newest commit, with a higher generation and its checksum, and is synced.
+        newest commit, with a higher generation and its checksum, and is synced. Pages
+        dropped since the previous commit become reusable only now. Does nothing on a
+        read-only cache; in RAM it only releases the dropped pages.
+
+        Raises
+        ------
+        CacheFileError
+            The cache is closed, or the metadata outgrew its slot (create the cache with
+            a larger ``meta_slot_bytes``); the previous commit stays the newest.
+        OSError
+            Writing or syncing failed (e.g. the disk is full); the previous commit stays
+            the newest.
         """
         self._check_open()
         if not self.writable:
@@ -857,13 +1184,31 @@ class PagedKVCache:
         self._alloc.release_pending()
 
     def verify(self) -> list[int]:
-        """Recompute the checksum of every page in use; returns the ids of damaged pages."""
+        """Recompute the checksum of every page some block table lists.
+
+        Returns
+        -------
+        list of int
+            Ids of the pages whose contents no longer match their stored CRC-32C, in
+            increasing order; empty when all match.
+
+        Raises
+        ------
+        CacheFileError
+            The cache is closed.
+        """
         self._check_open()
         used = sorted({int(p) for s in self._seqs.values() for st in s.layers for p in st.bt.pages})
         return [p for p in used if self._page_crc_of(p) != int(self._page_crc[p])]
 
     def close(self) -> None:
-        """Release the file (uncommitted changes are dropped: call :meth:`flush` first)."""
+        """Release the file and its writer lock; calling it again does nothing.
+
+        Uncommitted changes are dropped: call :meth:`flush` first. Later method calls
+        other than ``close`` raise :class:`~kvmmap.CacheFileError` (properties such as
+        :attr:`num_layers` still answer). Arrays returned by :meth:`read` stay valid
+        (they are copies).
+        """
         if self._closed:
             return
         self._closed = True

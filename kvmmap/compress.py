@@ -138,6 +138,19 @@ class CompressedKV:
 
         The arrays are named ``k.<name>`` / ``v.<name>`` after :attr:`CompressedTensor.arrays`,
         plus ``__header__``: UTF-8 JSON with the version, shapes, params and report.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Written under exactly this name (no ``.npz`` is appended); an existing file
+            is replaced.
+
+        Raises
+        ------
+        OSError
+            The file cannot be written.
+        TypeError
+            The report holds a value that JSON cannot encode.
         """
         head = {"version": _NPZ_VERSION, "ndim": self.ndim, "dtype": self.dtype, "report": self.report}
         arrays = {}

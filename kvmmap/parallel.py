@@ -37,7 +37,30 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of threads the kernels may use (at least 1)."""
+    """Set the number of threads the Cython kernels may use, for this process.
+
+    It overrides ``KVMMAP_NUM_THREADS`` and the default (the CPUs this process may run
+    on). Kernels still use one thread on small inputs.
+
+    Parameters
+    ----------
+    n : int
+        Threads, at least 1.
+
+    Raises
+    ------
+    ConfigError
+        ``n`` is not an integer >= 1; the setting is left as it was.
+
+    Examples
+    --------
+    >>> import kvmmap as km
+    >>> before = km.get_num_threads()
+    >>> km.set_num_threads(1)
+    >>> km.get_num_threads()
+    1
+    >>> km.set_num_threads(before)
+    """
     global _num_threads
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"number of threads must be a positive integer, found {n!r}")

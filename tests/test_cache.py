@@ -281,6 +281,9 @@ def test_create_enforces_the_format_limits_and_refuses_bad_settings(tmp_path):
         assert not path.exists()
     with pytest.raises(km.ConfigError, match="mode must be 'r' or 'r\\+', found 'w'"):
         km.PagedKVCache.open(path, mode="w")
+    for mode in ("r", "r+"):
+        with pytest.raises(km.CacheFileError, match="cannot open"):
+            km.PagedKVCache.open(tmp_path, mode=mode)
     # the largest values fit and reopen
     for kw in (dict(page_size=65535, k_format="int4"), dict(page_size=65536, num_layers=65536),
                dict(num_kv_heads=4096), dict(head_dim=16384)):
