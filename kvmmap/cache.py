@@ -711,11 +711,24 @@ class PagedKVCache:
         k, v = self._check_kv(k, "k"), self._check_kv(v, "v")
         if k.shape[0] != v.shape[0]:
             raise ShapeError(f"k and v must hold the same number of tokens, found {k.shape[0]} and {v.shape[0]}")
-        quant.check_storable(k, self.k_format)      # one read each; refuses before any change
-        quant.check_storable(v, self.v_format)
         st = s.layers[layer]
         P, n, i = self.page_size, k.shape[0], 0
         x = {"k": k.transpose(1, 0, 2), "v": v.transpose(1, 0, 2)}      # [H, tokens, D] views
+        if 0 < n < P - st.n_pos % P:
+            # Decode steps: the tokens stay in the open tail. They go straight into its free
+            # slots, and the quantizers' own status refuses bad input; the length moves only
+            # after both sides succeed, so a refusal changes nothing visible. (int4 tails are
+            # float32, which does not check int4's range: that side is checked first.)
+            slot = st.n_pos % P
+            for side, fmt in (("k", self.k_format), ("v", self.v_format)):
+                if fmt == "int4":
+                    quant.check_storable(x[side], fmt)
+            for side in _SIDES:
+                quant._quantize_unchecked(x[side], self._tail_q(side, st.tail, slot, slot + n))
+            st.n_pos += n
+            return
+        quant.check_storable(k, self.k_format)      # one read each; refuses before any change
+        quant.check_storable(v, self.v_format)
         while i < n:
             slot = st.n_pos % P
             take = min(P - slot, n - i)

@@ -207,6 +207,38 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     np.testing.assert_array_equal(r.read(s, 0)[0], before[0])
 
 
+@pytest.mark.parametrize("kf,vf", [("fp16", "int8"), ("int8", "int4"), ("int4", "fp8_e5m2"), ("bf16", "fp16")])
+def test_refused_decode_steps_change_nothing(kf, vf):
+    """Appends that stay inside the open tail (decode steps) refuse bad input on either side
+    with nothing visible changed, and the next good step lands where it should."""
+    c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=H, head_dim=D, k_format=kf, v_format=vf)
+    s = c.new_sequence()
+    x = tokens(21, 3)
+    c.append(s, 0, x[:19], x[:19])                       # one sealed page and 3 tail tokens
+    before = c.read(s, 0)
+    step = x[19:20]
+    cases = [(step * np.nan, step, True), (step, step * np.inf, True),
+             # 1e38 overflows fp16 and int4's range (2**126), not the scaled formats or bf16
+             (step * 1e38, step, kf in ("fp16", "int4")), (step, step * 1e38, vf in ("fp16", "int4"))]
+    for bad_k, bad_v, refused in cases:
+        if refused:
+            with pytest.raises(km.NonFiniteError):
+                c.append(s, 0, bad_k, bad_v)
+        else:
+            c.append(s, 0, bad_k, bad_v)
+            c.truncate(s, 19)
+        assert c.seq_len(s, 0) == 19
+        for got, want in zip(c.read(s, 0), before):
+            np.testing.assert_array_equal(got, want)
+    c.append(s, 0, x[19:21], x[19:21])
+    k, v = c.read(s, 0)
+    ref = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=H, head_dim=D, k_format=kf, v_format=vf)
+    r = ref.new_sequence()
+    ref.append(r, 0, x, x)
+    for got, want in zip((k, v), ref.read(r, 0)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_damaged_or_foreign_files_are_refused(tmp_path):
     path = tmp_path / "d.kvm"
     c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D)
