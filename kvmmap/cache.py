@@ -56,6 +56,7 @@ _SIDES = ("k", "v")
 # geometry limits of docs/FORMAT.md, which open() enforces (storage.Superblock.validate)
 MAX_LAYERS, MAX_KV_HEADS, MAX_HEAD_DIM, MAX_PAGE_SIZE = 1 << 16, 1 << 12, 1 << 14, 1 << 16
 MAX_INT4_K_PAGE_SIZE = (1 << 16) - 1        # int4 keys: page_size is stored in a 16-bit group size
+DEFAULT_META_SLOT_BYTES = 64 << 20
 MAX_META_SLOT_BYTES = (1 << 62) - 4096      # keeps arena_offset = 4096 + 2S a valid file offset (< 2**63)
 
 
@@ -107,7 +108,7 @@ class PagedKVCache:
     @classmethod
     def create(cls, path, *, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int = 16,
                k_format: str = "int8", v_format: str = "int8", v_group_size: int | None = None,
-               fingerprint: bytes | str = b"", meta_slot_bytes: int = 64 << 20,
+               fingerprint: bytes | str = b"", meta_slot_bytes: int | None = None,
                overwrite: bool = False) -> "PagedKVCache":
         """Create an empty cache.
 
@@ -129,9 +130,12 @@ class PagedKVCache:
         fingerprint : bytes or str
             Up to 32 bytes identifying the model (e.g. a hash of its config), stored in the
             header and readable as :attr:`fingerprint`.
-        meta_slot_bytes : int
+        meta_slot_bytes : int, optional
             Capacity of each of the two metadata slots; reserved sparsely, so it costs no
-            disk until used.
+            disk until used. A commit holds every sequence's block tables and open tail
+            page (``num_layers`` tails each), so this bounds how many sequences a cache can
+            commit. Default: room for the tails of 128 sequences, at least 64 MiB and at
+            most 1 GiB (or one tail, if larger).
         overwrite : bool
             Replace an existing file instead of refusing. The new file is built under a
             temporary name and renamed over the old one while holding its writer lock.
@@ -186,11 +190,15 @@ class PagedKVCache:
             raise ConfigError(f"fingerprint must be bytes or str, found {type(fingerprint).__name__}")
         if len(fingerprint) > FINGERPRINT_BYTES:
             raise ShapeError(f"fingerprint holds at most {FINGERPRINT_BYTES} bytes, found {len(fingerprint)}")
+        layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size)
+        if meta_slot_bytes is None:
+            tails = 128 * int(num_layers) * layout.tail_bytes
+            meta_slot_bytes = max(DEFAULT_META_SLOT_BYTES, min(1 << 30, -(-tails // 4096) * 4096),
+                                  -(-(layout.tail_bytes + 64) // 4096) * 4096)
         if not _is_int(meta_slot_bytes) or not 4096 <= meta_slot_bytes <= MAX_META_SLOT_BYTES or meta_slot_bytes % 4096:
             raise ShapeError(f"meta_slot_bytes must be a multiple of 4096 in 4096..{MAX_META_SLOT_BYTES}, "
                              f"found {meta_slot_bytes!r}")
         meta_slot_bytes = int(meta_slot_bytes)
-        layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size)
         if layout.tail_bytes > meta_slot_bytes - 64:     # open() would refuse such a file
             raise ShapeError(f"meta_slot_bytes={meta_slot_bytes} cannot hold one sequence tail of this "
                              f"geometry ({layout.tail_bytes} bytes); pass a larger meta_slot_bytes")

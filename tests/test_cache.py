@@ -353,3 +353,22 @@ def test_slot_mapping_matches_the_block_table_and_refuses_out_of_range_tokens():
     for start, n in ((-1, 3), (-100, 3), (0, -1), (30, 8), (2.5, 1), ("a", 1)):
         with pytest.raises(km.ShapeError, match="start"):
             c.slot_mapping(s, 0, start, n)
+
+
+def test_default_metadata_capacity_scales_with_the_open_tails(tmp_path):
+    """A commit holds every sequence's open tails; the default slot fits 128 sequences of
+    any geometry, here more than the old fixed 64 MiB (20 sequences x 64 float32 tails)."""
+    path = tmp_path / "wide.kvm"
+    c = km.PagedKVCache.create(path, num_layers=64, num_kv_heads=4, head_dim=128, k_format="int4", v_format="int4")
+    assert c._sb.meta_slot_bytes >= 128 * 64 * c.layout.tail_bytes > 64 << 20
+    x = tokens(3, 11)[:, :1].repeat(4, axis=1)
+    x = np.concatenate([x, x], axis=2)                    # [3, 4, 128]
+    seqs = [c.new_sequence() for _ in range(20)]
+    for s in seqs:
+        for layer in range(64):
+            c.append(s, layer, x, x)
+    c.flush()
+    c.close()
+    with km.PagedKVCache.open(path, mode="r") as r:
+        assert sorted(r.sequences()) == seqs
+        np.testing.assert_array_equal(r.read(seqs[-1], 63)[0], x)

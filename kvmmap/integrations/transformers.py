@@ -321,6 +321,9 @@ class KVMmapCache(Cache):
         read the context from the file at every step; see the module docstring.
     overwrite : bool
         Replace an existing file.
+    meta_slot_bytes : int, optional
+        Metadata capacity of the file (see :meth:`kvmmap.PagedKVCache.create`); the default
+        commits up to 128 rows, stored prefixes and beams together.
 
     Attributes
     ----------
@@ -336,11 +339,12 @@ class KVMmapCache(Cache):
     """
 
     def __init__(self, path=None, *, config, k_format: str = "int8", v_format: str = "int8",
-                 page_size: int = 16, keep_dequantized: bool = True, overwrite: bool = False):
+                 page_size: int = 16, keep_dequantized: bool = True, overwrite: bool = False,
+                 meta_slot_bytes: int | None = None):
         geometry = model_geometry(config)
         store = PagedKVCache.create(path, **geometry, page_size=page_size, k_format=k_format,
                                     v_format=v_format, fingerprint=config_fingerprint(config),
-                                    overwrite=overwrite)
+                                    overwrite=overwrite, meta_slot_bytes=meta_slot_bytes)
         self._attach(store, keep_dequantized)
 
     @classmethod
