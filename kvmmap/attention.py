@@ -23,7 +23,6 @@ import numpy as np
 
 from . import quant
 from .errors import ConfigError, DTypeError, NonFiniteError, SequenceError, ShapeError, describe
-from .formats import get_format
 from .parallel import get_num_threads
 
 BACKENDS = ("cpu", "opencl", "auto")
@@ -147,13 +146,14 @@ def read_sealed(cache, side: str, pages: np.ndarray, pos: int, out: np.ndarray) 
     """Decode positions ``pos ..`` of sealed ``pages`` of one side into out [n, H, D]."""
     from . import _attention
 
-    f = cache.layout.formats[side]
+    # int4 keys are grouped per channel over the page: the kernel's group 0
+    group = cache.layout.group_size["v"] if side == "v" else 0
     _attention.read_pages(cache._arena, cache._sb.page_bytes, cache.page_size, *_side_args(cache, side),
-                          cache.layout.group_size[side] if f.name == "int4" and side == "v" else 0,
-                          _table(f), pages.astype(np.int32, copy=False), pos, out, get_num_threads())
+                          group, _table(cache.layout.formats[side]), pages.astype(np.int32, copy=False),
+                          pos, out, get_num_threads())
 
 
-def _items(batch: PagedBatch, H: int, block: int, nthreads: int) -> np.ndarray:
+def _items(batch: PagedBatch, block: int, nthreads: int) -> np.ndarray:
     """Work items (b, t0, t1): long contexts are split so every thread has work."""
     lengths = batch.lengths
     total = int(lengths.sum())
@@ -173,12 +173,12 @@ def cpu_decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> 
     """The CPU path of :func:`paged_decode_attention` (arguments already checked)."""
     from . import _attention
 
-    H, P, D = cache.num_kv_heads, cache.page_size, cache.head_dim
+    P, D = cache.page_size, cache.head_dim
     B, Hq = q.shape[0], q.shape[1]
     block = max(1, BLOCK_TOKENS // P) * P
     batch = PagedBatch(cache, layer, seqs, window)
     nthreads = get_num_threads()
-    items = _items(batch, H, block, nthreads)
+    items = _items(batch, block, nthreads)
     m = np.empty((len(items), Hq), np.float32)
     l = np.empty((len(items), Hq), np.float32)
     acc = np.empty((len(items), Hq, D), np.float32)
@@ -186,7 +186,7 @@ def cpu_decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> 
     kf, vf = cache.layout.formats["k"], cache.layout.formats["v"]
     _attention.attend(
         arena, cache._sb.page_bytes, *_side_args(cache, "k"), *_side_args(cache, "v"),
-        cache.layout.group_size["v"] if vf.name == "int4" else 0, _table(kf), _table(vf),
+        cache.layout.group_size["v"], _table(kf), _table(vf),
         batch.page_indptr, batch.page_indices, batch.tail_k, batch.tail_v,
         items, q, scale, block, m, l, acc, nthreads,
     )
