@@ -27,9 +27,6 @@ cdef enum:
     FMT_FP8_E5M2 = 6
 
 
-cdef enum:
-    DIRECT_MAX_G = 1     # use int8 rows without decoding them when G is at most this
-
 cdef struct Side:
     # Where one side (K or V) of a page lives and how to decode it.
     int fmt
@@ -262,10 +259,7 @@ cdef void attend_item(
     cdef float* pg
     cdef float* ag
     cdef const uint8_t* page
-    cdef const int8_t* kc
-    cdef const int8_t* vc
-    cdef const float* ksc = NULL
-    cdef const float* vsc
+    cdef const float* sc
     for r in range(H * G):
         m_out[r] = -INFINITY
         l_out[r] = 0
@@ -273,25 +267,21 @@ cdef void attend_item(
         acc[j] = 0
     while pos < t1:
         n = min(block - pos % block, t1 - pos)     # blocks aligned to whole pages
-        # int8 rows inside one sealed page are used as they are, with no decode pass, when
-        # few query heads share them (with more, converting codes once per head costs more
-        # than decoding them once into the buffer)
+        # With one query head per KV head (MHA), int8 rows inside one sealed page are used
+        # as they are, with no decode pass; with more, converting the codes once per query
+        # head costs more than decoding them once into the buffer.
         page = NULL
-        if G <= DIRECT_MAX_G and pos // P == (pos + n - 1) // P and pos // P < num_pages:
+        if G == 1 and pos // P == (pos + n - 1) // P and pos // P < num_pages:
             page = arena + <Py_ssize_t>pages[pos // P] * page_bytes
             a = pos % P
         for h in range(H):
             if page != NULL and ks.fmt == FMT_INT8:
-                kc = <const int8_t*>(page + ks.codes_off) + (h * P + a) * D
-                ksc = <const float*>(page + ks.scales_off) + h * P + a
-            else:
-                kc = NULL
-                gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
-            if kc != NULL:
-                scores(q + h * G * D, kc, n, D, p)
+                scores(q + h * D, <const int8_t*>(page + ks.codes_off) + (h * P + a) * D, n, D, p)
+                sc = <const float*>(page + ks.scales_off) + h * P + a
                 for t in range(n):
-                    p[t] = p[t] * ksc[t]
+                    p[t] = p[t] * sc[t]
             else:
+                gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
                 g = 0
                 while g + 2 <= G:
                     scores2(q + (h * G + g) * D, q + (h * G + g + 1) * D, buf, n, D,
@@ -318,12 +308,10 @@ cdef void attend_item(
                     m_out[r] = mnew
                 l_out[r] = l_out[r] + lsum
             if page != NULL and vs.fmt == FMT_INT8:
-                vc = <const int8_t*>(page + vs.codes_off) + (h * P + a) * D
-                vsc = <const float*>(page + vs.scales_off) + h * P + a
-                for g in range(G):      # fold each row's scale into its weight
-                    for t in range(n):
-                        pw[t] = p[g * block + t] * vsc[t]
-                    accumulate(acc + (h * G + g) * D, pw, vc, n, D)
+                sc = <const float*>(page + vs.scales_off) + h * P + a
+                for t in range(n):      # fold each row's scale into its weight
+                    pw[t] = p[t] * sc[t]
+                accumulate(acc + h * D, pw, <const int8_t*>(page + vs.codes_off) + (h * P + a) * D, n, D)
             else:
                 gather(arena, page_bytes, vs, pages, num_pages, tail_v, pos, pos + n, h, P, D, buf)
                 g = 0
