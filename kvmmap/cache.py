@@ -720,23 +720,104 @@ class PagedKVCache:
         if k.shape[0] != v.shape[0]:
             raise ShapeError(f"k and v must hold the same number of tokens, found {k.shape[0]} and {v.shape[0]}")
         st = s.layers[layer]
-        P, n, i = self.page_size, k.shape[0], 0
+        P, n = self.page_size, k.shape[0]
         x = {"k": k.transpose(1, 0, 2), "v": v.transpose(1, 0, 2)}      # [H, tokens, D] views
         if 0 < n < P - st.n_pos % P:
             # Decode steps: the tokens stay in the open tail. They go straight into its free
             # slots, and the quantizers' own status refuses bad input; the length moves only
             # after both sides succeed, so a refusal changes nothing visible. (int4 tails are
             # float32, which does not check int4's range: that side is checked first.)
-            slot = st.n_pos % P
             for side, fmt in (("k", self.k_format), ("v", self.v_format)):
                 if fmt == "int4":
                     quant.check_storable(x[side], fmt)
-            for side in _SIDES:
-                quant._quantize_unchecked(x[side], self._tail_q(side, st.tail, slot, slot + n))
+            self._write_tail(st, x["k"], x["v"])
             st.n_pos += n
             return
         quant.check_storable(k, self.k_format)      # one read each; refuses before any change
         quant.check_storable(v, self.v_format)
+        self._append_tokens(st, x)
+
+    def _append_rows(self, seqs, layer: int, k: np.ndarray, v: np.ndarray, read_back: bool = False):
+        """:meth:`append` to one layer of several sequences, all or none, unchecked.
+
+        For callers that checked their input (``KVMmapCache``).
+
+        Parameters
+        ----------
+        seqs : list of int
+            Sequences holding the same number of tokens in ``layer``.
+        layer : int
+            ``0 .. num_layers - 1``.
+        k, v : numpy.ndarray, float32, shape ``[len(seqs), num_kv_heads, tokens, head_dim]``
+            Head-major; the last axis contiguous and the first two mergeable without a copy.
+        read_back : bool
+            Also return what is now stored for the positions that changed.
+
+        Returns
+        -------
+        start : int
+            The first position whose stored value changed: the old length, or for int4 the
+            first token of a page this append sealed (its tokens are quantized again, as a
+            whole).
+        k_stored, v_stored : numpy.ndarray, float32, shape ``[len(seqs), num_kv_heads, new length - start, head_dim]``
+            With ``read_back``, the dequantized values of positions ``start ..``, as
+            :meth:`read` gives them (head-major); else None.
+
+        Raises
+        ------
+        NonFiniteError
+            Input the formats cannot store; nothing is changed.
+        """
+        self._check_open(write=True)
+        sts = [self._seq(s).layers[layer] for s in seqs]
+        P, n = self.page_size, k.shape[2]
+        start = sts[0].length
+        if all(0 < n < P - st.n_pos % P for st in sts):
+            # Decode steps, as in append(): the lengths move only after every row succeeded.
+            for x, fmt in ((k, self.k_format), (v, self.v_format)):
+                if fmt == "int4":
+                    quant.check_storable(x, fmt)
+            k_stored = v_stored = None
+            if read_back:
+                k_stored, v_stored = np.empty(k.shape, np.float32), np.empty(v.shape, np.float32)
+            for b, st in enumerate(sts):
+                qk, qv = self._write_tail(st, k[b], v[b])
+                if read_back:
+                    quant.dequantize(qk, out=k_stored[b])
+                    quant.dequantize(qv, out=v_stored[b])
+            for st in sts:
+                st.n_pos += n
+            return start, k_stored, v_stored
+        quant.check_storable(k, self.k_format)      # one read each; refuses before any change
+        quant.check_storable(v, self.v_format)
+        int4 = "int4" in (self.k_format, self.v_format)
+        for b, st in enumerate(sts):
+            if int4 and st.n_pos % P + n >= P:      # seals the open tail page
+                start = min(start, max(0, st.length - st.n_pos % P))
+            self._append_tokens(st, {"k": k[b], "v": v[b]})
+        if not read_back:
+            return start, None, None
+        shape = (len(seqs), self.num_kv_heads, sts[0].length - start, self.head_dim)
+        k_stored, v_stored = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        self._read_rows(seqs, layer, start, sts[0].length, k_stored, v_stored)
+        return start, k_stored, v_stored
+
+    def _write_tail(self, st: _LayerState, k: np.ndarray, v: np.ndarray) -> tuple[QTensor, QTensor]:
+        """Quantize head-major ``k``, ``v`` ``[H, tokens, D]`` into the free slots of an open tail.
+
+        The length does not move. The quantizers refuse non-finite input, but not int4's
+        range (its tail is float32): check that first. Returns the slots written to.
+        """
+        slot = st.n_pos % self.page_size
+        stop = slot + k.shape[1]
+        qk, qv = self._tail_q("k", st.tail, slot, stop), self._tail_q("v", st.tail, slot, stop)
+        quant._quantize_unchecked(k, qk)
+        quant._quantize_unchecked(v, qv)
+        return qk, qv
+
+    def _append_tokens(self, st: _LayerState, x: dict) -> None:
+        """Append checked head-major ``x[side]`` ``[H, tokens, D]`` to one (sequence, layer)."""
+        P, n, i = self.page_size, x["k"].shape[1], 0
         while i < n:
             slot = st.n_pos % P
             take = min(P - slot, n - i)
@@ -806,6 +887,34 @@ class PagedKVCache:
         if not self.writable and self.path is not None and n and first_page <= last_page:
             self._check_pages_current(st.bt.pages[first_page:last_page + 1])
         return out["k"], out["v"]
+
+    def _read_rows(self, seqs, layer: int, start: int, stop: int, k_out: np.ndarray, v_out: np.ndarray) -> None:
+        """Dequantized K and V of tokens ``start .. stop - 1`` of several sequences, head-major.
+
+        For callers that checked their arguments (``KVMmapCache``): tokens still in the
+        open tail (a decode step's) are decoded from it straight into the output; others
+        go through :meth:`read`.
+
+        Parameters
+        ----------
+        seqs : list of int
+        layer : int
+        start, stop : int
+            ``0 <= start <= stop <=`` each sequence's length in ``layer``.
+        k_out, v_out : numpy.ndarray, float32, shape ``[len(seqs), num_kv_heads, stop - start, head_dim]``
+            Written; the last axis contiguous (views into the caller's buffers will do).
+        """
+        P = self.page_size
+        for b, seq in enumerate(seqs):
+            st = self._seq(seq).layers[layer]
+            tail = st.length - st.n_pos % P             # the position of the tail's slot 0
+            if start >= tail:
+                for side, out in (("k", k_out), ("v", v_out)):
+                    quant.dequantize(self._tail_q(side, st.tail, start - tail, stop - tail), out=out[b])
+            else:
+                k, v = self.read(seq, layer, start, stop)
+                k_out[b] = k.transpose(1, 0, 2)
+                v_out[b] = v.transpose(1, 0, 2)
 
     def _check_pages_current(self, pages) -> None:
         """Read-only views: refuse data just read from pages a writer may have reused.

@@ -120,6 +120,11 @@ def config_fingerprint(config) -> str:
     return hashlib.blake2b(blob, digest_size=16, person=b"kvmmap.model.1").hexdigest()
 
 
+def _float32_numpy(x: torch.Tensor) -> np.ndarray:
+    """``x`` as a C-contiguous float32 numpy array on the CPU; no copy when it is one already."""
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
 def _token_rows(input_ids) -> np.ndarray:
     """Token ids as int64 ``[batch, n]`` from a tensor, array or list ``[n]`` / ``[batch, n]``."""
     if isinstance(input_ids, torch.Tensor):
@@ -149,7 +154,7 @@ class KVMmapLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self._length = length          # tokens stored in the file for this layer
         self._loaded = 0               # leading tokens present in the dequantized copy
-        self._kbuf = self._vbuf = None
+        self._set_buffers(None, None)
 
     def __repr__(self):
         return f"KVMmapLayer({self.layer_idx}, tokens={self._length})"
@@ -186,7 +191,7 @@ class KVMmapLayer(CacheLayerMixin):
         store = owner.store
         want = (store.num_kv_heads, store.head_dim)
         for name, x in (("key_states", key_states), ("value_states", value_states)):
-            if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1::2]) != want:
+            if not isinstance(x, torch.Tensor) or x.ndim != 4 or (x.shape[1], x.shape[3]) != want:
                 raise ShapeError(
                     f"{name} must be [batch, {want[0]}, tokens, {want[1]}] (this cache's num_kv_heads and "
                     f"head_dim), found {tuple(getattr(x, 'shape', ()))}"
@@ -197,50 +202,54 @@ class KVMmapLayer(CacheLayerMixin):
             raise ShapeError(f"key_states {tuple(key_states.shape)} and value_states "
                              f"{tuple(value_states.shape)} differ")
         batch, n = key_states.shape[0], key_states.shape[2]
-        k = key_states.detach().to("cpu", torch.float32).contiguous().numpy()
-        v = value_states.detach().to("cpu", torch.float32).contiguous().numpy()
-        quant.check_storable(k, store.k_format)      # refuse before anything changes
-        quant.check_storable(v, store.v_format)
+        k, v = _float32_numpy(key_states), _float32_numpy(value_states)
+        if not owner.rows:      # the rows are made below: refuse bad input before that
+            quant.check_storable(k, store.k_format)
+            quant.check_storable(v, store.v_format)
         rows = owner._rows_for(batch)
+        keep = owner.keep_dequantized
+        exact = _EXACT.get(key_states.dtype, ())
+        exact = store.k_format in exact and store.v_format in exact    # the input is what the file holds
+        old = self._length
+        # all rows or none; returns the dequantized stored values of the tokens it changed
+        start, k_stored, v_stored = store._append_rows(rows, self.layer_idx, k, v, read_back=keep and not exact)
+        self._length = new = old + n
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keep = owner.keep_dequantized
-        if keep and self._loaded < self._length:     # reopened or reused: load once
-            self._ensure(self._length, key_states)
-            self._fill(self._loaded, self._length, rows)
-        old = self._length
-        for b, seq in enumerate(rows):
-            store.append(seq, self.layer_idx, k[b].transpose(1, 0, 2), v[b].transpose(1, 0, 2))
-        self._length = new = old + n
         if not keep:
             return self._read(rows, 0, new, key_states.dtype, key_states.device)
         self._ensure(new, key_states)
-        exact = _EXACT.get(key_states.dtype, set())
-        if store.k_format in exact and store.v_format in exact:
-            self._kbuf[:, :, old:new] = key_states
-            self._vbuf[:, :, old:new] = value_states
-            self._loaded = new
-            self._view()
+        if self._loaded < start:      # a reopened or reused row's tokens: loaded once
+            self._fill(self._loaded, start, rows)
+        if exact:
+            k_stored, v_stored = (k, v) if self._knp is not None else (key_states, value_states)
+        if self._knp is not None:     # float32 on the CPU: numpy copies, cheaper than torch's
+            self._knp[:, :, start:new] = k_stored
+            self._vnp[:, :, start:new] = v_stored
         else:
-            P = store.page_size
-            start = old
-            if "int4" in (store.k_format, store.v_format) and new // P > old // P:
-                start = old - old % P    # a sealed int4 page is re-quantized as a whole
-            self._fill(start, new, rows)
+            self._kbuf[:, :, start:new] = torch.as_tensor(k_stored)
+            self._vbuf[:, :, start:new] = torch.as_tensor(v_stored)
+        self._loaded = new
+        self._view()
         return self.keys, self.values
 
     def _read(self, rows, start, stop, dtype, device):
         """K/V of tokens [start, stop) of every row: ``[batch, H, stop - start, D]`` tensors."""
         store = self._owner.store
-        pairs = [store.read(seq, self.layer_idx, start, stop) for seq in rows]
-        k = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 2, 1, 3)
-        v = torch.from_numpy(np.stack([p[1] for p in pairs])).permute(0, 2, 1, 3)
-        return k.to(device, dtype), v.to(device, dtype)
+        shape = (len(rows), store.num_kv_heads, stop - start, store.head_dim)
+        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        store._read_rows(rows, self.layer_idx, start, stop, k, v)
+        return torch.from_numpy(k).to(device, dtype), torch.from_numpy(v).to(device, dtype)
 
     def _fill(self, start, stop, rows):
-        k, v = self._read(rows, start, stop, self._kbuf.dtype, self._kbuf.device)
-        self._kbuf[:, :, start:stop] = k
-        self._vbuf[:, :, start:stop] = v
+        """Dequantize tokens [start, stop) of every row from the file into the copy."""
+        if self._knp is not None:     # float32 on the CPU: straight into the copy
+            self._owner.store._read_rows(rows, self.layer_idx, start, stop,
+                                         self._knp[:, :, start:stop], self._vnp[:, :, start:stop])
+        else:
+            k, v = self._read(rows, start, stop, self._kbuf.dtype, self._kbuf.device)
+            self._kbuf[:, :, start:stop] = k
+            self._vbuf[:, :, start:stop] = v
         self._loaded = stop
         self._view()
 
@@ -262,8 +271,15 @@ class KVMmapLayer(CacheLayerMixin):
             vbuf[:, :, :self._loaded] = self._vbuf[:, :, :self._loaded]
         else:
             self._loaded = 0
+        self._set_buffers(kbuf, vbuf)
+
+    def _set_buffers(self, kbuf, vbuf) -> None:
         self._kbuf, self._vbuf = kbuf, vbuf
-        self._view()
+        # numpy views of a float32 CPU copy, which kvmmap decodes into without a temporary
+        cpu32 = kbuf is not None and kbuf.dtype == torch.float32 and kbuf.device.type == "cpu"
+        self._knp, self._vnp = (kbuf.numpy(), vbuf.numpy()) if cpu32 else (None, None)
+        if kbuf is not None:
+            self._view()
 
     def _view(self):
         self.keys = self._kbuf[:, :, :self._loaded]
@@ -279,16 +295,16 @@ class KVMmapLayer(CacheLayerMixin):
 
     def _select(self, index: torch.Tensor) -> None:
         if self._kbuf is not None and self._loaded:
-            self._kbuf = self._kbuf.index_select(0, index.to(self._kbuf.device))
-            self._vbuf = self._vbuf.index_select(0, index.to(self._vbuf.device))
-            self._view()
+            self._set_buffers(self._kbuf.index_select(0, index.to(self._kbuf.device)),
+                              self._vbuf.index_select(0, index.to(self._vbuf.device)))
         else:
-            self._kbuf = self._vbuf = None
+            self._set_buffers(None, None)
             self._loaded = 0
 
     def _drop(self, length: int = 0) -> None:
         self._length, self._loaded = length, 0
-        self._kbuf = self._vbuf = self.keys = self.values = None
+        self._set_buffers(None, None)
+        self.keys = self.values = None
         self.is_initialized = False
 
     # a row holds every layer: these act on the whole cache, through KVMmapCache
