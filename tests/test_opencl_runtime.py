@@ -74,3 +74,20 @@ def test_kernel_build_error_names_the_source(opencl):
     with pytest.raises(km.errors.KernelBuildError, match="paged_attention.cl"):
         opencl.program("paged_attention.cl", ("-DK_FORMAT=99", "-DV_FORMAT=0", "-DPAGE_SIZE=16",
                                               "-DNUM_KV_HEADS=1", "-DGQA=1", "-DPAGE_BYTES=1"))
+
+
+def test_growing_pool_is_copied_on_the_device_not_uploaded_again(opencl):
+    """Past a shard's first allocation (64 pages) the device buffer grows by a device-side
+    copy: every page is still sent exactly once, and the results stay right."""
+    rng = np.random.default_rng(4)
+    c, s = filled(rng, 40 * 16)
+    q = rng.standard_normal((1, 2, 64), dtype=np.float32)
+    km.paged_decode_attention(c, 0, [s], q, backend="opencl")
+    pool = opencl.device_pool(c)
+    first = pool.shards[0][1]
+    x = rng.standard_normal((100 * 16, 2, 64), dtype=np.float32)
+    c.append(s, 0, x, x)
+    got = km.paged_decode_attention(c, 0, [s], q, backend="opencl")
+    assert pool.shards[0][1] > first
+    assert pool.bytes_uploaded == 140 * c._sb.page_bytes
+    assert_close(got, reference(c, 0, [s], q))
