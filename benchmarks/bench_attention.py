@@ -14,30 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 import kvmmap as km
-
-
-def best_time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from _timing import median_time
 
 
 def memcpy_gbps() -> float:
     a = np.ones(256 << 20, np.uint8)
     b = np.empty_like(a)
-    t = best_time(lambda: np.copyto(b, a), 5)
+    t = median_time(lambda: np.copyto(b, a), 5)
     return a.nbytes / t / 1e9
 
 
@@ -54,7 +43,7 @@ def device_copy_gbps() -> float:
     def run():
         cl.enqueue_copy(queue, b, a)
         queue.finish()
-    return n / best_time(run, 10) / 1e9
+    return n / median_time(run, 10) / 1e9
 
 
 def fill(path, fmt, n, H, D, batch, rng):
@@ -115,7 +104,7 @@ def main(argv=None) -> int:
                 c, seqs = fill(os.path.join(tmp, f"{fmt}.kvm"), fmt, n, H, D, B, rng)
                 q = rng.standard_normal((B, Hq, D), dtype=np.float32)
                 run = lambda: km.paged_decode_attention(c, 0, seqs, q, backend=args.backend)
-                t = best_time(run, args.repeat)
+                t = median_time(run, args.repeat)
                 pages = sum(len(c.block_table(s, 0)) for s in seqs)
                 kv_bytes = pages * c._sb.page_bytes
                 row = f"{n:>8} {fmt:>6} {t * 1e3:>10.3f} {kv_bytes / t / 1e9:>8.2f} {kv_bytes / t / 1e9 / bw:>8.2f}x"
@@ -129,7 +118,7 @@ def main(argv=None) -> int:
                             tv = torch.from_numpy(np.ascontiguousarray(vv)).to(dt)
                             tqq = tq.to(dt)
                             with torch.inference_mode():
-                                sdpa[name] = best_time(
+                                sdpa[name] = median_time(
                                     lambda: F.scaled_dot_product_attention(tqq, tk, tv, enable_gqa=True),
                                     max(3, args.repeat // 3))
                             del tk, tv

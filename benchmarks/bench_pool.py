@@ -27,13 +27,13 @@ import gc
 import mmap
 import os
 import shutil
-import statistics
 import tempfile
 import time
 
 import numpy as np
 
 import kvmmap as km
+from _timing import median_time
 
 APPEND_FORMATS = [("int8", "int8"), ("fp16", "fp16"), ("int8", "int4")]
 BLOCK = 16 << 20
@@ -79,15 +79,6 @@ def drop_page_cache(path: str) -> str:
     if left > 0.05 * os.stat(path).st_blocks * 512:
         return f"NOT cold: {left / 2**20:.0f} MiB still cached after fadvise"
     return f"cold ({left / 2**20:.1f} MiB left in page cache)"
-
-
-def median_time(fn, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def schedule(total: int, chunk: int):
@@ -206,7 +197,7 @@ def bench_open(args, small: str, large: str, sizes) -> None:
             def once():
                 km.PagedKVCache.open(path, mode=mode).close()
             once()
-            med[label, mode] = median_time(once, args.opens)
+            med[label, mode] = median_time(once, args.opens, warmup=False)
             print(f"{label + ' ' + sizes[label]:<34}{os.stat(path).st_blocks * 512 / 2**20:>9.0f} MiB"
                   f"{mode:>6}{med[label, mode] * 1e3:>10.3f}{med[label, mode] / 0.010:>9.2f}x")
     for mode in ("r", "r+"):

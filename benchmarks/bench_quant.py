@@ -10,21 +10,11 @@ Each figure is the best of ``--repeat`` runs.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import kvmmap as km
-
-
-def best_time(fn, repeat: int) -> float:
-    fn()  # warm up: page in outputs, spin up threads
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from _timing import best_time
 
 
 def numpy_int8_quantize(x):
