@@ -724,12 +724,8 @@ class PagedKVCache:
         x = {"k": k.transpose(1, 0, 2), "v": v.transpose(1, 0, 2)}      # [H, tokens, D] views
         if 0 < n < P - st.n_pos % P:
             # Decode steps: the tokens stay in the open tail. They go straight into its free
-            # slots, and the quantizers' own status refuses bad input; the length moves only
-            # after both sides succeed, so a refusal changes nothing visible. (int4 tails are
-            # float32, which does not check int4's range: that side is checked first.)
-            for side, fmt in (("k", self.k_format), ("v", self.v_format)):
-                if fmt == "int4":
-                    quant.check_storable(x[side], fmt)
+            # slots, which refuses bad input (_write_tail); the length moves only after both
+            # sides succeed, so a refusal changes nothing visible.
             self._write_tail(st, x["k"], x["v"])
             st.n_pos += n
             return
@@ -774,9 +770,6 @@ class PagedKVCache:
         start = sts[0].length
         if all(0 < n < P - st.n_pos % P for st in sts):
             # Decode steps, as in append(): the lengths move only after every row succeeded.
-            for x, fmt in ((k, self.k_format), (v, self.v_format)):
-                if fmt == "int4":
-                    quant.check_storable(x, fmt)
             k_stored = v_stored = None
             if read_back:
                 k_stored, v_stored = np.empty(k.shape, np.float32), np.empty(v.shape, np.float32)
@@ -805,9 +798,14 @@ class PagedKVCache:
     def _write_tail(self, st: _LayerState, k: np.ndarray, v: np.ndarray) -> tuple[QTensor, QTensor]:
         """Quantize head-major ``k``, ``v`` ``[H, tokens, D]`` into the free slots of an open tail.
 
-        The length does not move. The quantizers refuse non-finite input, but not int4's
-        range (its tail is float32): check that first. Returns the slots written to.
+        The length does not move, and slots past it are not visible, so a refusal
+        (NonFiniteError) changes nothing visible. The quantizers refuse non-finite input;
+        int4's range is checked here, since its tail is stored as float32. Returns the
+        slots written to.
         """
+        for x, fmt in ((k, self.k_format), (v, self.v_format)):
+            if fmt == "int4":
+                quant.check_storable(x, fmt)
         slot = st.n_pos % self.page_size
         stop = slot + k.shape[1]
         qk, qv = self._tail_q("k", st.tail, slot, stop), self._tail_q("v", st.tail, slot, stop)
