@@ -19,9 +19,10 @@ tokens, KIVI's residual window).
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
-import stat
 import struct
+import threading
 
 import crc32c
 import numpy as np
@@ -44,8 +45,14 @@ from .storage import (
     SUPERBLOCK_BYTES,
     PageLayout,
     Superblock,
+    fsync_dir,
     newest_generation,
+    open_regular,
+    partial_path,
+    pwrite_all,
     read_slot,
+    reserve,
+    same_file,
     write_slot,
 )
 
@@ -60,8 +67,26 @@ DEFAULT_META_SLOT_BYTES = 64 << 20
 MAX_META_SLOT_BYTES = (1 << 62) - 4096      # keeps arena_offset = 4096 + 2S a valid file offset (< 2**63)
 
 
+MAX_SEQUENCE_ID = 0xFFFFFFFE               # ids are 32-bit in the file; the next id must fit too
+
+
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _locked(method):
+    """Run ``method`` holding the cache's lock: one thread changes a cache at a time.
+
+    Changes (append, fork, free, truncate, shift_left, new_sequence, flush, close) and the
+    calls that walk every sequence take it; reads and attention of a sequence do not, so
+    they run beside each other and beside changes to *other* sequences (see
+    docs/RELIABILITY.md, Threads).
+    """
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._mutex:
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class _LayerState:
@@ -208,62 +233,62 @@ class PagedKVCache:
         self = object.__new__(cls)
         self._init_common(sb, None if path is None else os.fspath(path), writable=True)
         if self.path is not None:
-            target, old_fd = self.path, None
-            if overwrite:
-                # Build the new file under a temporary name and rename it over the old one,
-                # holding the old file's writer lock: a live writer is refused instead of
-                # truncated, and readers mapping the old file keep reading it (no SIGBUS).
-                old_fd = cls._lock_existing(target)
-                self.path = f"{target}.{os.getpid()}.{id(self):x}.tmp"
-            try:
-                try:
-                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    raise CacheFileError(f"{self.path} exists; pass overwrite=True to replace it") from None
-                except OSError as e:
-                    raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
-                self._fd = fd
-                self._lock()
-                try:
-                    os.pwrite(fd, sb.pack(), 0)
-                    os.ftruncate(fd, sb.arena_offset)   # e.g. EFBIG: slots beyond the file system's limit
-                except OSError as e:
-                    raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
-                self._generation, self._active_slot = 0, 1
-                self.flush()
-                if overwrite:
-                    os.replace(self.path, target)
-                    self.path = target
-                dfd = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY)
-                try:                    # the new directory entry is durable too
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except BaseException:
-                if self._fd is not None:    # this call created the file at self.path: remove it
-                    os.close(self._fd)
-                    self._fd = None
-                    if self.path != target or not overwrite:
-                        try:
-                            os.unlink(self.path)
-                        except OSError:
-                            pass
-                self._closed = True
-                raise
-            finally:
-                if old_fd is not None:
-                    os.close(old_fd)
+            self._create_file(overwrite)
         return self
+
+    def _create_file(self, overwrite: bool) -> None:
+        """Write a new, committed, empty cache file at ``self.path`` (create's file part)."""
+        sb, target, old_fd = self._sb, self.path, None
+        if overwrite:
+            # Through a symlink, the file it names is replaced, not the link.
+            target = self.path = os.path.realpath(target)
+            # Build the new file under a temporary name and rename it over the old one,
+            # holding the old file's writer lock: a live writer is refused instead of
+            # truncated, and readers mapping the old file keep reading it (no SIGBUS).
+            old_fd = self._lock_existing(target)
+            if old_fd is not None:
+                self.path = f"{partial_path(target)}.{id(self):x}"
+        try:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                raise CacheFileError(f"{self.path} exists; pass overwrite=True to replace it") from None
+            except OSError as e:
+                raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
+            self._fd = fd
+            self._lock()
+            try:
+                pwrite_all(fd, sb.pack(), 0)
+                os.ftruncate(fd, sb.arena_offset)   # e.g. EFBIG: slots beyond the file system's limit
+            except OSError as e:
+                raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
+            self._generation, self._active_slot = 0, 1
+            self.flush()
+            if old_fd is not None:
+                os.replace(self.path, target)
+                self.path = target
+            fsync_dir(target)           # the new directory entry is durable too
+        except BaseException:
+            if self._fd is not None:    # this call created the file at self.path: remove it
+                os.close(self._fd)
+                self._fd = None
+                if self.path != target or old_fd is None:
+                    try:
+                        os.unlink(self.path)
+                    except OSError:
+                        pass
+            self._closed = True
+            raise
+        finally:
+            if old_fd is not None:
+                os.close(old_fd)
 
     @staticmethod
     def _lock_existing(path: str):
         """fd holding the writer lock of an existing file at ``path`` (None if there is none)."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             return None
-        except OSError as e:
-            raise CacheFileError(f"cannot replace {path}: {e.strerror}") from None
+        fd = open_regular(path, os.O_RDONLY, "replace")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -273,7 +298,7 @@ class PagedKVCache:
         return fd
 
     @classmethod
-    def open(cls, path, mode: str = "r+") -> "PagedKVCache":
+    def open(cls, path, mode: str = "r+", *, commit: str = "newest") -> "PagedKVCache":
         """Open a cache file: read the header and the committed metadata, map the pages.
 
         Parameters
@@ -282,73 +307,113 @@ class PagedKVCache:
         mode : {"r+", "r"}
             "r+" takes the file's writer lock (a second writer is refused); "r" maps it
             read-only and may run beside a writer, seeing the state committed when opened.
+        commit : {"newest", "previous"}
+            Which of the file's two commits to open. "previous" opens the one before the
+            newest on purpose (recovery, as LMDB's previous snapshot): its pages are kept
+            intact until a later commit (docs/RELIABILITY.md). In mode "r+", the first
+            :meth:`flush` makes it the newest commit again, replacing the one after it.
 
         Returns
         -------
         PagedKVCache
-            At the newest valid commit in the file.
+            At the chosen commit.
 
         Raises
         ------
         ConfigError
-            ``mode`` is neither "r" nor "r+".
+            ``mode`` is neither "r" nor "r+", or ``commit`` neither "newest" nor "previous".
         CacheFileError
             The file cannot be opened, is not a regular file or not a kvmmap cache, has
-            another major version, a damaged or invalid header, no valid metadata slot or
-            a newest slot whose contents are invalid, is truncated, or (mode "r+") its
-            writer lock is held by another process. The file is left unchanged.
+            another major version, a damaged or invalid header, no valid metadata slot (or,
+            with ``commit="previous"``, no valid older slot), a chosen slot whose contents
+            are invalid, is truncated, or (mode "r+") its writer lock is held by another
+            process. The file is left unchanged.
         """
         if mode not in ("r", "r+"):
             raise ConfigError(f"mode must be 'r' or 'r+', found {mode!r}")
-        path = os.fspath(path)
+        if commit not in ("newest", "previous"):
+            raise ConfigError(f"commit must be 'newest' or 'previous', found {commit!r}")
         try:
-            fd = os.open(path, os.O_RDWR if mode == "r+" else os.O_RDONLY)
-        except OSError as e:
-            raise CacheFileError(f"cannot open {path}: {e.strerror}") from None
-        self = None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):     # mode "r" opens a directory without error
-                raise CacheFileError(f"cannot open {path}: not a regular file")
-            sb = Superblock.unpack(os.pread(fd, SUPERBLOCK_BYTES, 0), path)
-            sb.check_file_size(os.fstat(fd).st_size, path)    # before sizing anything from it
-            self = object.__new__(cls)
-            self._init_common(sb, path, writable=mode == "r+")
-            self._fd = fd
-            if self.writable:
-                self._lock()
-            for _ in range(3):
-                # A reader racing a writer can find each slot mid-rewrite if the writer
-                # commits twice between the two reads: look again before calling it damage.
-                slots = [read_slot(fd, sb, i) for i in (0, 1)]
-                valid = [(s[0], i, s[1]) for i, s in enumerate(slots) if s is not None]
-                if valid:
-                    break
-            if not valid:
-                raise CacheFileError(f"{path}: damaged metadata: neither metadata slot holds a valid commit")
-            gen, slot, payload = max(valid)
-            self._generation, self._active_slot = gen, slot
+            path = os.fspath(path)
+        except TypeError:
+            raise ConfigError(f"path must be a str or os.PathLike, found {type(path).__name__}") from None
+        for _ in range(5):
+            fd = open_regular(path, os.O_RDWR if mode == "r+" else os.O_RDONLY)
+            self = None
             try:
-                self._load(payload)
-            except CacheFileError as e:
-                # Refused; the older slot is not used in its place. A slot's payload and
-                # header are each checksummed and the header is written last, so a crash
-                # leaves a slot that fails a checksum, never one that holds and is invalid.
-                # This one was written by a bug, forged, or the file was cut short behind
-                # it: falling back would hand out a state its writer had replaced, without
-                # a word, and a writer's next commit would overwrite the evidence.
-                older = [g for g, i, _ in valid if i != slot]
-                other = (f"Slot {1 - slot} holds an older commit (generation {older[0]}), not used"
-                         if older else f"Slot {1 - slot} holds no valid commit")
-                raise CacheFileError(
-                    f"{path}: damaged metadata: the newest commit (slot {slot}, generation {gen}) passes its "
-                    f"checksums but is invalid: {e}. {other}: a slot whose checksums hold was written whole, so "
-                    "this is a bug, a forged file or a truncated file, not an interrupted write") from None
-        except BaseException:
-            if self is not None:        # its close() (or __del__) must not close fd a second time
-                self._fd, self._closed = None, True
-            os.close(fd)
-            raise
-        return self
+                sb = Superblock.unpack(os.pread(fd, SUPERBLOCK_BYTES, 0), path)
+                sb.check_file_size(os.fstat(fd).st_size, path)    # before sizing anything from it
+                self = object.__new__(cls)
+                self._init_common(sb, path, writable=mode == "r+")
+                self._fd = fd
+                if self.writable:
+                    self._lock()
+                    # create(overwrite=True) renames a new file over the path while holding
+                    # the old one's lock: the inode locked here may no longer be the file
+                    # the path names. Writing to it would commit to a deleted file.
+                    if not same_file(fd, path):
+                        self._fd, self._closed = None, True
+                        os.close(fd)
+                        continue
+                self._load_commit(commit)
+            except BaseException:
+                if self is not None:        # its close() (or __del__) must not close fd a second time
+                    self._fd, self._closed = None, True
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                raise
+            return self
+        raise CacheFileError(f"{path} was replaced by another process each time it was opened; try again")
+
+    def _load_commit(self, commit: str) -> None:
+        """Read both metadata slots and load the chosen commit (open's metadata part)."""
+        fd, sb, path = self._fd, self._sb, self.path
+        for _ in range(3):
+            # A reader racing a writer can find each slot mid-rewrite if the writer
+            # commits twice between the two reads: look again before calling it damage.
+            slots = [read_slot(fd, sb, i) for i in (0, 1)]
+            valid = sorted((s[0], i, s[1]) for i, s in enumerate(slots) if s is not None)
+            if valid:
+                break
+        if not valid:
+            raise CacheFileError(f"{path}: damaged metadata: neither metadata slot holds a valid commit")
+        if commit == "previous":
+            if len(valid) < 2:
+                raise CacheFileError(f"{path}: no previous commit: slot {1 - valid[0][1]} holds no valid commit "
+                                     f"(slot {valid[0][1]} holds the only one, generation {valid[0][0]})")
+            gen, slot, payload = valid[0]
+        else:
+            gen, slot, payload = valid[-1]
+        self._generation, self._active_slot = gen, slot
+        try:
+            self._load(payload)
+        except CacheFileError as e:
+            # Refused; the other slot is not used in its place. A slot's payload and
+            # header are each checksummed and the header is written last, so a crash
+            # leaves a slot that fails a checksum, never one that holds and is invalid.
+            # This one was written by a bug, forged, or the file was cut short behind
+            # it: falling back would hand out a state its writer had replaced, without
+            # a word, and a writer's next commit would overwrite the evidence.
+            others = [g for g, i, _ in valid if i != slot]
+            age = "a newer" if commit == "previous" else "an older"
+            other = (f"Slot {1 - slot} holds {age} commit (generation {others[0]}), not used"
+                     if others else f"Slot {1 - slot} holds no valid commit")
+            which = "previous" if commit == "previous" else "newest"
+            raise CacheFileError(
+                f"{path}: damaged metadata: the {which} commit (slot {slot}, generation {gen}) passes its "
+                f"checksums but is invalid: {e}. {other}: a slot whose checksums hold was written whole, so "
+                "this is a bug, a forged file or a truncated file, not an interrupted write") from None
+        if self.writable:
+            # the next commit continues after the newest generation on disk
+            self._generation = valid[-1][0]
+            # Pages the other slot's commit lists and this one does not stay unused until
+            # the next commit has replaced that slot: it must stay readable until then.
+            if len(valid) == 2:
+                other_payload = valid[0][2] if slot == valid[-1][1] else valid[-1][2]
+                self._alloc.retire(self._payload_pages(other_payload))
 
     def _init_common(self, sb: Superblock, path, writable: bool) -> None:
         self._sb = sb
@@ -357,6 +422,9 @@ class PagedKVCache:
         self.layout: PageLayout = sb.layout()
         self._fd = None
         self._closed = False
+        self._mutex = threading.RLock()
+        self._pid = os.getpid()     # a forked child must not write through its parent's writer
+        self._reserved = 0          # pages [0, _reserved) have disk blocks (file caches)
         self._seqs: dict[int, _Sequence] = {}
         self._names: dict[str, int] = {}
         self._next_id = 0
@@ -419,10 +487,26 @@ class PagedKVCache:
             arena = np.zeros(cap * pb, np.uint8)
             arena[: self._arena.size] = self._arena
         else:
-            os.ftruncate(self._fd, self._sb.arena_offset + cap * pb)   # sparse: no page is rewritten
+            end = self._sb.arena_offset + cap * pb
+            if os.fstat(self._fd).st_size < end:    # a reopened file may be longer already
+                os.ftruncate(self._fd, end)         # sparse: no page is rewritten
             arena = self._map(cap)
         self._set_arena(arena, cap)
 
+    def _prepare_pages(self, n: int) -> None:
+        """Make sure the next :meth:`_alloc` of ``n`` pages cannot fail for lack of room.
+
+        The arena grows (a file: extended, sparse) and the disk blocks of every page that
+        could be handed out are reserved, all *before* any page is handed out: a full
+        disk, ``ulimit -f`` (EFBIG) or a failed map raise here, with nothing changed but
+        the file's size. Pages are then written through the map without a SIGBUS.
+        """
+        need = self._alloc.high_water + self._alloc.fresh_needed(n)
+        self._ensure_capacity(need)
+        if self.path is not None and need > self._reserved:
+            pb = self._sb.page_bytes
+            reserve(self._fd, self._sb.arena_offset + self._reserved * pb, (need - self._reserved) * pb)
+            self._reserved = need
     def _map(self, cap: int) -> np.ndarray:
         return np.memmap(self.path, dtype=np.uint8, mode="r+" if self.writable else "r",
                          offset=self._sb.arena_offset, shape=(cap * self._sb.page_bytes,))
@@ -448,9 +532,12 @@ class PagedKVCache:
         pb = self._sb.page_bytes
         return crc32c.crc32c(self._arena[page * pb:(page + 1) * pb])
 
-    def _seal_pages(self, n: int) -> np.ndarray:
+    def _seal_pages(self, n: int, taken: list | None = None) -> np.ndarray:
+        """Hand out ``n`` pages (room made first); ``taken`` collects them for an undo."""
+        self._prepare_pages(n)
         pages = self._alloc.alloc(n)
-        self._ensure_capacity(self._alloc.high_water)
+        if taken is not None:
+            taken.extend(int(p) for p in pages)
         return pages
 
     # ------------------------------------------------------------------ views
@@ -475,8 +562,8 @@ class PagedKVCache:
             return QTensor(t["codes"][:, a:b], None, None, "fp32", shape)
         return QTensor(t["codes"][:, a:b], t["scales"][:, a:b] if f.scaled else None, None, f.name, shape)
 
-    def _seal_tail(self, st: _LayerState) -> None:
-        (page,) = self._seal_pages(1)
+    def _seal_tail(self, st: _LayerState, taken: list) -> None:
+        (page,) = self._seal_pages(1, taken)
         for side in _SIDES:
             f = self.layout.formats[side]
             if f.name == "int4":
@@ -494,12 +581,22 @@ class PagedKVCache:
             raise CacheFileError("the cache is closed")
         if write and not self.writable:
             raise ReadOnlyError(f"{self.path} is open read-only (mode='r')")
+        if write and self.path is not None and os.getpid() != self._pid:
+            # The child shares the parent's file description and writer lock: its writes
+            # would land in pages the parent hands out, its commits race the parent's.
+            raise ReadOnlyError(
+                f"{self.path} was opened for writing by process {self._pid}; this forked child "
+                f"(process {os.getpid()}) may read through it but not write. Open the file in the "
+                "child with PagedKVCache.open(path, mode='r'), or for writing once the parent closed it")
 
     def _seq(self, seq) -> _Sequence:
-        try:
-            return self._seqs[seq]
-        except (KeyError, TypeError):
-            raise SequenceError(f"unknown sequence id {seq!r}; known ids: {sorted(self._seqs)[:20]}") from None
+        # 0.0 == 0 and True == 1 as dict keys: only integers name sequences
+        if _is_int(seq):
+            try:
+                return self._seqs[int(seq)]
+            except KeyError:
+                pass
+        raise SequenceError(f"unknown sequence id {seq!r}; known ids: {sorted(self._seqs)[:20]}") from None
 
     def _seq_and_count(self, seq, n, what: str) -> _Sequence:
         self._check_open(write=True)
@@ -530,6 +627,7 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ sequences
 
+    @_locked
     def new_sequence(self, name: str | None = None) -> int:
         """Start an empty sequence.
 
@@ -554,11 +652,10 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open(write=True)
-        if name is not None:
-            if not isinstance(name, str) or not name or len(name.encode()) > 65535:
-                raise SequenceError(f"a sequence name must be a non-empty string under 64 KiB, found {name!r}")
-            if name in self._names:
-                raise SequenceError(f"a sequence named {name!r} exists already (id {self._names[name]})")
+        self._check_name(name)
+        if self._next_id > MAX_SEQUENCE_ID:
+            raise SequenceError(f"this cache has handed out every sequence id (0..{MAX_SEQUENCE_ID}); "
+                                "ids are never reused: copy the sequences to a new cache")
         sid = self._next_id
         self._next_id += 1
         layers = [_LayerState(BlockTable(), 0, 0, self._copy_tail(self._tail_proto)) for _ in range(self.num_layers)]
@@ -566,6 +663,19 @@ class PagedKVCache:
         if name is not None:
             self._names[name] = sid
         return sid
+
+    def _check_name(self, name) -> None:
+        if name is None:
+            return
+        try:
+            size = len(name.encode()) if isinstance(name, str) else -1
+        except UnicodeEncodeError:      # a lone surrogate has no UTF-8 form
+            size = -1
+        if size < 1 or size > 65535:
+            raise SequenceError(f"a sequence name must be a non-empty string of valid unicode under 64 KiB "
+                                f"of UTF-8, found {name!r}")
+        if name in self._names:
+            raise SequenceError(f"a sequence named {name!r} exists already (id {self._names[name]})")
 
     def find_sequence(self, name: str) -> int:
         """Id of the sequence called ``name``.
@@ -591,6 +701,7 @@ class PagedKVCache:
         except (KeyError, TypeError):
             raise SequenceError(f"no sequence is named {name!r}") from None
 
+    @_locked
     def store_prefix(self, seq: int, token_ids) -> int:
         """Store ``seq``'s first ``len(token_ids)`` tokens under the hash of ``token_ids``.
 
@@ -657,6 +768,7 @@ class PagedKVCache:
         self._check_open()
         return prefix.match_prefix(self, token_ids)
 
+    @_locked
     def sequences(self) -> dict[int, str | None]:
         """{sequence id: name or None} for every sequence.
 
@@ -697,6 +809,7 @@ class PagedKVCache:
             return min(st.length for st in s.layers)
         return s.layers[self._check_layer(layer)].length
 
+    @_locked
     def append(self, seq: int, layer: int, k, v) -> None:
         """Append tokens to one layer of a sequence.
 
@@ -731,8 +844,9 @@ class PagedKVCache:
             return
         quant.check_storable(k, self.k_format)      # one read each; refuses before any change
         quant.check_storable(v, self.v_format)
-        self._append_tokens(st, x)
+        self._append_all([(st, x)])
 
+    @_locked
     def _append_rows(self, seqs, layer: int, k: np.ndarray, v: np.ndarray, read_back: bool = False):
         """:meth:`append` to one layer of several sequences, all or none, unchecked.
 
@@ -784,10 +898,10 @@ class PagedKVCache:
         quant.check_storable(k, self.k_format)      # one read each; refuses before any change
         quant.check_storable(v, self.v_format)
         int4 = "int4" in (self.k_format, self.v_format)
-        for b, st in enumerate(sts):
+        for st in sts:
             if int4 and st.n_pos % P + n >= P:      # seals the open tail page
                 start = min(start, max(0, st.length - st.n_pos % P))
-            self._append_tokens(st, {"k": k[b], "v": v[b]})
+        self._append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
         if not read_back:
             return start, None, None
         shape = (len(seqs), self.num_kv_heads, sts[0].length - start, self.head_dim)
@@ -813,14 +927,44 @@ class PagedKVCache:
         quant._quantize_unchecked(v, qv)
         return qk, qv
 
-    def _append_tokens(self, st: _LayerState, x: dict) -> None:
-        """Append checked head-major ``x[side]`` ``[H, tokens, D]`` to one (sequence, layer)."""
+    def _append_all(self, items) -> None:
+        """Append checked tokens to several (sequence, layer) pairs: all of it, or nothing.
+
+        ``items``: ``(layer state, {side: [H, tokens, D]})`` pairs. Room for every page
+        the call seals is made first (:meth:`_prepare_pages`); should anything still raise
+        (MemoryError, KeyboardInterrupt), the lengths, block tables and tails go back to
+        what they were and the pages handed out return to the free list.
+        """
+        P = self.page_size
+        self._prepare_pages(sum((st.n_pos % P + x["k"].shape[1]) // P for st, x in items))
+        saved = []
+        for st, x in items:
+            slot = st.n_pos % P
+            # sealing the open tail reuses its rows from 0: keep the rows it holds now
+            tail = self._copy_tail(st.tail) if slot and slot + x["k"].shape[1] >= P else None
+            saved.append((st, st.n_pos, len(st.bt), tail))
+        taken: list[int] = []
+        try:
+            for st, x in items:
+                self._append_tokens(st, x, taken)
+        except BaseException:
+            for st, n_pos, nbt, tail in saved:
+                st.bt.drop_back(len(st.bt) - nbt)
+                st.n_pos = n_pos
+                if tail is not None:
+                    st.tail = tail
+            self._alloc.unalloc(taken)
+            raise
+
+    def _append_tokens(self, st: _LayerState, x: dict, taken: list) -> None:
+        """Append checked head-major ``x[side]`` ``[H, tokens, D]`` to one (sequence, layer);
+        pages handed out are added to ``taken``."""
         P, n, i = self.page_size, x["k"].shape[1], 0
         while i < n:
             slot = st.n_pos % P
             take = min(P - slot, n - i)
             if slot == 0 and take == P:          # a whole page: quantize straight into it
-                (page,) = self._seal_pages(1)
+                (page,) = self._seal_pages(1, taken)
                 for side in _SIDES:
                     quant.quantize_into(x[side][:, i:i + P], self._page_q(side, page, 0, P))
                 self._mark_sealed(page)
@@ -829,7 +973,7 @@ class PagedKVCache:
                 for side in _SIDES:
                     quant.quantize_into(x[side][:, i:i + take], self._tail_q(side, st.tail, slot, slot + take))
                 if slot + take == P:
-                    self._seal_tail(st)
+                    self._seal_tail(st, taken)
             st.n_pos += take
             i += take
 
@@ -863,8 +1007,7 @@ class PagedKVCache:
         self._check_open()
         st = self._seq(seq).layers[self._check_layer(layer)]
         stop = st.length if stop is None else stop
-        if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))
-                and 0 <= start <= stop <= st.length):
+        if not (_is_int(start) and _is_int(stop) and 0 <= start <= stop <= st.length):
             raise ShapeError(f"need 0 <= start <= stop <= {st.length}, found start={start!r}, stop={stop!r}")
         n = stop - start
         out = {side: np.empty((n, self.num_kv_heads, self.head_dim), np.float32) for side in _SIDES}
@@ -930,6 +1073,7 @@ class PagedKVCache:
                 f"commit {self._generation} (a writer reused them, or they are damaged); reopen the "
                 "cache to read the current state")
 
+    @_locked
     def fork(self, seq: int, name: str | None = None) -> int:
         """A new sequence holding what ``seq`` holds, sharing its sealed pages.
 
@@ -958,13 +1102,19 @@ class PagedKVCache:
         """
         self._check_open(write=True)
         src = self._seq(seq)
-        sid = self.new_sequence(name)
-        new = self._seqs[sid]
-        for i, st in enumerate(src.layers):
-            self._alloc.incref(st.bt.pages)
-            new.layers[i] = _LayerState(st.bt.copy(), st.n_pos, st.first, self._copy_tail(st.tail))
+        self._check_name(name)
+        layers = [_LayerState(st.bt.copy(), st.n_pos, st.first, self._copy_tail(st.tail)) for st in src.layers]
+        shared = np.concatenate([st.bt.pages for st in src.layers])
+        sid = self.new_sequence(name)       # built first, so that a failure leaves nothing behind
+        try:
+            self._alloc.incref(shared)
+        except BaseException:
+            self._drop_sequence(sid)
+            raise
+        self._seqs[sid].layers = layers
         return sid
 
+    @_locked
     def free(self, seq: int) -> None:
         """Drop a sequence and its name.
 
@@ -986,12 +1136,15 @@ class PagedKVCache:
         """
         self._check_open(write=True)
         s = self._seq(seq)
-        for st in s.layers:
-            self._alloc.decref(st.bt.pages)
-        del self._seqs[seq]
+        self._alloc.decref(np.concatenate([st.bt.pages for st in s.layers]))    # one step: all or nothing
+        self._drop_sequence(s.seq_id)
+
+    def _drop_sequence(self, sid: int) -> None:
+        s = self._seqs.pop(sid)
         if s.name is not None:
             del self._names[s.name]
 
+    @_locked
     def truncate(self, seq: int, n: int) -> None:
         """Keep the first ``n`` tokens of every layer of ``seq`` (layers shorter keep all).
 
@@ -1017,11 +1170,16 @@ class PagedKVCache:
         """
         s = self._seq_and_count(seq, n, "truncate")
         P = self.page_size
+        # Worked out on copies first, then swapped in with one release of pages: a failure
+        # on the way (MemoryError) leaves the sequence as it was.
+        new_layers, dropped = [], []
         for st in s.layers:
             if n >= st.length:
+                new_layers.append(st)
                 continue
             new_pos = st.first + n
             keep, rem = divmod(new_pos, P)
+            bt, tail = st.bt, st.tail
             if keep < len(st.bt):
                 if rem:   # copy-on-write: the kept part of a sealed page becomes the tail
                     page = int(st.bt.pages[keep])
@@ -1033,10 +1191,14 @@ class PagedKVCache:
                         else:
                             for name, arr in tail[side].items():
                                 arr[:, :rem] = getattr(src, name)
-                    st.tail = tail
-                self._alloc.decref(st.bt.drop_back(len(st.bt) - keep))
-            st.n_pos = new_pos
+                bt = BlockTable(st.bt.pages[:keep])
+                dropped.append(st.bt.pages[keep:])
+            new_layers.append(_LayerState(bt, new_pos, st.first, tail))
+        if dropped:
+            self._alloc.decref(np.concatenate(dropped))
+        s.layers = new_layers
 
+    @_locked
     def shift_left(self, seq: int, n: int) -> None:
         """Drop the first ``n`` tokens of every layer of ``seq`` (a sliding window).
 
@@ -1062,13 +1224,15 @@ class PagedKVCache:
         """
         s = self._seq_and_count(seq, n, "shift_left")
         P = self.page_size
+        new_layers, dropped = [], []        # copies first, then one release: all or nothing
         for st in s.layers:
-            st.first += min(n, st.length)
-            drop = min(st.first // P, len(st.bt))
-            if drop:
-                self._alloc.decref(st.bt.drop_front(drop))
-                st.first -= drop * P
-                st.n_pos -= drop * P
+            first = st.first + min(n, st.length)
+            drop = min(first // P, len(st.bt))
+            dropped.append(st.bt.pages[:drop])
+            new_layers.append(_LayerState(BlockTable(st.bt.pages[drop:]), st.n_pos - drop * P,
+                                          first - drop * P, st.tail))
+        self._alloc.decref(np.concatenate(dropped))
+        s.layers = new_layers
 
     def block_table(self, seq: int, layer: int = 0) -> np.ndarray:
         """Physical ids of the sealed pages of one layer of ``seq``, in logical order.
@@ -1156,6 +1320,7 @@ class PagedKVCache:
         return paged_decode_attention(self, layer, [seq], q[None], scale=scale, window=window,
                                       backend=backend)[0]
 
+    @_locked
     def stats(self) -> dict:
         """Pages, bytes and tokens of the cache as it is now (uncommitted changes included).
 
@@ -1278,9 +1443,43 @@ class PagedKVCache:
         self._alloc = PageAllocator(counts.astype(np.uint32))
         self._page_crc = page_crc
         self._page_stamp = np.ones(len(page_crc), np.uint64)
-        if file_pages > 0:
-            self._set_arena(self._map(file_pages), file_pages)
+        # Sized by the committed pages, not by the file: a sparse file's apparent size
+        # (a file extended to 1 TiB) must not decide what is allocated.
+        if hw > 0:
+            self._set_arena(self._map(hw), hw)
+        if self.writable:
+            # Pages below the high-water mark were written when sealed, so they have their
+            # blocks, unless the file was copied with holes made of zero runs: reserve them
+            # again (cheap where they are allocated); if the disk is full, the next page
+            # handed out reserves the whole range and says so.
+            try:
+                reserve(self._fd, self._sb.arena_offset, hw * pb)
+                self._reserved = hw
+            except OSError:
+                self._reserved = 0
 
+    def _payload_pages(self, payload: bytes) -> np.ndarray:
+        """Every page id a slot payload's block tables list (for a payload that passed its
+        checksums; anything that does not parse gives what was found so far)."""
+        found = []
+        try:
+            hw, nseq, _, _ = _META_HEAD.unpack_from(payload)
+            off = _META_HEAD.size + 4 * hw
+            for _ in range(nseq):
+                _, name_len, _ = _SEQ_HEAD.unpack_from(payload, off)
+                off += _SEQ_HEAD.size + name_len + (-name_len % 4)
+                for _ in range(self.num_layers):
+                    _, _, nbt = _LAYER_HEAD.unpack_from(payload, off)
+                    off += _LAYER_HEAD.size
+                    if off + 4 * nbt > len(payload):
+                        raise ValueError("truncated")
+                    found.append(np.frombuffer(payload, np.uint32, nbt, off))
+                    off += 4 * nbt + self._tail_bytes
+        except (struct.error, ValueError):
+            pass
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.uint32)
+
+    @_locked
     def flush(self) -> None:
         """Commit: make every change so far durable. After it returns a crash loses nothing.
 
@@ -1301,6 +1500,7 @@ class PagedKVCache:
         self._check_open()
         if not self.writable:
             return
+        self._check_open(write=True)        # a forked child of the writer is refused
         if self.path is None:
             self._alloc.release_pending()
             return
@@ -1311,6 +1511,7 @@ class PagedKVCache:
         self._active_slot = slot
         self._alloc.release_pending()
 
+    @_locked
     def verify(self) -> list[int]:
         """Recompute the checksum of every page some block table lists.
 
@@ -1329,6 +1530,7 @@ class PagedKVCache:
         used = sorted({int(p) for s in self._seqs.values() for st in s.layers for p in st.bt.pages})
         return [p for p in used if self._page_crc_of(p) != int(self._page_crc[p])]
 
+    @_locked
     def close(self) -> None:
         """Release the file and its writer lock; calling it again does nothing.
 

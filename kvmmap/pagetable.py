@@ -13,8 +13,11 @@ Inside kvmmap each (sequence, layer) owns a block table of *sealed* pages: full 
 that are immutable from then on. The open, partial page of a sequence is its *tail*,
 kept beside the block table (see :mod:`kvmmap.cache`). A page's reference count is the
 number of block tables that list it; ``fork`` shares pages by raising their counts.
-A page whose count drops to 0 is *pending*: it becomes free for reuse only at the next
-commit, so the committed state on disk never points at a page that was overwritten.
+A page whose count drops to 0 is *pending*: it is still listed by the newest commit on
+disk. The next commit *retires* it (only the previous commit, the other metadata slot,
+lists it now) and the commit after that frees it for reuse. So neither of the two commits
+on disk ever points at an overwritten page: the previous one can be opened on purpose
+(``PagedKVCache.open(..., commit="previous")``) or fallen back to after damage.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class PageAllocator:
         self._high_water = len(counts)
         self._free = [int(p) for p in np.flatnonzero(counts == 0)[::-1]]   # pop() takes the lowest
         self._pending: list[int] = []
+        self._retired: list[int] = []
 
     @property
     def high_water(self) -> int:
@@ -62,7 +66,16 @@ class PageAllocator:
 
     @property
     def num_pending(self) -> int:
-        return len(self._pending)
+        """Dropped pages not reusable yet: listed by the newest or the previous commit."""
+        return len(self._pending) + len(self._retired)
+
+    def retire(self, pages) -> None:
+        """Keep free pages out of use until the next commit (they are listed by the other
+        metadata slot's commit, e.g. after reopening a file)."""
+        keep = {int(p) for p in pages} & set(self._free)
+        if keep:
+            self._free = [p for p in self._free if p not in keep]
+            self._retired.extend(sorted(keep))
 
     @property
     def refcounts(self) -> np.ndarray:
@@ -70,6 +83,10 @@ class PageAllocator:
         v = self._refcounts[: self._high_water]
         v.flags.writeable = False
         return v
+
+    def fresh_needed(self, n: int) -> int:
+        """How many new page ids :meth:`alloc` of ``n`` pages would add (beyond the free list)."""
+        return max(0, n - len(self._free))
 
     def alloc(self, n: int) -> np.ndarray:
         """Hand out ``n`` pages with count 1: reused free pages first, then new ids."""
@@ -101,10 +118,24 @@ class PageAllocator:
             raise PageTableError(f"cannot release page {p}: it {what}")
         self._pending.extend(int(p) for p in released[:k])
 
+    def unalloc(self, pages) -> None:
+        """Take back pages handed out by :meth:`alloc` that no commit has seen (undoing a
+        failed call): their counts return to 0 and they are free at once."""
+        pages = [int(p) for p in pages]
+        bad = [p for p in pages if p >= self._high_water or self._refcounts[p] != 1]
+        if bad or len(set(pages)) != len(pages):
+            raise PageTableError(f"cannot take back pages {pages[:8]}: not all are pages just handed out")
+        self._refcounts[pages] = 0
+        self._free.extend(sorted(pages, reverse=True))
+        self._free.sort(reverse=True)
+
     def release_pending(self) -> None:
-        """Make pending pages reusable; call once the state that dropped them is committed."""
-        self._free.extend(sorted(self._pending, reverse=True))
-        self._pending.clear()
+        """A commit happened: pages dropped before the previous commit become free, and
+        those dropped since are retired (the commit before this one still lists them)."""
+        self._free.extend(self._retired)
+        self._free.sort(reverse=True)
+        self._retired = self._pending
+        self._pending = []
 
 
 class BlockTable:

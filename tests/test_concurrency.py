@@ -150,9 +150,11 @@ def test_old_reader_is_refused_once_its_pages_are_reused(tmp_path):
     w.flush()
     r = km.PagedKVCache.open(path, mode="r")
     np.testing.assert_array_equal(r.read(s, 0)[0], x)
-    w.shift_left(s, 8)                      # frees two pages, reusable after the next commit
+    w.shift_left(s, 8)                      # frees two pages, reusable after the second next commit
     w.flush()
     np.testing.assert_array_equal(r.read(s, 0)[0], x)       # not reused yet: still exact
+    w.flush()                               # the previous commit no longer lists them: free
+    np.testing.assert_array_equal(r.read(s, 0)[0], x)
     y = -np.random.default_rng(1).standard_normal((8, 2, 32), dtype=np.float32)
     w.append(s, 0, y, y)                    # overwrites the two freed pages
     with pytest.raises(km.CacheFileError, match="reopen"):

@@ -235,26 +235,39 @@ def test_truncated_files(tmp_path, pristine):
             assert snapshot(c) == snap_b and c.verify() == []
 
 
-def test_fallback_onto_reused_pages_is_caught_by_verify(tmp_path):
-    """Commit B frees pages that commit A used; after B, new data may reuse them. If B's slot
-    is then damaged, open falls back to A, whose pages were overwritten: verify() says so."""
+def test_fallback_after_damage_finds_the_previous_commit_intact(tmp_path):
+    """Commit B frees pages that commit A used. They stay unused until a commit after B
+    (A is still on disk, in the other slot): if B's slot is damaged, the fallback to A reads
+    exactly A's data. Two commits later they are reused, and A's slot is gone by then."""
     path = tmp_path / "r.kvm"
     c = km.PagedKVCache.create(path, **GEO, meta_slot_bytes=SLOT)
     x = c.new_sequence("x")
-    c.append(x, 0, tokens(12, 1), tokens(12, 2))
+    kx, vx = tokens(12, 1), tokens(12, 2)
+    c.append(x, 0, kx, vx)
+    want = c.read(x, 0)
     c.flush()                                       # A
     pages_a = c.block_table(x, 0).tolist()
     c.free(x)
     keep = c.new_sequence("keep")
-    c.flush()                                       # B: x's pages become free
-    c.append(keep, 0, tokens(12, 3), tokens(12, 4))  # reuses them, before any commit
-    assert sorted(c.block_table(keep, 0).tolist()) == sorted(pages_a)
+    c.flush()                                       # B: x's pages are retired, not free
+    c.append(keep, 0, tokens(12, 3), tokens(12, 4))
+    assert not set(c.block_table(keep, 0).tolist()) & set(pages_a)
     c.close()                                       # killed here, in effect: B is the newest commit
     raw = path.read_bytes()
     dmg = write(tmp_path, flip(raw, SB + newest_slot(raw) * SLOT + 80))
     with km.PagedKVCache.open(dmg, mode="r") as c:
         assert list(c.sequences().values()) == ["x"]
-        assert c.verify() == pages_a
+        assert c.verify() == []
+        for got, ref in zip(c.read(c.find_sequence("x"), 0), want):
+            np.testing.assert_array_equal(got, ref)
+    # reopened for writing at B, the pages A lists stay retired until the next commit
+    with km.PagedKVCache.open(path) as c:
+        keep = c.find_sequence("keep")
+        c.append(keep, 0, tokens(12, 3), tokens(12, 4))
+        assert not set(c.block_table(keep, 0).tolist()) & set(pages_a)
+        c.flush()                                   # C replaces A's slot: A's pages are free now
+        c.append(keep, 0, tokens(12, 5), tokens(12, 6))
+        assert set(c.block_table(keep, 0).tolist()) & set(pages_a)
 
 
 # ------------------------------------------------------------------ hostile files

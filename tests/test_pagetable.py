@@ -7,16 +7,37 @@ import kvmmap as km
 from kvmmap.pagetable import PageAllocator, check_paged_layout, slot_mapping
 
 
-def test_alloc_reuses_only_after_commit():
+def test_alloc_reuses_only_after_two_commits():
+    """A dropped page is listed by the newest commit until the next one, and by the
+    previous commit until the one after: only then may it be overwritten."""
     a = PageAllocator()
     p = a.alloc(5)
     np.testing.assert_array_equal(p, np.arange(5))
     a.decref(p[[1, 3]])
     assert a.num_pending == 2 and a.num_free == 0
     np.testing.assert_array_equal(a.alloc(1), [5])          # pending pages are not reused
-    a.release_pending()
+    a.release_pending()                                     # commit 1: retired, still not reused
+    assert a.num_pending == 2 and a.num_free == 0
+    np.testing.assert_array_equal(a.alloc(1), [6])
+    a.release_pending()                                     # commit 2: free
     np.testing.assert_array_equal(a.alloc(2), [1, 3])
-    np.testing.assert_array_equal(a.refcounts, [1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(a.refcounts, [1, 1, 1, 1, 1, 1, 1])
+
+
+def test_unalloc_returns_pages_at_once_and_retire_holds_free_pages_back():
+    a = PageAllocator(np.array([1, 0, 0, 1], np.uint32))
+    got = a.alloc(3)
+    np.testing.assert_array_equal(got, [1, 2, 4])
+    a.unalloc(got)                                          # a failed call gives them back
+    np.testing.assert_array_equal(a.refcounts, [1, 0, 0, 1, 0])
+    assert a.num_free == 3 and a.num_pending == 0
+    with pytest.raises(km.PageTableError):
+        a.unalloc([0, 0])                                   # count 2 after the first: not fresh
+    a.retire([2, 4])                                        # listed by the other commit
+    np.testing.assert_array_equal(a.alloc(2), [1, 5])
+    a.release_pending()
+    a.release_pending()
+    np.testing.assert_array_equal(a.alloc(2), [2, 4])
 
 
 def test_refcounts_follow_a_numpy_model():
