@@ -425,6 +425,7 @@ class PagedKVCache:
         self._mutex = threading.RLock()
         self._pid = os.getpid()     # a forked child must not write through its parent's writer
         self._reserved = 0          # pages [0, _reserved) have disk blocks (file caches)
+        self._meta_reserved = 0     # bytes at the start of each metadata slot with disk blocks
         self._seqs: dict[int, _Sequence] = {}
         self._names: dict[str, int] = {}
         self._next_id = 0
@@ -1506,10 +1507,30 @@ class PagedKVCache:
             return
         os.fsync(self._fd)
         slot = 1 - self._active_slot
-        write_slot(self._fd, self._sb, slot, self._generation + 1, self._serialize())
+        payload = self._serialize()
+        write_slot(self._fd, self._sb, slot, self._generation + 1, payload)
         self._generation += 1
         self._active_slot = slot
         self._alloc.release_pending()
+        self._reserve_metadata(len(payload))
+
+    def _reserve_metadata(self, payload_bytes: int) -> None:
+        """Give both metadata slots disk blocks for commits up to about twice this one.
+
+        The slots are sparse; on a full disk a commit could then not be written even
+        though the pages it records are (their blocks are reserved before use). Reserving
+        ahead, after a commit succeeded, keeps the next commits writable; if it fails the
+        disk is full already and the next flush says so (ENOSPC), nothing is lost.
+        """
+        want = min(self._sb.meta_slot_bytes, 64 + 2 * payload_bytes + (16 << 10))
+        if want <= self._meta_reserved:
+            return
+        try:
+            for i in (0, 1):
+                reserve(self._fd, self._sb.meta_offset + i * self._sb.meta_slot_bytes, want)
+        except OSError:
+            return
+        self._meta_reserved = want
 
     @_locked
     def verify(self) -> list[int]:

@@ -264,10 +264,29 @@ def read_slot(fd: int, sb: Superblock, index: int) -> tuple[int, bytes] | None:
     # the length is checked against the slot and the file before anything is allocated
     if length > sb.meta_slot_bytes - SLOT_HEADER_BYTES or off + SLOT_HEADER_BYTES + length > os.fstat(fd).st_size:
         return None
+    if length > _CHECK_FIRST_BYTES and _crc_of_range(fd, off + SLOT_HEADER_BYTES, length) != payload_crc:
+        # a large payload is checked in chunks before it is read whole: a crafted header
+        # announcing hundreds of MiB (in a sparse file) costs no memory
+        return None
     payload = os.pread(fd, length, off + SLOT_HEADER_BYTES)
     if len(payload) != length or crc32c.crc32c(payload) != payload_crc:
         return None
     return gen, payload
+
+
+_CHECK_FIRST_BYTES = 16 << 20
+
+
+def _crc_of_range(fd: int, offset: int, length: int, chunk: int = 4 << 20) -> int | None:
+    """CRC-32C of ``length`` bytes at ``offset``, read a chunk at a time (None if short)."""
+    crc, done = 0, 0
+    while done < length:
+        part = os.pread(fd, min(chunk, length - done), offset + done)
+        if not part:
+            return None
+        crc = crc32c.crc32c(part, crc)
+        done += len(part)
+    return crc
 
 
 def newest_generation(fd: int, sb: Superblock) -> int:

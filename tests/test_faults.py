@@ -1,0 +1,444 @@
+"""I/O faults: every failing call changes nothing it has not committed to.
+
+A fault-injection fixture makes the n-th low-level I/O call of an operation fail (an
+OSError of some errno, a short write followed by a full disk, or a KeyboardInterrupt),
+swept over every n the operation makes, as SQLite's I/O-error tests do. After each fault
+the cache takes a further commit with the faults off, and the file reopened in both
+modes must hold exactly the state the cache object says it holds: the operation's
+result if it returned, the state before it if it raised. The expected values come from
+a numpy model (fp32 keys, fp16 values are exact) and, for the quantized formats, from
+the same operations replayed on a RAM cache, which does no I/O.
+
+Real limits follow: ``ulimit -f`` (RLIMIT_FSIZE) during a commit and during arena growth,
+and a full file system (a small tmpfs) under appends that write pages through the map.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import kvmmap as km
+
+GEO = dict(num_layers=2, num_kv_heads=2, head_dim=16, page_size=4)
+CONFIGS = {"exact": ("fp32", "fp16"), "quant": ("int8", "int4")}
+H, D = GEO["num_kv_heads"], GEO["head_dim"]
+SLOT = 1 << 16
+
+
+class Faults:
+    """Counts, and on request fails, the I/O calls kvmmap makes.
+
+    Hooked: ``os.pwrite``, ``os.ftruncate``, ``os.fsync``, ``os.posix_fallocate`` and
+    ``mmap.mmap`` (numpy.memmap maps through it). ``arm(n, mode)`` fails the n-th call from
+    then on: ``"error"`` raises OSError (ENOSPC, EIO or EFBIG by call kind), ``"short"`` makes
+    a pwrite write half of its bytes (any other call fails as in "error") and every later
+    write, growth or reservation fail with ENOSPC (the disk is now full), ``"interrupt"``
+    raises KeyboardInterrupt.
+    """
+
+    ERRNO = {"pwrite": errno.ENOSPC, "ftruncate": errno.EFBIG, "fsync": errno.EIO,
+             "posix_fallocate": errno.ENOSPC, "mmap": errno.ENOMEM}
+
+    def __init__(self, monkeypatch):
+        self.calls, self.n, self.mode, self.full, self.fired, self.seen = 0, 0, None, False, None, {}
+        self.counting = False
+        self.real = {"pwrite": os.pwrite, "ftruncate": os.ftruncate, "fsync": os.fsync,
+                     "posix_fallocate": os.posix_fallocate, "mmap": mmap.mmap}
+        for name in ("pwrite", "ftruncate", "fsync", "posix_fallocate"):
+            monkeypatch.setattr(os, name, self._hook(name))
+        monkeypatch.setattr(mmap, "mmap", self._hook("mmap"))
+
+    def arm(self, n: int, mode: str) -> None:
+        self.calls, self.n, self.mode, self.full, self.fired, self.seen = 0, n, mode, False, None, {}
+
+    def count(self) -> None:
+        self.arm(0, None)
+        self.counting = True
+
+    def off(self) -> None:
+        self.n, self.mode, self.full, self.counting = 0, None, False, False
+
+    def _hook(self, name):
+        def call(*args, **kwargs):
+            real = self.real[name]
+            if self.mode is not None:
+                self.calls += 1
+                if self.full and name in ("pwrite", "ftruncate", "posix_fallocate"):
+                    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+                if self.calls == self.n:
+                    self.fired, self.fired_args = name, args
+                    if self.mode == "interrupt":
+                        raise KeyboardInterrupt
+                    if self.mode == "short" and name == "pwrite":
+                        fd, data, offset = args
+                        data = memoryview(data).cast("B")
+                        self.full = True
+                        return real(fd, data[: max(0, len(data) // 2)], offset)
+                    if self.mode == "short":
+                        self.full = True
+                    e = self.ERRNO[name]
+                    raise OSError(e, f"{os.strerror(e)} (injected)")
+            elif self.counting:
+                self.calls += 1
+                self.seen[name] = self.seen.get(name, 0) + 1
+            return real(*args, **kwargs)
+        return call
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    return Faults(monkeypatch)
+
+
+def tokens(n, seed):
+    return np.random.default_rng(seed).standard_normal((n, H, D), dtype=np.float32)
+
+
+def exact_v(v):
+    return v.astype(np.float16).astype(np.float32)
+
+
+# ------------------------------------------------------------------ operations and the model
+
+def base_state(c, model):
+    """Three sequences, one forked (shared pages), committed."""
+    a = c.new_sequence("a")
+    model["a"] = [[tokens(22, 1 + layer), tokens(22, 11 + layer)] for layer in range(c.num_layers)]
+    for layer, (k, v) in enumerate(model["a"]):
+        c.append(a, layer, k, v)
+    b = c.fork(a, "b")
+    model["b"] = [list(kv) for kv in model["a"]]
+    c.truncate(b, 9)
+    model["b"] = [[x[:9] for x in kv] for kv in model["b"]]
+    e = c.new_sequence("e")
+    model["e"] = [[tokens(3, 30 + layer), tokens(3, 40 + layer)] for layer in range(c.num_layers)]
+    for layer, (k, v) in enumerate(model["e"]):
+        c.append(e, layer, k, v)
+    c.flush()
+
+
+def op_append_growth(c, m):
+    """A prompt of 300 tokens a layer: crosses the open page, seals ~75 pages, grows the arena."""
+    sid = c.find_sequence("a")
+    for layer in range(c.num_layers):
+        k, v = tokens(300, 100 + layer), tokens(300, 200 + layer)
+        c.append(sid, layer, k, v)
+        m["a"][layer] = [np.concatenate([m["a"][layer][0], k]), np.concatenate([m["a"][layer][1], v])]
+
+
+def op_decode(c, m):
+    sid = c.find_sequence("e")
+    for layer in range(c.num_layers):
+        k, v = tokens(1, 300 + layer), tokens(1, 400 + layer)
+        c.append(sid, layer, k, v)
+        m["e"][layer] = [np.concatenate([m["e"][layer][0], k]), np.concatenate([m["e"][layer][1], v])]
+
+
+def op_fork(c, m):
+    c.fork(c.find_sequence("a"), "f")
+    m["f"] = [list(kv) for kv in m["a"]]
+
+
+def op_truncate(c, m):
+    c.truncate(c.find_sequence("a"), 7)
+    m["a"] = [[x[:7] for x in kv] for kv in m["a"]]
+
+
+def op_shift_left(c, m):
+    c.shift_left(c.find_sequence("a"), 9)
+    m["a"] = [[x[9:] for x in kv] for kv in m["a"]]
+
+
+def op_free(c, m):
+    c.free(c.find_sequence("b"))
+    del m["b"]
+
+
+def op_new(c, m):
+    sid = c.new_sequence("n")
+    m["n"] = [[np.zeros((0, H, D), np.float32)] * 2 for _ in range(c.num_layers)]
+    for layer in range(c.num_layers):
+        k, v = tokens(5, 500 + layer), tokens(5, 600 + layer)
+        c.append(sid, layer, k, v)
+        m["n"][layer] = [k, v]
+
+
+OPS = {f.__name__[3:]: f for f in (op_append_growth, op_decode, op_fork, op_truncate, op_shift_left,
+                                    op_free, op_new)}
+
+
+def copy_model(m):
+    return {name: [list(kv) for kv in layers] for name, layers in m.items()}
+
+
+def contents(c) -> dict:
+    return {name: [tuple(x.tobytes() for x in c.read(sid, layer)) for layer in range(c.num_layers)]
+            for sid, name in c.sequences().items()}
+
+
+def check_file(path, config, model, held):
+    """Both modes reopen the file at the state the cache object held (``held``), and
+    with exact formats that state is the numpy model's."""
+    if config == "exact":
+        assert sorted(held) == sorted(model)
+        for name, layers in model.items():
+            for layer, (k, v) in enumerate(layers):
+                assert held[name][layer] == (k.tobytes(), exact_v(v).tobytes()), (name, layer)
+    for mode in ("r", "r+"):
+        with km.PagedKVCache.open(path, mode=mode) as c:
+            assert c.verify() == []
+            assert contents(c) == held
+
+
+@pytest.fixture(scope="module")
+def base_files(tmp_path_factory):
+    out = {}
+    for config, (kf, vf) in CONFIGS.items():
+        path = tmp_path_factory.mktemp("base") / f"{config}.kvm"
+        model = {}
+        with km.PagedKVCache.create(path, **GEO, k_format=kf, v_format=vf, meta_slot_bytes=SLOT) as c:
+            base_state(c, model)
+        out[config] = (path, model)
+    return out
+
+
+def run_faulted(tmp_path, base_files, faults, config, op, n, mode):
+    """One trial; returns (what raised or None, the hooked call that failed)."""
+    src, base_model = base_files[config]
+    path = tmp_path / f"{op}-{n}-{mode}.kvm"
+    shutil.copyfile(src, path)
+    model = copy_model(base_model)
+    c = km.PagedKVCache.open(path)
+    raised = None
+    faults.arm(n, mode)
+    try:
+        OPS[op](c, model)           # the model follows each public call that returned
+        c.flush()
+    except (OSError, KeyboardInterrupt) as e:
+        raised = e
+    fired = faults.fired
+    if fired == "posix_fallocate" and faults.fired_args[1] < c._sb.arena_offset:
+        fired = "reserve-metadata"      # ahead of need, after a commit: may fail silently
+    faults.off()
+    # the object's state is the model: a further commit must record exactly it
+    c.flush()
+    held = contents(c)
+    c.close()
+    check_file(path, config, model, held)
+    os.unlink(path)
+    return raised, fired
+
+
+def calls_made(tmp_path, base_files, faults, config, op) -> int:
+    src, base_model = base_files[config]
+    path = tmp_path / f"count-{op}.kvm"
+    shutil.copyfile(src, path)
+    with km.PagedKVCache.open(path) as c:
+        faults.count()
+        OPS[op](c, copy_model(base_model))
+        c.flush()
+        n = faults.calls
+        faults.counting = False
+    os.unlink(path)
+    return n
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("op", list(OPS))
+def test_a_fault_at_every_io_call_changes_nothing_uncommitted(tmp_path, base_files, faults, config, op):
+    total = calls_made(tmp_path, base_files, faults, config, op)
+    assert total >= 3, f"{op} + flush made only {total} I/O calls"    # at least fsync, pwrite x2
+    outcomes = {}
+    for mode in ("error", "short", "interrupt"):
+        for n in range(1, total + 1):
+            raised, fired = run_faulted(tmp_path, base_files, faults, config, op, n, mode)
+            # a failed write, sync or reservation is never a silent success (except the
+            # metadata blocks reserved ahead after a commit, which the next commit needs not)
+            if fired != "reserve-metadata" or mode == "interrupt":
+                assert raised is not None, f"{op}: the {fired} call #{n} failed ({mode}) but nothing raised"
+            outcomes[(mode, fired)] = outcomes.get((mode, fired), 0) + 1
+    assert outcomes
+
+
+def test_sweep_covers_growth_reservation_and_commit(tmp_path, base_files, faults):
+    """The append that grows the arena makes every kind of hooked call, so the sweep above
+    fails each of them at least once."""
+    calls_made(tmp_path, base_files, faults, "exact", "append_growth")
+    assert sorted(faults.seen) == ["fsync", "ftruncate", "mmap", "posix_fallocate", "pwrite"]
+
+
+# ------------------------------------------------------------------ a short write in a commit (case 1)
+
+def test_short_metadata_write_raises_and_keeps_the_previous_commit(tmp_path, base_files, faults):
+    """os.pwrite writing part of a slot used to pass unnoticed: flush() reported success,
+    committed a header whose payload was cut, released freed pages, and two such commits
+    made the file unopenable. Now it raises, and nothing moves."""
+    src, model = base_files["exact"]
+    path = tmp_path / "short.kvm"
+    shutil.copyfile(src, path)
+    with km.PagedKVCache.open(path) as c:
+        gen = c._generation
+        c.free(c.find_sequence("b"))
+        pending = c.stats()["pages_pending"]
+        for _ in range(2):
+            faults.arm(2, "short")              # fsync of the pages, then the payload write
+            with pytest.raises(OSError) as e:
+                c.flush()
+            assert e.value.errno == errno.ENOSPC
+            assert faults.fired == "pwrite"
+            faults.off()
+            assert c._generation == gen and c.stats()["pages_pending"] == pending
+    with km.PagedKVCache.open(src, mode="r") as c:
+        held = contents(c)
+    check_file(path, "exact", model, held)       # the commit before the failed flushes
+
+
+# ------------------------------------------------------------------ real limits, in a child process
+
+CHILD_PRELUDE = textwrap.dedent("""
+    import errno, os, resource, sys
+    import numpy as np
+    import kvmmap as km
+    H, D = 2, 16
+    def tok(n, seed):
+        return np.random.default_rng(seed).standard_normal((n, H, D), dtype=np.float32)
+""")
+
+
+def run_child(code: str, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=timeout, cwd="/")
+
+
+def test_rlimit_fsize_during_arena_growth_leaves_an_openable_file(tmp_path):
+    """Case 2: ``ulimit -f`` stops the arena's growth (EFBIG). The allocator used to hand
+    out a 65th page in a 64-page file, and the next commit made the file unopenable."""
+    path = tmp_path / "fsize.kvm"
+    r = run_child(f"""
+        path = {str(path)!r}
+        c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D, page_size=4,
+                                   k_format="fp32", v_format="fp32", meta_slot_bytes=1 << 16)
+        s = c.new_sequence("s")
+        k = tok(64 * 4, 1)
+        c.append(s, 0, k, k)                        # exactly the first 64 pages
+        c.flush()
+        size = os.path.getsize(path)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+        try:
+            c.append(s, 0, tok(9, 2), tok(9, 2))     # page 65 needs the file to grow
+        except OSError as e:
+            print("refused", errno.errorcode[e.errno])
+        assert c.seq_len(s) == 256, c.seq_len(s)
+        c.append(s, 0, tok(3, 3), tok(3, 3))         # fits in the open page: no growth
+        c.flush()
+        c.close()
+        print("ok")
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "refused EFBIG" in r.stdout and "ok" in r.stdout
+    k = np.random.default_rng(1).standard_normal((256, H, D), dtype=np.float32)
+    k3 = np.random.default_rng(3).standard_normal((3, H, D), dtype=np.float32)
+    for mode in ("r", "r+"):
+        with km.PagedKVCache.open(path, mode=mode) as c:
+            assert c.verify() == []
+            got = c.read(c.find_sequence("s"), 0)[0]
+            np.testing.assert_array_equal(got, np.concatenate([k, k3]))
+
+
+def test_rlimit_fsize_short_commit_write_is_an_error(tmp_path):
+    """Case 1 with a real limit: the slot payload crosses RLIMIT_FSIZE, pwrite writes part
+    of it. flush() raises EFBIG and the file keeps its previous commit."""
+    path = tmp_path / "short.kvm"
+    r = run_child(f"""
+        path = {str(path)!r}
+        c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D, page_size=4,
+                                   k_format="fp32", v_format="fp32", meta_slot_bytes=1 << 20)
+        s = c.new_sequence("s")
+        c.append(s, 0, tok(5, 1), tok(5, 1))
+        c.flush()
+        # the slot the next commit writes starts at 4096 + 2**20 or 4096: cap the file just
+        # past the start of both slots' payloads, below where a big payload ends
+        for i in range(300):                         # many sequences: a payload of ~600 KiB
+            t = c.new_sequence(f"t{{i}}")
+            c.append(t, 0, tok(3, 10 + i), tok(3, 10 + i))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096 + (1 << 20) + 8192, resource.RLIM_INFINITY))
+        outcomes = []
+        for _ in range(2):
+            try:
+                c.flush()
+                outcomes.append("committed")
+            except OSError as e:
+                outcomes.append(errno.errorcode[e.errno])
+        c.close()
+        print(" ".join(outcomes))
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    words = r.stdout.split()
+    # one of the two slots lies beyond the limit: its commit fails, loudly
+    assert "EFBIG" in words or "ENOSPC" in words, r.stdout
+    with km.PagedKVCache.open(path, mode="r") as c:
+        names = sorted(c.sequences().values())
+        assert c.verify() == []
+    # the newest commit is the last one that succeeded: all or only "s"
+    assert names in (["s"], sorted(["s"] + [f"t{i}" for i in range(300)]))
+    if words == ["EFBIG", "EFBIG"] or words == ["ENOSPC", "ENOSPC"]:
+        assert names == ["s"]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs (root only); skipped where it cannot be mounted."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip() or r.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_file_system_is_an_error_not_sigbus(small_fs):
+    """Case 3: pages are written through the map; on a full file system a store into a hole
+    was a SIGBUS that killed the process. Now append raises ENOSPC and changes nothing; the
+    process commits what it holds and the file reopens with it."""
+    path = small_fs / "full.kvm"
+    r = run_child(f"""
+        path = {str(path)!r}
+        c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D, page_size=16,
+                                   k_format="fp32", v_format="fp32", meta_slot_bytes=1 << 16)
+        s = c.new_sequence("s")
+        n, i = 0, 0
+        while True:
+            k = tok(16, i)
+            try:
+                c.append(s, 0, k, k)
+            except OSError as e:
+                print("refused", errno.errorcode[e.errno], "after", n)
+                break
+            n += 16
+            i += 1
+        assert c.seq_len(s) == n
+        c.flush()
+        print("committed", n, i)
+    """)
+    assert r.returncode == 0, f"exit {r.returncode} (-7 is SIGBUS): {r.stderr[-3000:]}"
+    words = r.stdout.split()
+    assert words[:2] == ["refused", "ENOSPC"], r.stdout
+    n, count = int(words[-2]), int(words[-1])
+    assert n > 0
+    want = np.concatenate([np.random.default_rng(i).standard_normal((16, H, D), dtype=np.float32)
+                           for i in range(count)])
+    for mode in ("r", "r+"):
+        with km.PagedKVCache.open(path, mode=mode) as c:
+            assert c.verify() == []
+            np.testing.assert_array_equal(c.read(c.find_sequence("s"), 0)[0], want)
