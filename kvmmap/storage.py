@@ -417,9 +417,10 @@ def partial_prefix(dst: str) -> str:
     system's 255-byte limit, NAME is cut and followed by a digest of the whole name."""
     base = os.path.basename(os.path.abspath(dst))
     prefix = f".{base}.partial-"
-    if len(os.fsencode(prefix)) + 10 > _NAME_MAX:
+    # room for a pid (10 digits) and create()'s ".<object id>" (13): 24 bytes
+    if len(os.fsencode(prefix)) + 24 > _NAME_MAX:
         digest = hashlib.blake2b(os.fsencode(base), digest_size=8).hexdigest()
-        room = _NAME_MAX - 10 - len(".~.partial-") - len(digest)
+        room = _NAME_MAX - 24 - len(".~.partial-") - len(digest)
         cut = os.fsencode(base)[:room].decode("utf-8", "ignore")
         prefix = f".{cut}~{digest}.partial-"
     return prefix
