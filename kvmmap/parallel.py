@@ -9,9 +9,10 @@ that had more than one thread runs the kernels on one thread, and refuses more. 
 libgomp keeps its worker threads in a pool that fork does not copy: a parallel region
 with more than one thread in the child waits forever for threads that do not exist.
 The pool may have been started by kvmmap's kernels or by any library sharing the OpenMP
-runtime (torch loads a ``libgomp.so.1`` that kvmmap's modules then bind to), so any
-second thread in the parent counts. Children of a single-threaded parent, such as those
-of multiprocessing's "forkserver", and "spawn" children keep the full count.
+runtime (torch and kvmmap bind to one ``libgomp.so.1``), so any second thread in the
+parent counts, though numpy's OpenBLAS thread alone makes one (``OPENBLAS_NUM_THREADS=1``
+avoids it). Children of a single-threaded parent keep the full count, as do "spawn"
+children and "forkserver" ones whose server has not imported kvmmap.
 """
 
 from __future__ import annotations
