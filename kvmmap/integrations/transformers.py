@@ -186,7 +186,21 @@ class KVMmapLayer(CacheLayerMixin):
         -------
         keys, values : torch.Tensor ``[batch, num_kv_heads, tokens, head_dim]``
             Dequantized from the file, in ``key_states``' dtype and on its device.
+
+        Raises
+        ------
+        ShapeError, DTypeError, NonFiniteError, OSError
+            The step is undone in every layer that took it already (the layers before
+            this one in the forward pass), so the cache holds what it held before the
+            step, every row and layer at the same length.
         """
+        try:
+            return self._update(key_states, value_states)
+        except BaseException:
+            self._owner._drop_unfinished_step()
+            raise
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         owner = self._owner
         store = owner.store
         want = (store.num_kv_heads, store.head_dim)
@@ -561,8 +575,32 @@ class KVMmapCache(Cache):
     # ------------------------------------------------------------------ file
 
     def flush(self) -> None:
-        """Commit the file (rows and stored prefixes): after it returns a crash loses nothing."""
+        """Commit the file (rows and stored prefixes): after it returns a crash loses nothing.
+
+        Only whole steps are committed: a forward pass stopped between layers (by an
+        exception outside kvmmap) leaves the first layers one step ahead, and that step is
+        dropped first, since :meth:`open` needs every layer at the same length.
+        """
+        self._drop_unfinished_step()
         self.store.flush()
+
+    def _drop_unfinished_step(self) -> None:
+        """Cut every row and layer back to the length all layers reached.
+
+        Rows left empty are freed, as by :meth:`reset`: the step that made them is undone.
+        """
+        if not self.rows:
+            return
+        keep = min(layer._length for layer in self.layers)
+        if keep == 0:
+            self.reset()
+            return
+        # truncate() leaves layers at or below ``keep`` alone; it also cuts rows that a
+        # failed append left partly written in the layer that failed
+        for seq in self.rows:
+            self.store.truncate(seq, keep)
+        for layer in self.layers:
+            layer._trim(keep)
 
     def close(self) -> None:
         """Release the file; uncommitted changes are dropped (call :meth:`flush` first)."""
