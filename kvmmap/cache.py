@@ -426,6 +426,7 @@ class PagedKVCache:
         self._pid = os.getpid()     # a forked child must not write through its parent's writer
         self._reserved = 0          # pages [0, _reserved) have disk blocks (file caches)
         self._meta_reserved = 0     # bytes at the start of each metadata slot with disk blocks
+        self._sync_failed = ""      # why an fsync failed: no commit may follow (see flush)
         self._seqs: dict[int, _Sequence] = {}
         self._names: dict[str, int] = {}
         self._next_id = 0
@@ -1496,7 +1497,11 @@ class PagedKVCache:
             a larger ``meta_slot_bytes``); the previous commit stays the newest.
         OSError
             Writing or syncing failed (e.g. the disk is full); the previous commit stays
-            the newest.
+            the newest. A failed write can be retried (free space, flush again); after a
+            failed *sync* every later flush raises CacheFileError: the kernel may have
+            dropped the pages it could not write and a retried sync would report success
+            (PostgreSQL's "fsyncgate"), so reopen the file, which holds the last commit,
+            and redo the work since.
         """
         self._check_open()
         if not self.writable:
@@ -1505,14 +1510,26 @@ class PagedKVCache:
         if self.path is None:
             self._alloc.release_pending()
             return
-        os.fsync(self._fd)
+        if self._sync_failed:
+            raise CacheFileError(
+                f"{self.path}: an earlier flush failed to sync ({self._sync_failed}); changes since the last "
+                "commit may be lost on disk, so this cache commits nothing more: reopen it (it holds the last "
+                "commit) and redo the work since")
         slot = 1 - self._active_slot
         payload = self._serialize()
-        write_slot(self._fd, self._sb, slot, self._generation + 1, payload)
+        self._sync(self._fd)
+        write_slot(self._fd, self._sb, slot, self._generation + 1, payload, sync=self._sync)
         self._generation += 1
         self._active_slot = slot
         self._alloc.release_pending()
         self._reserve_metadata(len(payload))
+
+    def _sync(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            self._sync_failed = f"{type(e).__name__}: {e}"
+            raise
 
     def _reserve_metadata(self, payload_bytes: int) -> None:
         """Give both metadata slots disk blocks for commits up to about twice this one.

@@ -302,7 +302,7 @@ def newest_generation(fd: int, sb: Superblock) -> int:
     return best
 
 
-def write_slot(fd: int, sb: Superblock, index: int, generation: int, payload: bytes) -> None:
+def write_slot(fd: int, sb: Superblock, index: int, generation: int, payload: bytes, sync=None) -> None:
     """Write a metadata slot (payload, then header) and make it durable.
 
     Raises OSError if any write is short or fails, or the sync fails: the slot then
@@ -319,7 +319,7 @@ def write_slot(fd: int, sb: Superblock, index: int, generation: int, payload: by
     head += struct.pack("<I", crc32c.crc32c(head))
     pwrite_all(fd, payload, off + SLOT_HEADER_BYTES)
     pwrite_all(fd, head.ljust(SLOT_HEADER_BYTES, b"\0"), off)
-    os.fsync(fd)
+    (sync or os.fsync)(fd)
 
 
 # ------------------------------------------------------------------ file primitives
