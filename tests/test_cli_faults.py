@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 import zipfile
 from io import BytesIO
 from pathlib import Path
@@ -61,9 +60,8 @@ def make_cache(path, sequences=3, tokens=40, meta_slot_bytes=1 << 16):
 # ------------------------------------------------------------------ 1. beside a writer
 
 WRITER = textwrap.dedent("""
-    import sys, numpy as np, kvmmap as km
+    import sys, time, numpy as np, kvmmap as km
     path, seconds = sys.argv[1], float(sys.argv[2])
-    import time
     rng = np.random.default_rng(1)
     c = km.PagedKVCache.open(path, "r+")
     print("ready", flush=True)
@@ -172,7 +170,7 @@ def test_compress_beside_a_writer(tmp_path):
 # ------------------------------------------------------------------ 2. not a regular file
 
 
-def test_fifo_and_other_non_regular_paths_do_not_block(tmp_path, tmp_path_factory):
+def test_fifo_and_other_non_regular_paths_do_not_block(tmp_path):
     fifo = tmp_path / "pipe.kvm"
     os.mkfifo(fifo)
     for cmd in (["inspect"], ["verify"], ["compress"], ["convert"]):
