@@ -1,8 +1,10 @@
 """The ``kvmmap`` console script: ``inspect``, ``verify``, ``compress``, ``convert``, ``demo``.
 
 Exit status: 0 on success; 1 when ``verify`` finds damage or a command fails (a missing
-or damaged file, bad input: one line on stderr, never a traceback); 2 for a bad command
-line; 130 when interrupted.
+or damaged file, bad input, too little memory: one line on stderr, never a traceback); 2
+for a bad command line; 3 when a writer committed while ``verify`` or ``compress`` read
+the file and changed what they read (nothing is known to be damaged: run it again); 130
+when interrupted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 from ._version import __version__
 from .errors import KVMmapError
 from .formats import FORMATS
+
+EXIT_CHANGED = 3        # a writer changed the file while it was read: rerun
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +44,7 @@ def _cmd_verify(args) -> int:
 
     res = verify_cache(args.file, progress=_progress(args))
     print(json.dumps(res, indent=2) if args.json else format_verify(res))
-    return 0 if res["ok"] else 1
+    return {"ok": 0, "changed": EXIT_CHANGED}.get(res["outcome"], 1)
 
 
 def _cmd_compress(args) -> int:
@@ -125,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     output_opts(p, progress=False)
 
-    p = command("verify", "check header, metadata, page table and every page checksum "
-                          "(exit status 1 on damage)", _cmd_verify)
+    p = command("verify", "check header, metadata, page table and every page checksum (exit status 1 on "
+                          "damage, 3 if a writer changed pages while they were read: rerun)", _cmd_verify)
     p.add_argument("file")
     output_opts(p)
 
@@ -169,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return f"out of memory{': ' + ' '.join(str(e).split()) if str(e) else ''}"
     if isinstance(e, OSError) and not isinstance(e, KVMmapError) and e.strerror:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     return " ".join(str(e).split()) or type(e).__name__
@@ -180,9 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .fileinfo import ChangedByWriterError
+
     try:
         return args.func(args)
-    except (KVMmapError, OSError) as e:
+    except ChangedByWriterError as e:
+        print(f"kvmmap {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_CHANGED
+    except (KVMmapError, OSError, MemoryError) as e:
         print(f"kvmmap {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

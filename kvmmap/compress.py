@@ -793,13 +793,16 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
     CacheFileError, FormatError, NonFiniteError, ConfigError, OSError
     """
     from .cache import PagedKVCache
+    from .fileinfo import check_regular_file
 
     src, dst = os.fspath(src), os.fspath(dst)
+    check_regular_file(src)
     if os.path.lexists(dst):
-        if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
+        if os.path.exists(dst) and os.path.samefile(src, dst):
             raise CacheFileError(f"{dst} is the input file; write the compressed cache elsewhere")
         if not overwrite:
             raise CacheFileError(f"{dst} exists; pass overwrite=True (kvmmap compress --overwrite) to replace it")
+        check_regular_file(dst)     # locking it opens it: a FIFO would block
     # The old dst's writer lock is held until the rename, as create(overwrite=True) does: a
     # writer that has dst open is refused instead of having its file replaced under it, and
     # no writer can open it meanwhile.
@@ -814,8 +817,12 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
 def _compress_into(src: str, dst: str, k_format, v_format, compressor, progress) -> dict:
     """compress_cache's work, once ``dst`` may be replaced."""
     from .cache import PagedKVCache
-    from .fileinfo import disk_usage, layer_tables
-    from .storage import partial_path, remove_stale_partials
+    from .fileinfo import ChangedByWriterError, check_pages, disk_usage, layer_tables, open_read_only
+    from .storage import newest_generation, partial_path, remove_stale_partials
+
+    def changed(what: str) -> ChangedByWriterError:
+        return ChangedByWriterError(f"{src}: {what} since compress started (a writer is committing): rerun; "
+                                    "nothing is known to be damaged")
 
     before = disk_usage(src)
     remove_stale_partials(dst)
@@ -823,11 +830,14 @@ def _compress_into(src: str, dst: str, k_format, v_format, compressor, progress)
     sums = {"k": [0.0, 0.0], "v": [0.0, 0.0]}          # ||x - y||^2, ||x||^2
     method_in = method_out = method_shared = 0
     tokens = shared_total = 0
-    with PagedKVCache.open(src, mode="r") as s:
-        damaged = s.verify()
+    with open_read_only(src) as s:
+        used = sorted({int(p) for sid in s.sequences() for pages, _, _ in layer_tables(s, sid) for p in pages})
+        damaged, reused = check_pages(s, used)
         if damaged:
             raise CacheFileError(f"{src}: {len(damaged)} damaged page(s) (ids {', '.join(map(str, damaged[:8]))}); "
                                  f"run `kvmmap verify {src}`")
+        if reused:
+            raise changed(f"{len(reused)} page(s) (ids {', '.join(map(str, reused[:8]))}) changed")
         kf_before, vf_before = s.k_format, s.v_format
         kf, vf = k_format or kf_before, v_format or vf_before
         names = s.sequences()
@@ -857,7 +867,14 @@ def _compress_into(src: str, dst: str, k_format, v_format, compressor, progress)
                     shared_total += shared * s.num_layers
                     start = shared * s.page_size
                     for layer in range(s.num_layers):
-                        k, v = s.read(sid, layer)
+                        try:
+                            k, v = s.read(sid, layer)
+                        except CacheFileError:
+                            # read() refuses pages that fail their checksum once a newer
+                            # commit exists: reused by the writer (they passed above)
+                            if newest_generation(s._fd, s._sb) != s._generation:
+                                raise changed(f"sequence {sid} layer {layer} changed") from None
+                            raise
                         k2, v2 = k, v
                         if compressor is not None and len(k) > start:
                             c = compressor.compress_kv(k.transpose(1, 0, 2), v.transpose(1, 0, 2))

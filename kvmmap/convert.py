@@ -21,6 +21,7 @@ is stored with the full ``seq`` tokens.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import zipfile
@@ -30,11 +31,12 @@ from tqdm import tqdm
 
 from .cache import PagedKVCache
 from .compress import meta_slot_bytes_for
-from .errors import DTypeError, KVMmapError, ShapeError, describe
-from .fileinfo import disk_usage
+from .errors import CacheFileError, DTypeError, KVMmapError, ShapeError, describe
+from .fileinfo import check_regular_file, disk_usage
 from .storage import partial_path, remove_stale_partials
 
 _PER_LAYER = re.compile(r"^layers\.(\d+)\.(key|value)$")
+_MAX_DEFLATE_RATIO = 1032      # deflate's largest expansion (258-byte matches in 2-bit codes)
 
 
 class InputFileError(KVMmapError, OSError):
@@ -70,14 +72,27 @@ class _Arrays:
                                        else self._whole.setdefault(name, self._npz[name]))[i]
 
     def _npz_shape(self, name: str) -> tuple:
+        """The shape an array's header declares, checked against the bytes its archive
+        member holds: numpy allocates the declared size before reading, and a few hundred
+        bytes of header can declare terabytes."""
         fmt = np.lib.format
         try:
-            with self._npz.zip.open(name + ".npy") as f:
+            info = self._npz.zip.getinfo(name + ".npy")
+            with self._npz.zip.open(info) as f:
                 major, _ = fmt.read_magic(f)
                 read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
-                return tuple(read(f)[0])
+                shape, _, dtype = read(f)
+                header = f.tell()
         except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
             raise InputFileError(f"{self.path}: array {name!r} is unreadable ({e})") from None
+        declared = math.prod(shape) * dtype.itemsize
+        held = info.file_size - header
+        # deflate expands at most ~1032x: a member claiming more than that is forged
+        if declared != held or info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
+            raise InputFileError(
+                f"{self.path}: array {name!r} declares {list(shape)} {dtype} ({declared} bytes), but its archive "
+                f"member holds {max(held, 0)} bytes ({info.compress_size} compressed): damaged or forged")
+        return tuple(shape)
 
     def _open_safetensors(self) -> None:
         try:
@@ -229,6 +244,12 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
         raise ShapeError(f"page_size must be a positive integer, found {page_size!r}")
     if not os.path.exists(src):
         raise InputFileError(f"{src}: no such file")
+    try:
+        check_regular_file(src)        # before opening it: a FIFO would block
+    except CacheFileError as e:
+        raise InputFileError(str(e)) from None
+    if append or overwrite and os.path.lexists(dst):
+        check_regular_file(dst)
     arrays = _Arrays(src)
     old_fd = None
     try:

@@ -2,12 +2,17 @@
 intact (``kvmmap verify``).
 
 Both open the file with ``mode="r"``, which takes no lock, so they may run beside a
-writer; they see the state committed when they opened it.
+writer; they see the state committed when they opened it. Pages the writer reuses after
+that are told apart from damage: a page can be rewritten only once a newer commit has
+dropped it, so a checksum mismatch is damage only while no newer commit is on disk.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import time
 
 import numpy as np
 from tqdm import tqdm
@@ -15,9 +20,96 @@ from tqdm import tqdm
 from .cache import PagedKVCache
 from .errors import CacheFileError, PageTableError
 from .pagetable import check_paged_layout
-from .storage import SLOT_HEADER_BYTES, SUPERBLOCK_BYTES, Superblock, read_slot
+from .storage import SLOT_HEADER_BYTES, SUPERBLOCK_BYTES, Superblock, newest_generation, read_slot
 
 _FLOAT32_BYTES = 4
+_RECHECKS = 3           # newer commits verify re-reads before it calls a page "changed"
+
+
+class ChangedByWriterError(CacheFileError):
+    """A writer committed while the file was being read and may have reused pages that were
+    read: nothing is known to be damaged; run again."""
+
+
+def check_regular_file(path) -> os.stat_result:
+    """``os.stat`` of ``path``, refused unless it is a regular file.
+
+    Checked before anything opens the path: opening a FIFO for reading blocks until a
+    writer appears, and a device or directory is never a cache file.
+
+    Raises
+    ------
+    CacheFileError
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CacheFileError(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            raise CacheFileError(f"cannot open {path}: {os.strerror(errno.EISDIR)}")
+        kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"))
+        kind = next((k for test, k in kinds if test(st.st_mode)), "a special file")
+        raise CacheFileError(f"cannot open {path}: {kind}, not a regular file")
+    return st
+
+
+class _CommittedPages(PagedKVCache):
+    """A read-only :class:`PagedKVCache` that maps only the pages its commit hands out.
+
+    ``open`` maps the arena up to the end of the file and sizes per-page arrays from that,
+    but a file's apparent length costs nothing on disk (a sparse file extended to 1 TiB
+    holds a few blocks), so a tool that only reads the committed pages maps those: at most
+    ``high_water`` pages, which the metadata slot (bounded by the file) lists.
+    """
+
+    def _committed(self, cap: int) -> int:
+        return min(cap, max(self._alloc.high_water, 1))
+
+    def _map(self, cap: int):
+        return super()._map(self._committed(cap))
+
+    def _set_arena(self, arena, cap) -> None:
+        super()._set_arena(arena, self._committed(cap))
+
+
+def open_read_only(path) -> PagedKVCache:
+    """``PagedKVCache.open(path, "r")`` for tools: refuses a non-regular file without
+    opening it and maps only the committed pages (see :class:`_CommittedPages`).
+
+    Raises
+    ------
+    CacheFileError, OSError
+    """
+    path = os.fspath(path)
+    check_regular_file(path)
+    return _CommittedPages.open(path, mode="r")
+
+
+def file_pages(cache: PagedKVCache) -> int:
+    """Pages the file's length has room for (its apparent capacity; nothing is mapped)."""
+    return max((os.fstat(cache._fd).st_size - cache._sb.arena_offset) // cache._sb.page_bytes, 0)
+
+
+def check_pages(cache: PagedKVCache, pages, progress: bool | None = False) -> tuple[list[int], list[int]]:
+    """Recompute the checksums of ``pages`` of a read-only view.
+
+    Returns
+    -------
+    damaged, changed : list of int
+        Pages that fail their checksum while the view's commit is still the newest on
+        disk (damage), and pages that fail it after a writer committed since the view was
+        opened (possibly reused by the writer: not known to be damaged).
+    """
+    pages = [int(p) for p in pages]
+    bad = [p for p in tqdm(pages, desc="verify", unit="page", disable=None if progress is None else not progress)
+           if cache._page_crc_of(p) != int(cache._page_crc[p])]
+    # checked after reading, as PagedKVCache._check_pages_current does: a page is rewritten
+    # only after a newer commit dropped it, and the writer writes that commit first
+    if not bad or newest_generation(cache._fd, cache._sb) == cache._generation:
+        return bad, []
+    return [], bad
 
 
 def layer_tables(cache: PagedKVCache, seq: int) -> list[tuple[np.ndarray, int, int]]:
@@ -114,13 +206,14 @@ def inspect_cache(path) -> dict:
     CacheFileError, OSError
     """
     path = os.fspath(path)
-    with PagedKVCache.open(path, mode="r") as c:
+    with open_read_only(path) as c:
         stats = c.stats()
         tables = {sid: layer_tables(c, sid) for sid in c.sequences()}
-        counts = np.zeros(max(stats["pages_capacity"], 1), np.int64)
+        # block tables listing each page (a page listed twice in one table counts once)
+        counts = np.zeros(c._alloc.high_water, np.int64)
         for layers in tables.values():
             for pages, _, _ in layers:
-                np.add.at(counts, pages.astype(np.int64), 1)
+                np.add.at(counts, np.unique(pages).astype(np.int64), 1)
         seqs = []
         for sid, name in c.sequences().items():
             lengths = [n_pos - first for _, n_pos, first in tables[sid]]
@@ -143,7 +236,7 @@ def inspect_cache(path) -> dict:
             "commit": commit_info(c),
             "pages": {
                 "used": stats["pages_used"], "free": stats["pages_free"], "pending": stats["pages_pending"],
-                "capacity": stats["pages_capacity"], "shared": int((counts > 1).sum()),
+                "capacity": file_pages(c), "shared": int((counts > 1).sum()),
             },
             **disk_usage(path),
             "formats": _format_summary(c, stats["pages_used"]),
@@ -201,6 +294,23 @@ def _slot_status(fd: int, sb: Superblock, index: int) -> dict:
     return {"slot": index, "state": "damaged"}
 
 
+def _slot_states(fd: int, sb: Superblock) -> list[dict]:
+    """Both slots' states. A writer rewrites the slot not holding its newest commit,
+    payload first, header last: a slot read in between looks damaged until the header
+    lands and the newest generation moves. A slot is called damaged only if the newest
+    generation stood still across its reading and a short wait after it; a slot caught
+    mid-rewrite every time is "rewritten" (a writer is committing)."""
+    for _ in range(_RECHECKS + 1):
+        before = newest_generation(fd, sb)
+        states = [_slot_status(fd, sb, i) for i in (0, 1)]
+        if not any(s["state"] == "damaged" for s in states):
+            return states
+        time.sleep(0.05)
+        if newest_generation(fd, sb) == before:
+            return states
+    return [dict(s, state="rewritten") if s["state"] == "damaged" else s for s in states]
+
+
 def _page_owners(tables: dict, names: dict, page_size: int) -> dict:
     """{page: [(seq, name, layer, logical index, first visible token, last)]}."""
     owners: dict[int, list] = {}
@@ -214,7 +324,12 @@ def _page_owners(tables: dict, names: dict, page_size: int) -> dict:
 
 
 def _check_page_table(cache: PagedKVCache, tables: dict, high_water: int) -> list[str]:
-    """Problems with the block tables beyond those :meth:`PagedKVCache.open` refuses."""
+    """Problems with the block tables beyond those :meth:`PagedKVCache.open` refuses.
+
+    A page holds the tokens of one logical page of one layer: it may be shared by several
+    block tables of that layer (forks), never listed twice in one table (two logical pages
+    would read the same tokens) nor by two layers.
+    """
     problems = []
     indptr, indices, last = [0], [], []
     page_layer = np.full(high_water, -1, np.int64)
@@ -223,8 +338,11 @@ def _check_page_table(cache: PagedKVCache, tables: dict, high_water: int) -> lis
             indices.append(pages)
             indptr.append(indptr[-1] + len(pages))
             last.append(cache.page_size if len(pages) else 0)
-            if len(np.unique(pages)) != len(pages):
-                problems.append(f"sequence {sid} layer {layer}: a page is listed twice in one block table")
+            uniq, count = np.unique(pages, return_counts=True)
+            for p in uniq[count > 1][:8].tolist():
+                at = np.flatnonzero(pages == p).tolist()
+                problems.append(f"sequence {sid} layer {layer}: page {p} is listed {len(at)} times in one block "
+                                f"table (logical pages {', '.join(map(str, at))})")
             if len(pages):
                 seen = page_layer[pages]
                 clash = (seen >= 0) & (seen != layer)
@@ -241,8 +359,30 @@ def _check_page_table(cache: PagedKVCache, tables: dict, high_water: int) -> lis
     return problems
 
 
+def _damage_report(cache: PagedKVCache, pages: list[int], owners: dict) -> list[dict]:
+    out = []
+    for page in pages:
+        out.append({
+            "page": page, "generation": int(cache._generation), "stored": int(cache._page_crc[page]),
+            "computed": int(cache._page_crc_of(page)),
+            "owners": [{"sequence": o[0], "name": o[1], "layer": o[2], "page_index": o[3], "tokens": [o[4], o[5]]}
+                       for o in owners[page]],
+        })
+    return out
+
+
+def _tables(cache: PagedKVCache) -> tuple[dict, dict]:
+    names = cache.sequences()
+    return names, {sid: layer_tables(cache, sid) for sid in names}
+
+
 def verify_cache(path, progress: bool | None = None) -> dict:
     """Check a cache file: header, metadata slots, page table, every page checksum.
+
+    May run beside a writer. A page that fails its checksum after the writer committed
+    (it may have reused the page) is checked again at the newer commit if that commit
+    still lists it, up to 3 times; one that keeps changing is reported in
+    ``changed_pages``, never as damage.
 
     Parameters
     ----------
@@ -253,22 +393,33 @@ def verify_cache(path, progress: bool | None = None) -> dict:
     Returns
     -------
     dict
-        ``ok`` (bool); ``problems`` (list of str, empty when ok); ``header`` (a short
-        description, or None if unreadable); ``slots`` (state and generation of each
-        metadata slot); ``sequences``, ``block_tables``, ``pages_checked``;
-        ``damaged_pages`` (list of {``page``, ``stored``, ``computed``, ``owners``: list
-        of {``sequence``, ``name``, ``layer``, ``page_index``, ``tokens``: [first, last]}}).
+        ``outcome``: "ok", "damaged" or "changed" (a writer kept committing and changed
+        pages or a slot while they were read: nothing is known to be damaged; rerun);
+        ``ok`` (bool, outcome "ok"); ``problems`` (list of str, empty when ok);
+        ``header`` (a short description, or None if unreadable); ``slots`` (state:
+        valid, empty, damaged or rewritten, and generation of each metadata slot);
+        ``commit`` (generation and slot verified, None if the file did not open);
+        ``sequences``, ``block_tables``, ``pages_checked``; ``rechecked`` (pages
+        checked again at a newer commit); ``changed_pages`` (ids); ``damaged_pages``
+        (list of {``page``, ``generation`` (the commit whose checksum it fails),
+        ``stored``, ``computed``, ``owners``: list of {``sequence``, ``name``,
+        ``layer``, ``page_index``, ``tokens``: [first, last]}}).
 
     Raises
     ------
-    OSError
-        The file cannot be opened or read at all (damage is reported, not raised).
+    CacheFileError, OSError
+        The path is not a regular file, or the file cannot be opened or read at all
+        (damage is reported, not raised).
     """
     path = os.fspath(path)
-    result = {"path": path, "ok": False, "problems": [], "header": None, "slots": [],
-              "sequences": 0, "block_tables": 0, "pages_checked": 0, "damaged_pages": []}
-    fd = os.open(path, os.O_RDONLY)
+    result = {"path": path, "outcome": "damaged", "ok": False, "problems": [], "header": None, "slots": [],
+              "commit": None, "sequences": 0, "block_tables": 0, "pages_checked": 0, "rechecked": 0,
+              "changed_pages": [], "damaged_pages": []}
+    check_regular_file(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # never blocks, should the path turn into a FIFO
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CacheFileError(f"cannot open {path}: not a regular file")
         try:
             sb = Superblock.unpack(os.pread(fd, SUPERBLOCK_BYTES, 0), path)
         except CacheFileError as e:
@@ -277,34 +428,51 @@ def verify_cache(path, progress: bool | None = None) -> dict:
         result["header"] = (f"kvmmap {sb.version[0]}.{sb.version[1]}, {sb.num_layers} layers x {sb.num_kv_heads} "
                             f"kv heads x head_dim {sb.head_dim}, page_size {sb.page_size}, "
                             f"K {sb.k_format.name}, V {sb.v_format.name}")
-        result["slots"] = [_slot_status(fd, sb, i) for i in (0, 1)]
+        result["slots"] = _slot_states(fd, sb)
     finally:
         os.close(fd)
     try:
-        cache = PagedKVCache.open(path, mode="r")
+        cache = open_read_only(path)
     except CacheFileError as e:
         result["problems"].append(str(e))
         return result
     with cache:
-        hw = cache._alloc.high_water
-        names = cache.sequences()
-        tables = {sid: layer_tables(cache, sid) for sid in names}
+        result["commit"] = commit_info(cache)
+        names, tables = _tables(cache)
         result["sequences"] = len(tables)
         result["block_tables"] = len(tables) * cache.num_layers
-        result["problems"] += _check_page_table(cache, tables, hw)
+        result["problems"] += _check_page_table(cache, tables, cache._alloc.high_water)
         owners = _page_owners(tables, names, cache.page_size)
-        for page in tqdm(sorted(owners), desc="verify", unit="page", disable=None if progress is None else not progress):
-            stored, computed = int(cache._page_crc[page]), int(cache._page_crc_of(page))
-            if stored != computed:
-                result["damaged_pages"].append({
-                    "page": page, "stored": stored, "computed": computed,
-                    "owners": [{"sequence": o[0], "name": o[1], "layer": o[2], "page_index": o[3], "tokens": [o[4], o[5]]}
-                               for o in owners[page]],
-                })
+        damaged, changed = check_pages(cache, sorted(owners), progress)
+        result["damaged_pages"] = _damage_report(cache, damaged, owners)
         result["pages_checked"] = len(owners)
+    for _ in range(_RECHECKS):
+        if not changed:
+            break
+        try:
+            newer = open_read_only(path)
+        except CacheFileError:
+            break
+        with newer:
+            names, tables = _tables(newer)
+            owners = _page_owners(tables, names, newer.page_size)
+            # a page the newer commit no longer lists was dropped (and maybe reused): not ours to judge
+            listed = [p for p in changed if p in owners]
+            result["rechecked"] += len(listed)
+            damaged, changed = check_pages(newer, listed)
+            result["damaged_pages"] += _damage_report(newer, damaged, owners)
+    result["changed_pages"] = changed
     if result["damaged_pages"]:
-        result["problems"].append(f"{len(result['damaged_pages'])} of {len(owners)} pages in use fail their checksum")
-    result["ok"] = not result["problems"]
+        result["problems"].append(f"{len(result['damaged_pages'])} of {result['pages_checked']} pages in use fail "
+                                  "their checksum")
+    rewritten = [s["slot"] for s in result["slots"] if s["state"] == "rewritten"]
+    if result["problems"]:
+        result["outcome"] = "damaged"
+    elif changed or rewritten:
+        result["outcome"] = "changed"
+    else:
+        result["outcome"] = "ok"
+    result["ok"] = result["outcome"] == "ok"
     return result
 
 
@@ -316,21 +484,32 @@ def format_verify(res: dict) -> str:
         lines.append(f"{path}: header ok: {res['header']}")
         slots = []
         for s in res["slots"]:
-            state = f"generation {s['generation']}" if s["state"] == "valid" else s["state"]
+            state = {"valid": f"generation {s.get('generation')}",
+                     "rewritten": "being rewritten (a writer is committing)"}.get(s["state"], s["state"])
             slots.append(f"slot {s['slot']} {state}")
         lines.append(f"{path}: metadata: {', '.join(slots)}")
-        if any(s["state"] == "damaged" for s in res["slots"]):
-            lines.append(f"{path}: note: a damaged slot is expected after a crash during a commit; "
-                         f"the other slot holds the committed state")
+        if any(s["state"] == "damaged" for s in res["slots"]) and res["commit"] is not None:
+            lines.append(f"{path}: note: a damaged slot is expected after a crash during a commit; slot "
+                         f"{res['commit']['slot']} (generation {res['commit']['generation']}) holds the committed state")
     for d in res["damaged_pages"]:
         where = "; ".join(
             f"sequence {o['sequence']}{'' if o['name'] is None else ' ' + repr(o['name'])} layer {o['layer']} "
             f"tokens {o['tokens'][0]}..{o['tokens'][1]}" for o in d["owners"])
         lines.append(f"{path}: page {d['page']} DAMAGED: checksum 0x{d['computed']:08x}, stored 0x{d['stored']:08x} "
                      f"({where})")
-    if res["ok"]:
+    if res["outcome"] == "ok":
         lines.append(f"{path}: page table ok: {res['sequences']} sequence(s), {res['block_tables']} block tables")
-        lines.append(f"{path}: ok: {res['pages_checked']} page checksums match")
+        lines.append(f"{path}: ok: {res['pages_checked']} page checksums match"
+                     + (f" ({res['rechecked']} checked again at a newer commit: a writer reused pages meanwhile)"
+                        if res["rechecked"] else ""))
+    elif res["outcome"] == "changed":
+        what = []
+        if res["changed_pages"]:
+            ids = ", ".join(map(str, res["changed_pages"][:8])) + (" ..." if len(res["changed_pages"]) > 8 else "")
+            what.append(f"{len(res['changed_pages'])} page(s) ({ids})")
+        what += [f"metadata slot {s['slot']}" for s in res["slots"] if s["state"] == "rewritten"]
+        lines.append(f"{path}: CHANGED: {' and '.join(what)} changed since verify started (a writer is committing): "
+                     "rerun; nothing is known to be damaged")
     else:
         lines += [f"{path}: DAMAGED: {p}" for p in res["problems"]]
     return "\n".join(lines)
