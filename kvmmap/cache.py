@@ -388,6 +388,7 @@ class PagedKVCache:
         else:
             gen, slot, payload = valid[-1]
         self._generation, self._active_slot = gen, slot
+        self._newest_seen = valid[-1][0]    # newest on disk when opened (staleness checks)
         try:
             self._load(payload)
         except CacheFileError as e:
@@ -427,6 +428,7 @@ class PagedKVCache:
         self._reserved = 0          # pages [0, _reserved) have disk blocks (file caches)
         self._meta_reserved = 0     # bytes at the start of each metadata slot with disk blocks
         self._sync_failed = ""      # why an fsync failed: no commit may follow (see flush)
+        self._newest_seen = 0       # the newest generation on disk when opened
         self._seqs: dict[int, _Sequence] = {}
         self._names: dict[str, int] = {}
         self._next_id = 0
@@ -1066,7 +1068,7 @@ class PagedKVCache:
         dropped it. While that commit is still the newest on disk nothing was; otherwise
         the pages just read must still match their checksums. Call after copying.
         """
-        if newest_generation(self._fd, self._sb) == self._generation:
+        if newest_generation(self._fd, self._sb) == self._newest_seen:
             return
         changed = [int(p) for p in pages if self._page_crc_of(int(p)) != int(self._page_crc[p])]
         if changed:
@@ -1401,6 +1403,7 @@ class PagedKVCache:
         off += 4 * hw
         P, L = self.page_size, self.num_layers
         counts = np.zeros(hw, np.int64)
+        page_layer = np.full(hw, -1, np.int64)      # a page holds tokens of one layer only
         for _ in range(nseq):
             if off + _SEQ_HEAD.size > len(payload):
                 bad("sequence table truncated")
@@ -1428,6 +1431,15 @@ class PagedKVCache:
                 off += 4 * nbt
                 if nbt and int(pages.max()) >= hw:
                     bad(f"sequence {sid} refers to page {int(pages.max())} beyond the {hw} pages in use")
+                layer = len(layers)
+                if nbt and len(np.unique(pages)) != nbt:
+                    bad(f"sequence {sid}, layer {layer}: its block table lists a page twice")
+                if nbt:
+                    owner = page_layer[pages]
+                    if ((owner != -1) & (owner != layer)).any():
+                        p = int(pages[(owner != -1) & (owner != layer)][0])
+                        bad(f"sequence {sid}, layer {layer}: page {p} is listed by layer {int(page_layer[p])} too")
+                    page_layer[pages] = layer
                 counts += np.bincount(pages, minlength=hw)[:hw] if nbt else 0
                 tail = {}
                 for side in _SIDES:

@@ -42,7 +42,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_verify(args) -> int:
     from .fileinfo import format_verify, verify_cache
 
-    res = verify_cache(args.file, progress=_progress(args))
+    res = verify_cache(args.file, progress=_progress(args), commit="previous" if args.previous else "newest")
     print(json.dumps(res, indent=2) if args.json else format_verify(res))
     return {"ok": 0, "changed": EXIT_CHANGED}.get(res["outcome"], 1)
 
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("verify", "check header, metadata, page table and every page checksum (exit status 1 on "
                           "damage, 3 if a writer changed pages while they were read: rerun)", _cmd_verify)
     p.add_argument("file")
+    p.add_argument("--previous", action="store_true",
+                   help="check the commit before the newest (the other metadata slot), e.g. before recovering it "
+                        "with PagedKVCache.open(path, commit='previous')")
     output_opts(p)
 
     p = command("compress", "re-encode a cache file into other formats, optionally through a compressor", _cmd_compress)

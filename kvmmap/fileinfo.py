@@ -55,28 +55,10 @@ def check_regular_file(path) -> os.stat_result:
     return st
 
 
-class _CommittedPages(PagedKVCache):
-    """A read-only :class:`PagedKVCache` that maps only the pages its commit hands out.
-
-    ``open`` maps the arena up to the end of the file and sizes per-page arrays from that,
-    but a file's apparent length costs nothing on disk (a sparse file extended to 1 TiB
-    holds a few blocks), so a tool that only reads the committed pages maps those: at most
-    ``high_water`` pages, which the metadata slot (bounded by the file) lists.
-    """
-
-    def _committed(self, cap: int) -> int:
-        return min(cap, max(self._alloc.high_water, 1))
-
-    def _map(self, cap: int):
-        return super()._map(self._committed(cap))
-
-    def _set_arena(self, arena, cap) -> None:
-        super()._set_arena(arena, self._committed(cap))
-
-
-def open_read_only(path) -> PagedKVCache:
-    """``PagedKVCache.open(path, "r")`` for tools: refuses a non-regular file without
-    opening it and maps only the committed pages (see :class:`_CommittedPages`).
+def open_read_only(path, commit: str = "newest") -> PagedKVCache:
+    """``PagedKVCache.open(path, "r", commit=commit)`` for tools, refusing a non-regular
+    file before opening it. (``open`` maps only the committed pages, so a sparse file's
+    apparent length costs nothing.)
 
     Raises
     ------
@@ -84,7 +66,7 @@ def open_read_only(path) -> PagedKVCache:
     """
     path = os.fspath(path)
     check_regular_file(path)
-    return _CommittedPages.open(path, mode="r")
+    return PagedKVCache.open(path, mode="r", commit=commit)
 
 
 def file_pages(cache: PagedKVCache) -> int:
@@ -107,7 +89,7 @@ def check_pages(cache: PagedKVCache, pages, progress: bool | None = False) -> tu
            if cache._page_crc_of(p) != int(cache._page_crc[p])]
     # checked after reading, as PagedKVCache._check_pages_current does: a page is rewritten
     # only after a newer commit dropped it, and the writer writes that commit first
-    if not bad or newest_generation(cache._fd, cache._sb) == cache._generation:
+    if not bad or newest_generation(cache._fd, cache._sb) == cache._newest_seen:
         return bad, []
     return [], bad
 
@@ -376,7 +358,7 @@ def _tables(cache: PagedKVCache) -> tuple[dict, dict]:
     return names, {sid: layer_tables(cache, sid) for sid in names}
 
 
-def verify_cache(path, progress: bool | None = None) -> dict:
+def verify_cache(path, progress: bool | None = None, commit: str = "newest") -> dict:
     """Check a cache file: header, metadata slots, page table, every page checksum.
 
     May run beside a writer. A page that fails its checksum after the writer committed
@@ -389,6 +371,8 @@ def verify_cache(path, progress: bool | None = None) -> dict:
     path : str or os.PathLike
     progress : bool, optional
         Show a progress bar over pages (None: only when stderr is a terminal).
+    commit : {"newest", "previous"}
+        Which of the file's two commits to check (``kvmmap verify --previous``).
 
     Returns
     -------
@@ -432,7 +416,7 @@ def verify_cache(path, progress: bool | None = None) -> dict:
     finally:
         os.close(fd)
     try:
-        cache = open_read_only(path)
+        cache = open_read_only(path, commit)
     except CacheFileError as e:
         result["problems"].append(str(e))
         return result
@@ -450,7 +434,7 @@ def verify_cache(path, progress: bool | None = None) -> dict:
         if not changed:
             break
         try:
-            newer = open_read_only(path)
+            newer = open_read_only(path, commit)
         except CacheFileError:
             break
         with newer:

@@ -26,7 +26,6 @@ from kvmmap.fileinfo import verify_cache
 
 from test_cli import fails, flip, run
 
-ROOT = str(Path(__file__).resolve().parent.parent)
 L, H, D, P = 2, 2, 16, 8
 MEMORY_LIMIT = 2 << 30           # RLIMIT_AS of the tools in the memory tests
 
@@ -37,7 +36,7 @@ def run_limited(cwd, *args, limit=MEMORY_LIMIT):
             f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))\n"
             "from kvmmap.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     r = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                        timeout=120, env=env)
     assert "Traceback" not in r.stderr, r.stderr
@@ -81,7 +80,7 @@ WRITER = textwrap.dedent("""
 
 
 def start_writer(path, seconds):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     w = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True,
                          env=env)
     assert w.stdout.readline().strip() == "ready"
@@ -290,20 +289,13 @@ def test_page_listed_twice_cli(tmp_path, mode):
         assert r.returncode == 0 and res["outcome"] == "ok"
         return
     assert r.returncode == 1 and res["outcome"] == "damaged" and not res["damaged_pages"]
-    with km.PagedKVCache.open(path, "r") as c:
-        p = int(c.block_table(0, 0)[1])
-    want = (f"sequence 0 layer 0: page {p} is listed 2 times in one block table (logical pages 0, 1)"
-            if mode == "one table" else f"page {p} is listed for layer 0 and, by sequence 0, for layer 1: a page holds one layer")
-    assert want in res["problems"], res["problems"]
+    # open() refuses the commit, naming the block table and the page (the API agrees: below)
+    want = "lists a page twice" if mode == "one table" else "is listed by layer 0 too"
+    assert any(want in p for p in res["problems"]), res["problems"]
     r = run(tmp_path, "inspect", "--json", path.name)
-    info = json.loads(r.stdout)
-    # shared means listed by two block tables, not twice by one
-    assert info["pages"]["shared"] == (0 if mode == "one table" else 1), info["pages"]
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="PagedKVCache._load accepts a page listed twice in one block table or by two "
-                                       "layers, and verify() checks only checksums: kvmmap verify calls the file "
-                                       "damaged, the API calls it fine (the cache.py owner changes _load)")
 @pytest.mark.parametrize("mode", ["one table", "two layers"])
 def test_page_listed_twice_api_agrees(tmp_path, mode):
     path = tmp_path / "c.kvm"
