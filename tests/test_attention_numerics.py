@@ -163,14 +163,20 @@ def test_weighted_sum_of_values_near_the_maximum(backend, fmt):
         assert_close(attend(c, s, q, backend, window=window), want)
 
 
-def test_overflow_in_one_sequence_leaves_the_others_on_the_fast_path(backend):
-    """A batch where one sequence overflows: every sequence gets its own exact answer."""
+def test_overflow_in_one_sequence_leaves_the_others_on_the_fast_path(backend, monkeypatch):
+    """A batch where one sequence overflows: only it is recomputed, and every sequence
+    gets its own answer."""
+    from kvmmap import attention
+
+    redone = []
+    exact = attention.exact_decode
+    monkeypatch.setattr(attention, "exact_decode", lambda c, layer, s, *a: redone.append(s) or exact(c, layer, s, *a))
     rng = np.random.default_rng(6)
     H, D = 2, 64
     c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=H, head_dim=D, k_format="fp32", v_format="fp32")
     data, seqs = [], []
     for i, T in enumerate([40, 500, 17]):
-        k = rng.standard_normal((T, H, D)).astype(np.float32) * (1e19 if i == 1 else 1)
+        k = rng.standard_normal((T, H, D)).astype(np.float32) * (1e21 if i == 1 else 1)
         v = rng.standard_normal((T, H, D)).astype(np.float32)
         s = c.new_sequence()
         c.append(s, 0, k, v)
@@ -178,8 +184,27 @@ def test_overflow_in_one_sequence_leaves_the_others_on_the_fast_path(backend):
         seqs.append(s)
     q = rng.standard_normal((3, H * 2, D)).astype(np.float32) * np.float32(1e19)
     got = km.paged_decode_attention(c, 0, seqs, q, backend=backend)
+    assert redone == [seqs[1]]
     for b, (k, v) in enumerate(data):
         assert_close(got[b], reference(k, v, q[b], 1 / 8))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8", "int4", "fp8_e4m3"])
+def test_ordinary_inputs_never_take_the_float64_path(backend, monkeypatch, fmt):
+    """Peaked (q * 40) and flat softmaxes over values near 1e4 are the kernels' work."""
+    from kvmmap import attention
+
+    def refuse(*a):
+        raise AssertionError("exact_decode called for inputs that fit float32")
+    monkeypatch.setattr(attention, "exact_decode", refuse)
+    rng = np.random.default_rng(12)
+    k = rng.standard_normal((1300, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((1300, 2, 64)).astype(np.float32) * 1e4
+    c, s = fill(k, v, fmt)
+    ks, vs = c.read(s, 0)
+    for mult in (40, 1, 1e-3):
+        q = rng.standard_normal((8, 64)).astype(np.float32) * np.float32(mult)
+        assert_close(attend(c, s, q, backend), reference(ks, vs, q, 1 / 8))
 
 
 # ---- arguments -------------------------------------------------------------------------
