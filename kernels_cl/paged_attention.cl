@@ -11,7 +11,10 @@
  *   4. work-items own head dimensions and accumulate p * V over the split's tokens
  *      (consecutive work-items read consecutive bytes of a V row);
  * and write an unnormalised partial (o, m, l). merge_splits combines the partials of a
- * (b, query head) by log-sum-exp.
+ * (b, query head) by log-sum-exp. exp() is the built-in, which underflows to exactly 0
+ * (weights of logits far below the maximum must not count); the build options must not
+ * include -cl-fast-relaxed-math or -cl-finite-math-only, since NaN and inf are how an
+ * overflowed logit reaches the host (fmax skips a NaN logit, but its exp is NaN).
  *
  * Compile-time constants (-D): K_FORMAT, V_FORMAT (kvmmap format ids), HEAD_DIM,
  * PAGE_SIZE, NUM_KV_HEADS, GQA (query heads per kv head), V_GROUP (int4 values: group
@@ -250,7 +253,11 @@ void paged_decode_split(
     }
 }
 
-/* out[r, d] for r = b * H * G + query head: log-sum-exp merge of the split partials. */
+/* out[r, d] for r = b * H * G + query head: log-sum-exp merge of the split partials.
+ * Splits past a sequence's end have l == 0 and are skipped. Every other split has
+ * l >= 1 unless a logit or sum overflowed float32, which leaves NaN or inf in its m, l or
+ * o; that is carried to the output (never a wrong finite value), where the host sees it
+ * and recomputes the row exactly. */
 __kernel void merge_splits(__global const float *part_o, __global const float *part_m,
                            __global const float *part_l, const int num_splits, const int rows,
                            __global float *out) {
@@ -258,15 +265,15 @@ __kernel void merge_splits(__global const float *part_o, __global const float *p
     if (d >= D || r >= rows) return;
     float mx = -INFINITY;
     for (int s = 0; s < num_splits; s++)
-        if (part_l[r * num_splits + s] > 0.0f) mx = fmax(mx, part_m[r * num_splits + s]);
+        if (part_l[r * num_splits + s] != 0.0f) mx = fmax(mx, part_m[r * num_splits + s]);
     float num = 0.0f, den = 0.0f;
     for (int s = 0; s < num_splits; s++) {
         float l = part_l[r * num_splits + s];
-        if (l > 0.0f) {
+        if (l != 0.0f) {
             float w = exp(part_m[r * num_splits + s] - mx);
             num += w * part_o[((size_t)r * num_splits + s) * D + d];
             den += w * l;
         }
     }
-    out[(size_t)r * D + d] = den > 0.0f ? num / den : 0.0f;
+    out[(size_t)r * D + d] = num / den;
 }

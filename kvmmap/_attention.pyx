@@ -8,7 +8,9 @@
 # K/V block of one kv head is decoded once for all query heads of its GQA group. Items run
 # in parallel with prange; merge_partials combines the items of one sequence by
 # log-sum-exp (flash-decoding).
-# Nothing here raises or allocates Python objects.
+# A score or sum that overflows float32 (finite inputs can: |q . k| up to D * 3.4e38**2)
+# leaves NaN or inf in its output row, never a wrong finite value; attention.py then
+# recomputes that row in float64. Nothing here raises or allocates Python objects.
 
 from cython.parallel cimport prange
 from libc.math cimport expf, INFINITY
@@ -97,15 +99,21 @@ cdef inline void decode_rows(const uint8_t* page, const Side* s, Py_ssize_t h, P
 
 
 cdef inline float fast_exp(float x) noexcept nogil:
-    """e**x for x <= 0 (relative error ~2e-7); inputs below -87 give ~1e-38 instead of 0.
+    """e**x for x <= 0: relative error ~2e-7 down to float32's smallest normal number,
+    below it gradual underflow to subnormals and to exactly 0 (from about -103.3), as
+    IEEE expf; NaN gives NaN.
 
-    Branch-free so that the loops calling it vectorize (libm's expf does not).
+    Branch-free so that the loops calling it vectorize (libm's expf does not). 2**i is
+    applied as two factors 2**(i >> 1) and 2**(i - (i >> 1)), each a normal float32, so
+    a result below 2**-126 is rounded once by the last multiply instead of wrapping the
+    exponent bits. The clamp at -110 (where e**x is already 0) only bounds i; it is
+    written so that NaN passes it (NaN weights are how an overflowed score is detected).
     """
     cdef float y, f, r
-    cdef int32_t i
-    x = x if x > <float>-87.0 else <float>-87.0
+    cdef int32_t i, h
+    x = <float>-110.0 if x < <float>-110.0 else x
     y = x * <float>1.4426950408889634                 # x / ln 2
-    i = round_even(y)
+    i = round_even(y)                          # -159 .. 0
     f = y - i                                  # f in [-0.5, 0.5]
     # 2**f by its Taylor series in f ln 2, degree 6
     r = <float>1.5403530393381606e-4
@@ -115,7 +123,8 @@ cdef inline float fast_exp(float x) noexcept nogil:
     r = r * f + <float>2.402265069591007e-1
     r = r * f + <float>6.931471805599453e-1
     r = r * f + <float>1.0
-    return bits_f32(f32_bits(r) + (<uint32_t>i << 23))
+    h = i >> 1                                 # -80 .. 0, and i - h in -79 .. 0
+    return (r * bits_f32(<uint32_t>(h + 127) << 23)) * bits_f32(<uint32_t>(i - h + 127) << 23)
 
 
 ctypedef fused row_t:
@@ -400,9 +409,11 @@ def merge_partials(const int64_t[:, ::1] items, const float[:, ::1] m, const flo
                     wsum = wsum + w * l[k, r]
                     for j in range(D):
                         o[j] = o[j] + w * acc[k, r, j]
-                if wsum > 0:
-                    for j in range(D):
-                        o[j] = o[j] / wsum
+                # wsum >= 1 (the item holding the maximum has weight 1 and l >= 1) unless
+                # a score or a sum overflowed float32: then the NaN or inf it carries
+                # must reach the output, where the caller sees it and recomputes the row
+                for j in range(D):
+                    o[j] = o[j] / wsum
             i = e
 
 
