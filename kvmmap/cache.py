@@ -1332,9 +1332,9 @@ class PagedKVCache:
         -------
         dict of str to int
             ``sequences``: sequences held; ``pages_used``: pages some block table lists;
-            ``pages_free``: pages ready for reuse; ``pages_pending``: pages dropped since
-            the last commit (reusable after the next :meth:`flush`); ``pages_capacity``:
-            pages the arena can hold before it grows; ``page_bytes``: bytes of one page;
+            ``pages_free``: pages ready for reuse; ``pages_pending``: dropped pages that
+            the newest or the previous commit still lists (reusable once two
+            :meth:`flush` calls have passed); ``pages_capacity``: pages the arena can hold before it grows; ``page_bytes``: bytes of one page;
             ``bytes_pages``: ``pages_used * page_bytes``; ``bytes_on_disk``: blocks the
             file occupies (0 in RAM; the file is sparse); ``bytes_in_ram``: open tails,
             page checksums and reference counts, plus the arena of a RAM-only cache;

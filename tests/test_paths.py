@@ -320,3 +320,18 @@ def test_forked_child_of_a_writer_may_read_but_not_write(tmp_path):
     c.close()
     with km.PagedKVCache.open(path, mode="r") as r:
         assert r.seq_len(r.find_sequence("s"), 0) == 12 and list(r.sequences().values()) == ["s"]
+
+
+def test_cli_verify_previous(tmp_path):
+    """`kvmmap verify --previous` checks the older commit; it says so when there is none."""
+    from kvmmap.cli import main
+
+    path = tmp_path / "v.kvm"
+    km.PagedKVCache.create(path, **GEO).close()
+    assert main(["verify", "--previous", "--no-progress", str(path)]) == 1      # one commit only
+    c = make(path, overwrite=True)
+    c.append(c.find_sequence("s"), 0, tokens(4, 3), tokens(4, 3))
+    c.flush()
+    c.close()
+    assert main(["verify", "--previous", "--no-progress", str(path)]) == 0
+    assert main(["verify", "--no-progress", str(path)]) == 0

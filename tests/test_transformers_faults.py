@@ -129,11 +129,11 @@ def test_disk_full_in_the_middle_of_the_rows(tmp_path, monkeypatch, fmt):
     store, calls = cache.store, []
     real = type(store)._seal_pages
 
-    def seal_pages(self, n):
+    def seal_pages(self, n, *rest):
         calls.append(n)
         if len(calls) > 3:       # row 1 of this layer: its first page after row 0's three
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return real(self, n)
+        return real(self, n, *rest)
 
     monkeypatch.setattr(type(store), "_seal_pages", seal_pages)
     with pytest.raises(OSError, match="injected"):
