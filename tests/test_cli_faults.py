@@ -15,7 +15,6 @@ import sys
 import textwrap
 import zipfile
 from io import BytesIO
-from pathlib import Path
 
 import crc32c
 import numpy as np

@@ -10,7 +10,6 @@ name or an exhausted id counter raised raw Python errors.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
