@@ -80,7 +80,9 @@ WRITER = textwrap.dedent("""
 
 def start_writer(path, seconds):
     env = dict(os.environ)
+    # cwd="/": from the repository root, "-c" would import the source folder (no compiled kernels)
     w = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True,
+                         cwd="/",
                          env=env)
     assert w.stdout.readline().strip() == "ready"
     return w

@@ -230,6 +230,7 @@ def test_child_of_single_threaded_parent_keeps_threads():
     root = os.path.dirname(os.path.dirname(os.path.abspath(km.__file__)))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", CHILD_OF_SINGLE_THREADED], env=env,
+    # cwd="/": from the repository root, "-c" would import the source folder (no compiled kernels)
+    run = subprocess.run([sys.executable, "-c", CHILD_OF_SINGLE_THREADED], env=env, cwd="/",
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, (run.returncode, run.stderr)
