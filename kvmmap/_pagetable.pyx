@@ -81,3 +81,28 @@ def check_paged_layout(const int64_t[::1] indptr, const uint32_t[::1] indices,
         elif last_page_len[b] != 0:
             return 5
     return 0
+
+
+def count_tables(const uint32_t[::1] pages, const int64_t[::1] indptr, const int64_t[::1] table_layer,
+                 uint32_t[::1] counts, int64_t[::1] last_table, int64_t[::1] page_layer):
+    """Reference counts of the block tables of a commit, and the rules they must keep.
+
+    Table ``t`` lists ``pages[indptr[t]:indptr[t + 1]]`` and belongs to layer
+    ``table_layer[t]``. ``counts`` (zeroed), ``last_table`` and ``page_layer`` (both -1)
+    have one entry per page; every page id is below their length (checked by the caller).
+    One pass, O(entries). Returns (0, -1, -1) when the rules hold, else (rule, table,
+    entry): rule 1, a table lists a page twice; rule 2, tables of two layers list one page.
+    """
+    cdef Py_ssize_t t, i
+    cdef uint32_t p
+    for t in range(table_layer.shape[0]):
+        for i in range(indptr[t], indptr[t + 1]):
+            p = pages[i]
+            if last_table[p] == t:
+                return 1, t, i
+            if page_layer[p] != -1 and page_layer[p] != table_layer[t]:
+                return 2, t, i
+            last_table[p] = t
+            page_layer[p] = table_layer[t]
+            counts[p] += 1
+    return 0, -1, -1

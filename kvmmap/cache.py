@@ -38,6 +38,7 @@ from .errors import (
     describe,
 )
 from .formats import get_format
+from . import _pagetable
 from .pagetable import BlockTable, PageAllocator, slot_mapping
 from .quant import QTensor
 from .storage import (
@@ -414,7 +415,7 @@ class PagedKVCache:
             # the next commit has replaced that slot: it must stay readable until then.
             if len(valid) == 2:
                 other_payload = valid[0][2] if slot == valid[-1][1] else valid[-1][2]
-                self._alloc.retire(self._payload_pages(other_payload))
+                self._retire_other(other_payload)
 
     def _init_common(self, sb: Superblock, path, writable: bool) -> None:
         self._sb = sb
@@ -1402,8 +1403,7 @@ class PagedKVCache:
         page_crc = np.frombuffer(payload, np.uint32, hw, off).copy()
         off += 4 * hw
         P, L = self.page_size, self.num_layers
-        counts = np.zeros(hw, np.int64)
-        page_layer = np.full(hw, -1, np.int64)      # a page holds tokens of one layer only
+        tables, owners = [], []     # every block table, and its (sequence, layer)
         for _ in range(nseq):
             if off + _SEQ_HEAD.size > len(payload):
                 bad("sequence table truncated")
@@ -1431,16 +1431,8 @@ class PagedKVCache:
                 off += 4 * nbt
                 if nbt and int(pages.max()) >= hw:
                     bad(f"sequence {sid} refers to page {int(pages.max())} beyond the {hw} pages in use")
-                layer = len(layers)
-                if nbt and len(np.unique(pages)) != nbt:
-                    bad(f"sequence {sid}, layer {layer}: its block table lists a page twice")
-                if nbt:
-                    owner = page_layer[pages]
-                    if ((owner != -1) & (owner != layer)).any():
-                        p = int(pages[(owner != -1) & (owner != layer)][0])
-                        bad(f"sequence {sid}, layer {layer}: page {p} is listed by layer {int(page_layer[p])} too")
-                    page_layer[pages] = layer
-                counts += np.bincount(pages, minlength=hw)[:hw] if nbt else 0
+                tables.append(pages)
+                owners.append((sid, len(layers)))
                 tail = {}
                 for side in _SIDES:
                     tail[side] = {}
@@ -1453,8 +1445,9 @@ class PagedKVCache:
                 self._names[name] = sid
         if off != len(payload):
             bad(f"{len(payload) - off} unexpected trailing bytes")
+        counts = self._count_tables(tables, owners, hw, bad)
         self._next_id = next_id
-        self._alloc = PageAllocator(counts.astype(np.uint32))
+        self._alloc = PageAllocator(counts)
         self._page_crc = page_crc
         self._page_stamp = np.ones(len(page_crc), np.uint64)
         # Sized by the committed pages, not by the file: a sparse file's apparent size
@@ -1472,10 +1465,50 @@ class PagedKVCache:
             except OSError:
                 self._reserved = 0
 
-    def _payload_pages(self, payload: bytes) -> np.ndarray:
-        """Every page id a slot payload's block tables list (for a payload that passed its
-        checksums; anything that does not parse gives what was found so far)."""
-        found = []
+    @staticmethod
+    def _count_tables(tables, owners, hw: int, bad) -> np.ndarray:
+        """Reference counts (uint32 [hw]) of a commit's block tables, each page listed at
+        most once per table and by tables of one layer only (docs/FORMAT.md); ``bad``
+        raises otherwise. One typed pass over all entries."""
+        counts = np.zeros(hw, np.uint32)
+        if not tables:
+            return counts
+        sizes = np.fromiter((len(t) for t in tables), np.int64, len(tables))
+        indptr = np.zeros(len(tables) + 1, np.int64)
+        np.cumsum(sizes, out=indptr[1:])
+        layer_of = np.fromiter((layer for _, layer in owners), np.int64, len(owners))
+        rule, t, i = _pagetable.count_tables(np.concatenate(tables), indptr, layer_of, counts,
+                                             np.full(hw, -1, np.int64), np.full(hw, -1, np.int64))
+        if rule:
+            sid, layer = owners[t]
+            page = int(tables[t][i - indptr[t]])
+            bad(f"sequence {sid}, layer {layer}: its block table lists page {page} twice" if rule == 1 else
+                f"sequence {sid}, layer {layer}: page {page} is listed by tables of another layer too "
+                "(a page holds tokens of one layer)")
+        return counts
+
+    def _retire_other(self, payload: bytes) -> None:
+        """Keep the pages the other slot's commit lists, and this one does not, out of use
+        until the next commit replaces that slot (it must stay readable until then)."""
+        other_hw, pages = self._payload_pages(payload)
+        hw = self._alloc.high_water
+        if other_hw > hw:
+            # the other commit is newer (commit="previous") and used page ids beyond ours:
+            # they must not be handed out as new ones either
+            counts = np.zeros(other_hw, np.uint32)
+            counts[:hw] = self._alloc.refcounts
+            self._alloc = PageAllocator(counts)
+            self._set_arena(self._map(other_hw), other_hw)      # within the file: opening grows nothing
+        if len(pages):
+            pages = pages[pages < self._alloc.high_water]
+            idle = pages[self._alloc.refcounts[pages] == 0]
+            if len(idle):
+                self._alloc.retire(np.unique(idle))
+
+    def _payload_pages(self, payload: bytes) -> tuple[int, np.ndarray]:
+        """(high-water mark, every page id its block tables list) of a slot payload that
+        passed its checksums; anything that does not parse gives what was found so far."""
+        found, hw = [], 0
         try:
             hw, nseq, _, _ = _META_HEAD.unpack_from(payload)
             off = _META_HEAD.size + 4 * hw
@@ -1491,9 +1524,10 @@ class PagedKVCache:
                     off += 4 * nbt + self._tail_bytes
         except (struct.error, ValueError):
             pass
-        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.uint32)
+        # a hostile high-water mark is bounded by what the file holds
+        file_pages = max(0, (os.fstat(self._fd).st_size - self._sb.arena_offset) // self._sb.page_bytes)
+        return min(int(hw), file_pages), (np.concatenate(found) if found else np.zeros(0, np.uint32))
 
-    @_locked
     def flush(self) -> None:
         """Commit: make every change so far durable. After it returns a crash loses nothing.
 

@@ -72,7 +72,8 @@ class PageAllocator:
     def retire(self, pages) -> None:
         """Keep free pages out of use until the next commit (they are listed by the other
         metadata slot's commit, e.g. after reopening a file)."""
-        keep = {int(p) for p in pages} & set(self._free)
+        keep = {int(p) for p in pages}
+        keep = {p for p in keep if p < self._high_water and self._refcounts[p] == 0} - set(self._retired)
         if keep:
             self._free = [p for p in self._free if p not in keep]
             self._retired.extend(sorted(keep))

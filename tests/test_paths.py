@@ -334,3 +334,23 @@ def test_cli_verify_previous(tmp_path):
     c.close()
     assert main(["verify", "--previous", "--no-progress", str(path)]) == 0
     assert main(["verify", "--no-progress", str(path)]) == 0
+
+
+def test_rolling_back_never_overwrites_the_newer_commit_before_committing(tmp_path):
+    """Opened at the previous commit for writing, new pages must not take ids the newer
+    commit (still the newest on disk) lists: a crash before the roll-back's first commit
+    would leave the newest commit pointing at overwritten pages."""
+    path = tmp_path / "roll.kvm"
+    c = make(path, n=4, name="a")                   # previous: a few pages
+    c.append(c.find_sequence("a"), 0, tokens(40, 3), tokens(40, 4))
+    c.flush()                                       # newest: ten more pages in layer 0
+    newest = {name: [x.tobytes() for x in c.read(sid, 0)] for sid, name in c.sequences().items()}
+    c.close()
+    with km.PagedKVCache.open(path, commit="previous") as p:
+        s = p.find_sequence("a")
+        p.append(s, 1, tokens(80, 5), tokens(80, 6))   # twenty new pages, none committed
+        p.new_sequence("z")
+        # "killed" here: closed without flush
+    with km.PagedKVCache.open(path, mode="r") as n:
+        assert n.verify() == []
+        assert {name: [x.tobytes() for x in n.read(sid, 0)] for sid, name in n.sequences().items()} == newest
