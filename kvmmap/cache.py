@@ -18,61 +18,24 @@ tokens, KIVI's residual window).
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
-import struct
 import threading
 
-import crc32c
 import numpy as np
 
 from . import quant
-from .errors import (
-    CacheFileError,
-    ConfigError,
-    DTypeError,
-    ReadOnlyError,
-    SequenceError,
-    ShapeError,
-    describe,
-)
-from .formats import get_format
-from . import _pagetable
-from .pagetable import BlockTable, PageAllocator, slot_mapping
-from .quant import QTensor
-from .storage import (
-    FINGERPRINT_BYTES,
-    SUPERBLOCK_BYTES,
-    PageLayout,
-    Superblock,
-    fsync_dir,
-    newest_generation,
-    open_regular,
-    partial_path,
-    pwrite_all,
-    read_slot,
-    reserve,
-    same_file,
-    write_slot,
-)
+from .core import payload
+from .core.arena import Arena
+from .core.fileio import fsync_dir, lock_existing, lock_writer, open_regular, partial_path, pwrite_all, reserve, same_file
+from .core.layout import PageLayout
+from .core.metaslot import newest_generation, read_slot, write_slot
+from .core.sequences import SequenceTable, is_int
+from .core.superblock import SUPERBLOCK_BYTES, Superblock, geometry_superblock
+from .errors import CacheFileError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
+from .pagetable import PageAllocator, slot_mapping
 
-_META_HEAD = struct.Struct("<QIII")     # high_water, num_sequences, next_sequence_id, reserved
-_SEQ_HEAD = struct.Struct("<IHH")       # sequence id, name length, reserved
-_LAYER_HEAD = struct.Struct("<QII")     # positions written, positions dropped in front, sealed pages
 _SIDES = ("k", "v")
-# geometry limits of docs/FORMAT.md, which open() enforces (storage.Superblock.validate)
-MAX_LAYERS, MAX_KV_HEADS, MAX_HEAD_DIM, MAX_PAGE_SIZE = 1 << 16, 1 << 12, 1 << 14, 1 << 16
-MAX_INT4_K_PAGE_SIZE = (1 << 16) - 1        # int4 keys: page_size is stored in a 16-bit group size
-DEFAULT_META_SLOT_BYTES = 64 << 20
-MAX_META_SLOT_BYTES = (1 << 62) - 4096      # keeps arena_offset = 4096 + 2S a valid file offset (< 2**63)
-
-
-MAX_SEQUENCE_ID = 0xFFFFFFFE               # ids are 32-bit in the file; the next id must fit too
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _locked(method):
@@ -88,26 +51,6 @@ def _locked(method):
         with self._mutex:
             return method(self, *args, **kwargs)
     return wrapper
-
-
-class _LayerState:
-    """One (sequence, layer): sealed pages, positions written, positions dropped, tail."""
-
-    __slots__ = ("bt", "n_pos", "first", "tail")
-
-    def __init__(self, bt, n_pos, first, tail):
-        self.bt, self.n_pos, self.first, self.tail = bt, n_pos, first, tail
-
-    @property
-    def length(self) -> int:
-        return self.n_pos - self.first
-
-
-class _Sequence:
-    __slots__ = ("seq_id", "name", "layers")
-
-    def __init__(self, seq_id, name, layers):
-        self.seq_id, self.name, self.layers = seq_id, name, layers
 
 
 class PagedKVCache:
@@ -188,49 +131,8 @@ class PagedKVCache:
             ``path`` exists (without ``overwrite``), is held by a writer in another
             process (with ``overwrite``), or cannot be created. No file is left behind.
         """
-        for name, v, hi in (("num_layers", num_layers, MAX_LAYERS), ("num_kv_heads", num_kv_heads, MAX_KV_HEADS),
-                            ("head_dim", head_dim, MAX_HEAD_DIM), ("page_size", page_size, MAX_PAGE_SIZE)):
-            if not _is_int(v) or not 1 <= v <= hi:
-                raise ShapeError(f"{name} must be an integer in 1..{hi} (docs/FORMAT.md), found {v!r}")
-        kf, vf = get_format(k_format), get_format(v_format)
-        for f in (kf, vf):
-            if f.name == "int4" and head_dim % 2:
-                raise ShapeError(f"int4 needs an even head_dim, found {head_dim}")
-        if kf.name == "int4" and page_size > MAX_INT4_K_PAGE_SIZE:
-            raise ShapeError(f"int4 keys are grouped over a page and the group size field is 16 bits: page_size "
-                             f"must be at most {MAX_INT4_K_PAGE_SIZE}, found {page_size}")
-        if vf.name == "int4":
-            if v_group_size is None:
-                v_group_size = 32 if head_dim % 32 == 0 else head_dim
-            if not _is_int(v_group_size):
-                raise ConfigError(f"v_group_size must be an integer, found {v_group_size!r}")
-            quant._resolve_grouping(vf, (1, head_dim), "token", v_group_size)
-        elif v_group_size is not None:
-            # the file has no group for such values; ignoring it would hide a mistaken setting
-            raise ConfigError(f"v_group_size applies to int4 values only; v_format is {vf.name}, "
-                              f"found v_group_size={v_group_size!r}")
-        v_group_size = int(v_group_size or 0)
-        if isinstance(fingerprint, str):
-            fingerprint = fingerprint.encode()
-        if not isinstance(fingerprint, (bytes, bytearray)):
-            raise ConfigError(f"fingerprint must be bytes or str, found {type(fingerprint).__name__}")
-        if len(fingerprint) > FINGERPRINT_BYTES:
-            raise ShapeError(f"fingerprint holds at most {FINGERPRINT_BYTES} bytes, found {len(fingerprint)}")
-        layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size)
-        if meta_slot_bytes is None:
-            tails = 128 * int(num_layers) * layout.tail_bytes
-            meta_slot_bytes = max(DEFAULT_META_SLOT_BYTES, min(1 << 30, -(-tails // 4096) * 4096),
-                                  -(-(layout.tail_bytes + 64) // 4096) * 4096)
-        if not _is_int(meta_slot_bytes) or not 4096 <= meta_slot_bytes <= MAX_META_SLOT_BYTES or meta_slot_bytes % 4096:
-            raise ShapeError(f"meta_slot_bytes must be a multiple of 4096 in 4096..{MAX_META_SLOT_BYTES}, "
-                             f"found {meta_slot_bytes!r}")
-        meta_slot_bytes = int(meta_slot_bytes)
-        if layout.tail_bytes > meta_slot_bytes - 64:     # open() would refuse such a file
-            raise ShapeError(f"meta_slot_bytes={meta_slot_bytes} cannot hold one sequence tail of this "
-                             f"geometry ({layout.tail_bytes} bytes); pass a larger meta_slot_bytes")
-        sb = Superblock(int(num_layers), int(num_kv_heads), int(head_dim), int(page_size), kf, vf,
-                        int(page_size) if kf.name == "int4" else 0, v_group_size, layout.page_bytes,
-                        SUPERBLOCK_BYTES, meta_slot_bytes, SUPERBLOCK_BYTES + 2 * meta_slot_bytes, bytes(fingerprint))
+        sb = geometry_superblock(num_layers, num_kv_heads, head_dim, page_size, k_format, v_format,
+                                 v_group_size, fingerprint, meta_slot_bytes)
         self = object.__new__(cls)
         self._init_common(sb, None if path is None else os.fspath(path), writable=True)
         if self.path is not None:
@@ -246,7 +148,7 @@ class PagedKVCache:
             # Build the new file under a temporary name and rename it over the old one,
             # holding the old file's writer lock: a live writer is refused instead of
             # truncated, and readers mapping the old file keep reading it (no SIGBUS).
-            old_fd = self._lock_existing(target)
+            old_fd = lock_existing(target)
             if old_fd is not None:
                 self.path = f"{partial_path(target)}.{id(self):x}"
         try:
@@ -257,7 +159,7 @@ class PagedKVCache:
             except OSError as e:
                 raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
             self._fd = fd
-            self._lock()
+            lock_writer(fd, self.path)
             try:
                 pwrite_all(fd, sb.pack(), 0)
                 os.ftruncate(fd, sb.arena_offset)   # e.g. EFBIG: slots beyond the file system's limit
@@ -283,20 +185,6 @@ class PagedKVCache:
         finally:
             if old_fd is not None:
                 os.close(old_fd)
-
-    @staticmethod
-    def _lock_existing(path: str):
-        """fd holding the writer lock of an existing file at ``path`` (None if there is none)."""
-        if not os.path.lexists(path):
-            return None
-        fd = open_regular(path, os.O_RDONLY, "replace")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheFileError(f"{path} is open for writing in another process (its writer lock is "
-                                 "held); it cannot be overwritten") from None
-        return fd
 
     @classmethod
     def open(cls, path, mode: str = "r+", *, commit: str = "newest") -> "PagedKVCache":
@@ -348,7 +236,7 @@ class PagedKVCache:
                 self._init_common(sb, path, writable=mode == "r+")
                 self._fd = fd
                 if self.writable:
-                    self._lock()
+                    lock_writer(fd, self.path)
                     # create(overwrite=True) renames a new file over the path while holding
                     # the old one's lock: the inode locked here may no longer be the file
                     # the path names. Writing to it would commit to a deleted file.
@@ -422,34 +310,18 @@ class PagedKVCache:
         self.path = path
         self.writable = writable
         self.layout: PageLayout = sb.layout()
-        self._fd = None
         self._closed = False
         self._mutex = threading.RLock()
         self._pid = os.getpid()     # a forked child must not write through its parent's writer
-        self._reserved = 0          # pages [0, _reserved) have disk blocks (file caches)
         self._meta_reserved = 0     # bytes at the start of each metadata slot with disk blocks
         self._sync_failed = ""      # why an fsync failed: no commit may follow (see flush)
         self._newest_seen = 0       # the newest generation on disk when opened
-        self._seqs: dict[int, _Sequence] = {}
-        self._names: dict[str, int] = {}
-        self._next_id = 0
-        self._alloc = PageAllocator()
-        self._page_crc = np.zeros(0, np.uint32)
-        # When each page was last sealed (a counter, not a clock): device copies of the pool
-        # (kvmmap.opencl) upload the pages stamped after their last upload.
-        self._page_stamp = np.zeros(0, np.uint64)
-        self._stamp = 1
-        self._capacity = 0
-        self._arena = np.zeros(0, np.uint8)
-        self._views = self.layout.arena_views(self._arena, 0)
-        self._tail_proto = self._make_tail()
-        self._tail_bytes = sum(a.nbytes for side in _SIDES for a in self._tail_proto[side].values())
+        self._generation, self._active_slot = 0, 1
+        self._pool = Arena(sb, self.layout, path, None, writable)
+        self._table = SequenceTable(self.layout, self._pool, sb.num_layers)
 
-    def _lock(self) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:     # the caller closes the fd
-            raise CacheFileError(f"{self.path} is open for writing in another process (its writer lock is held)") from None
+    # The descriptor lives with the arena, which maps and grows the file through it.
+    _fd = property(lambda self: self._pool.fd, lambda self, fd: setattr(self._pool, "fd", fd))
 
     # ------------------------------------------------------------------ properties
 
@@ -468,116 +340,37 @@ class PagedKVCache:
                 f"head_dim={self.head_dim}, page_size={self.page_size}, k={self.k_format}, "
                 f"v={self.v_format}, sequences={len(self._seqs)})")
 
-    # ------------------------------------------------------------------ arena
+    # ------------------------------------------------------------------ the pool, for kvmmap's kernels
 
-    def _make_tail(self) -> dict:
-        tail = {}
-        for side in _SIDES:
-            f = self.layout.formats[side]
-            if f.name == "int4":
-                tail[side] = {"codes": np.zeros((self.num_kv_heads, self.page_size, self.head_dim), np.float32)}
-            else:
-                tail[side] = {n: np.zeros(r.shape, r.dtype) for n, r in self.layout.regions[side].items()}
-        return tail
+    @property
+    def arena(self) -> Arena:
+        """The page arena (:class:`kvmmap.core.arena.Arena`): page bytes, typed views of
+        every region, each page's checksum and seal stamp. Read by the attention kernels
+        and device copies of the pool; change the cache through its methods only."""
+        return self._pool
 
-    def _copy_tail(self, tail) -> dict:
-        return {side: {n: a.copy() for n, a in tail[side].items()} for side in _SIDES}
+    @property
+    def superblock(self) -> Superblock:
+        """The file's geometry and formats (:class:`kvmmap.core.superblock.Superblock`)."""
+        return self._sb
 
-    def _ensure_capacity(self, num_pages: int) -> None:
-        if num_pages <= self._capacity:
-            return
-        cap = max(num_pages, 2 * self._capacity, 64)
-        pb = self._sb.page_bytes
-        if self.path is None:
-            arena = np.zeros(cap * pb, np.uint8)
-            arena[: self._arena.size] = self._arena
-        else:
-            end = self._sb.arena_offset + cap * pb
-            if os.fstat(self._fd).st_size < end:    # a reopened file may be longer already
-                os.ftruncate(self._fd, end)         # sparse: no page is rewritten
-            arena = self._map(cap)
-        self._set_arena(arena, cap)
-
-    def _prepare_pages(self, n: int) -> None:
-        """Make sure the next :meth:`_alloc` of ``n`` pages cannot fail for lack of room.
-
-        The arena grows (a file: extended, sparse) and the disk blocks of every page that
-        could be handed out are reserved, all *before* any page is handed out: a full
-        disk, ``ulimit -f`` (EFBIG) or a failed map raise here, with nothing changed but
-        the file's size. Pages are then written through the map without a SIGBUS.
-        """
-        need = self._alloc.high_water + self._alloc.fresh_needed(n)
-        self._ensure_capacity(need)
-        if self.path is not None and need > self._reserved:
-            pb = self._sb.page_bytes
-            reserve(self._fd, self._sb.arena_offset + self._reserved * pb, (need - self._reserved) * pb)
-            self._reserved = need
-    def _map(self, cap: int) -> np.ndarray:
-        return np.memmap(self.path, dtype=np.uint8, mode="r+" if self.writable else "r",
-                         offset=self._sb.arena_offset, shape=(cap * self._sb.page_bytes,))
-
-    def _set_arena(self, arena, cap) -> None:
-        self._arena, self._capacity = arena, cap
-        self._views = self.layout.arena_views(arena, cap)
-        if len(self._page_crc) < cap:
-            crc = np.zeros(cap, np.uint32)
-            crc[: len(self._page_crc)] = self._page_crc
-            self._page_crc = crc
-        if len(self._page_stamp) < cap:
-            stamp = np.zeros(cap, np.uint64)
-            stamp[: len(self._page_stamp)] = self._page_stamp
-            self._page_stamp = stamp
-
-    def _mark_sealed(self, page: int) -> None:
-        self._page_crc[page] = self._page_crc_of(page)
-        self._stamp += 1
-        self._page_stamp[page] = self._stamp
+    # read by modules written against the old internals (attention, opencl, fileinfo)
+    _arena = property(lambda self: self._pool.data)
+    _views = property(lambda self: self._pool.views)
+    _page_crc = property(lambda self: self._pool.page_crc)
+    _page_stamp = property(lambda self: self._pool.page_stamp)
+    _stamp = property(lambda self: self._pool.stamp)
+    _alloc = property(lambda self: self._table.alloc)
+    _seqs = property(lambda self: self._table.seqs)
 
     def _page_crc_of(self, page: int) -> int:
-        pb = self._sb.page_bytes
-        return crc32c.crc32c(self._arena[page * pb:(page + 1) * pb])
+        return self._pool.crc_of(page)
 
-    def _seal_pages(self, n: int, taken: list | None = None) -> np.ndarray:
-        """Hand out ``n`` pages (room made first); ``taken`` collects them for an undo."""
-        self._prepare_pages(n)
-        pages = self._alloc.alloc(n)
-        if taken is not None:
-            taken.extend(int(p) for p in pages)
-        return pages
+    def _page_q(self, side: str, page: int, a: int, b: int):
+        return self._pool.page_q(side, page, a, b)
 
-    # ------------------------------------------------------------------ views
-
-    def _page_q(self, side: str, page: int, a: int, b: int) -> QTensor:
-        """QTensor over tokens [a, b) of a sealed page (head-major: shape [H, b-a, D])."""
-        f = self.layout.formats[side]
-        v = self._views[side]
-        shape = (self.num_kv_heads, b - a, self.head_dim)
-        codes = v["codes"][page][:, a:b]
-        if f.name == "int4" and side == "k":
-            return QTensor(codes, v["scales"][page], v["zeros"][page], "int4", shape, "channel", self.page_size)
-        scales = v["scales"][page][:, a:b] if f.scaled else None
-        zeros = v["zeros"][page][:, a:b] if f.zero_point else None
-        return QTensor(codes, scales, zeros, f.name, shape, "token", self.layout.group_size[side])
-
-    def _tail_q(self, side: str, tail: dict, a: int, b: int) -> QTensor:
-        f = self.layout.formats[side]
-        t = tail[side]
-        shape = (self.num_kv_heads, b - a, self.head_dim)
-        if f.name == "int4":
-            return QTensor(t["codes"][:, a:b], None, None, "fp32", shape)
-        return QTensor(t["codes"][:, a:b], t["scales"][:, a:b] if f.scaled else None, None, f.name, shape)
-
-    def _seal_tail(self, st: _LayerState, taken: list) -> None:
-        (page,) = self._seal_pages(1, taken)
-        for side in _SIDES:
-            f = self.layout.formats[side]
-            if f.name == "int4":
-                quant.quantize_into(st.tail[side]["codes"], self._page_q(side, page, 0, self.page_size))
-            else:
-                for name, arr in st.tail[side].items():
-                    self._views[side][name][page][...] = arr
-        self._mark_sealed(page)
-        st.bt.append(int(page))
+    def _tail_q(self, side: str, tail: dict, a: int, b: int):
+        return self._table.tail_q(side, tail, a, b)
 
     # ------------------------------------------------------------------ checks
 
@@ -594,16 +387,10 @@ class PagedKVCache:
                 f"(process {os.getpid()}) may read through it but not write. Open the file in the "
                 "child with PagedKVCache.open(path, mode='r'), or for writing once the parent closed it")
 
-    def _seq(self, seq) -> _Sequence:
-        # 0.0 == 0 and True == 1 as dict keys: only integers name sequences
-        if _is_int(seq):
-            try:
-                return self._seqs[int(seq)]
-            except KeyError:
-                pass
-        raise SequenceError(f"unknown sequence id {seq!r}; known ids: {sorted(self._seqs)[:20]}") from None
+    def _seq(self, seq):
+        return self._table.get(seq)
 
-    def _seq_and_count(self, seq, n, what: str) -> _Sequence:
+    def _seq_and_count(self, seq, n, what: str):
         self._check_open(write=True)
         s = self._seq(seq)
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
@@ -657,30 +444,7 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open(write=True)
-        self._check_name(name)
-        if self._next_id > MAX_SEQUENCE_ID:
-            raise SequenceError(f"this cache has handed out every sequence id (0..{MAX_SEQUENCE_ID}); "
-                                "ids are never reused: copy the sequences to a new cache")
-        sid = self._next_id
-        self._next_id += 1
-        layers = [_LayerState(BlockTable(), 0, 0, self._copy_tail(self._tail_proto)) for _ in range(self.num_layers)]
-        self._seqs[sid] = _Sequence(sid, name, layers)
-        if name is not None:
-            self._names[name] = sid
-        return sid
-
-    def _check_name(self, name) -> None:
-        if name is None:
-            return
-        try:
-            size = len(name.encode()) if isinstance(name, str) else -1
-        except UnicodeEncodeError:      # a lone surrogate has no UTF-8 form
-            size = -1
-        if size < 1 or size > 65535:
-            raise SequenceError(f"a sequence name must be a non-empty string of valid unicode under 64 KiB "
-                                f"of UTF-8, found {name!r}")
-        if name in self._names:
-            raise SequenceError(f"a sequence named {name!r} exists already (id {self._names[name]})")
+        return self._table.new(name)
 
     def find_sequence(self, name: str) -> int:
         """Id of the sequence called ``name``.
@@ -702,7 +466,7 @@ class PagedKVCache:
         """
         self._check_open()
         try:
-            return self._names[name]
+            return self._table.names[name]
         except (KeyError, TypeError):
             raise SequenceError(f"no sequence is named {name!r}") from None
 
@@ -783,7 +547,7 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open()
-        return {sid: s.name for sid, s in self._seqs.items()}
+        return {sid: s.name for sid, s in self._table.seqs.items()}
 
     def seq_len(self, seq: int, layer: int | None = None) -> int:
         """Tokens stored for ``seq`` in one layer, or in every layer.
@@ -841,15 +605,15 @@ class PagedKVCache:
         P, n = self.page_size, k.shape[0]
         x = {"k": k.transpose(1, 0, 2), "v": v.transpose(1, 0, 2)}      # [H, tokens, D] views
         if 0 < n < P - st.n_pos % P:
-            # Decode steps: the tokens stay in the open tail. They go straight into its free
-            # slots, which refuses bad input (_write_tail); the length moves only after both
-            # sides succeed, so a refusal changes nothing visible.
-            self._write_tail(st, x["k"], x["v"])
+            # Decode steps: the tokens stay in the open page. They go straight into its free
+            # rows, which refuses bad input; the length moves only after both sides
+            # succeeded, so a refusal changes nothing visible.
+            self._table.write_tail(st, x["k"], x["v"])
             st.n_pos += n
             return
         quant.check_storable(k, self.k_format)      # one read each; refuses before any change
         quant.check_storable(v, self.v_format)
-        self._append_all([(st, x)])
+        self._table.append_all([(st, x)])
 
     @_locked
     def _append_rows(self, seqs, layer: int, k: np.ndarray, v: np.ndarray, read_back: bool = False):
@@ -893,7 +657,7 @@ class PagedKVCache:
             if read_back:
                 k_stored, v_stored = np.empty(k.shape, np.float32), np.empty(v.shape, np.float32)
             for b, st in enumerate(sts):
-                qk, qv = self._write_tail(st, k[b], v[b])
+                qk, qv = self._table.write_tail(st, k[b], v[b])
                 if read_back:
                     quant.dequantize(qk, out=k_stored[b])
                     quant.dequantize(qv, out=v_stored[b])
@@ -906,81 +670,13 @@ class PagedKVCache:
         for st in sts:
             if int4 and st.n_pos % P + n >= P:      # seals the open tail page
                 start = min(start, max(0, st.length - st.n_pos % P))
-        self._append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
+        self._table.append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
         if not read_back:
             return start, None, None
         shape = (len(seqs), self.num_kv_heads, sts[0].length - start, self.head_dim)
         k_stored, v_stored = np.empty(shape, np.float32), np.empty(shape, np.float32)
         self._read_rows(seqs, layer, start, sts[0].length, k_stored, v_stored)
         return start, k_stored, v_stored
-
-    def _write_tail(self, st: _LayerState, k: np.ndarray, v: np.ndarray) -> tuple[QTensor, QTensor]:
-        """Quantize head-major ``k``, ``v`` ``[H, tokens, D]`` into the free slots of an open tail.
-
-        The length does not move, and slots past it are not visible, so a refusal
-        (NonFiniteError) changes nothing visible. The quantizers refuse non-finite input;
-        int4's range is checked here, since its tail is stored as float32. Returns the
-        slots written to.
-        """
-        for x, fmt in ((k, self.k_format), (v, self.v_format)):
-            if fmt == "int4":
-                quant.check_storable(x, fmt)
-        slot = st.n_pos % self.page_size
-        stop = slot + k.shape[1]
-        qk, qv = self._tail_q("k", st.tail, slot, stop), self._tail_q("v", st.tail, slot, stop)
-        quant._quantize_unchecked(k, qk)
-        quant._quantize_unchecked(v, qv)
-        return qk, qv
-
-    def _append_all(self, items) -> None:
-        """Append checked tokens to several (sequence, layer) pairs: all of it, or nothing.
-
-        ``items``: ``(layer state, {side: [H, tokens, D]})`` pairs. Room for every page
-        the call seals is made first (:meth:`_prepare_pages`); should anything still raise
-        (MemoryError, KeyboardInterrupt), the lengths, block tables and tails go back to
-        what they were and the pages handed out return to the free list.
-        """
-        P = self.page_size
-        self._prepare_pages(sum((st.n_pos % P + x["k"].shape[1]) // P for st, x in items))
-        saved = []
-        for st, x in items:
-            slot = st.n_pos % P
-            # sealing the open tail reuses its rows from 0: keep the rows it holds now
-            tail = self._copy_tail(st.tail) if slot and slot + x["k"].shape[1] >= P else None
-            saved.append((st, st.n_pos, len(st.bt), tail))
-        taken: list[int] = []
-        try:
-            for st, x in items:
-                self._append_tokens(st, x, taken)
-        except BaseException:
-            for st, n_pos, nbt, tail in saved:
-                st.bt.drop_back(len(st.bt) - nbt)
-                st.n_pos = n_pos
-                if tail is not None:
-                    st.tail = tail
-            self._alloc.unalloc(taken)
-            raise
-
-    def _append_tokens(self, st: _LayerState, x: dict, taken: list) -> None:
-        """Append checked head-major ``x[side]`` ``[H, tokens, D]`` to one (sequence, layer);
-        pages handed out are added to ``taken``."""
-        P, n, i = self.page_size, x["k"].shape[1], 0
-        while i < n:
-            slot = st.n_pos % P
-            take = min(P - slot, n - i)
-            if slot == 0 and take == P:          # a whole page: quantize straight into it
-                (page,) = self._seal_pages(1, taken)
-                for side in _SIDES:
-                    quant.quantize_into(x[side][:, i:i + P], self._page_q(side, page, 0, P))
-                self._mark_sealed(page)
-                st.bt.append(int(page))
-            else:
-                for side in _SIDES:
-                    quant.quantize_into(x[side][:, i:i + take], self._tail_q(side, st.tail, slot, slot + take))
-                if slot + take == P:
-                    self._seal_tail(st, taken)
-            st.n_pos += take
-            i += take
 
     def read(self, seq: int, layer: int, start: int = 0, stop: int | None = None):
         """Dequantized K and V of tokens ``start .. stop - 1`` of one layer.
@@ -1012,7 +708,7 @@ class PagedKVCache:
         self._check_open()
         st = self._seq(seq).layers[self._check_layer(layer)]
         stop = st.length if stop is None else stop
-        if not (_is_int(start) and _is_int(stop) and 0 <= start <= stop <= st.length):
+        if not (is_int(start) and is_int(stop) and 0 <= start <= stop <= st.length):
             raise ShapeError(f"need 0 <= start <= stop <= {st.length}, found start={start!r}, stop={stop!r}")
         n = stop - start
         out = {side: np.empty((n, self.num_kv_heads, self.head_dim), np.float32) for side in _SIDES}
@@ -1106,18 +802,7 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open(write=True)
-        src = self._seq(seq)
-        self._check_name(name)
-        layers = [_LayerState(st.bt.copy(), st.n_pos, st.first, self._copy_tail(st.tail)) for st in src.layers]
-        shared = np.concatenate([st.bt.pages for st in src.layers])
-        sid = self.new_sequence(name)       # built first, so that a failure leaves nothing behind
-        try:
-            self._alloc.incref(shared)
-        except BaseException:
-            self._drop_sequence(sid)
-            raise
-        self._seqs[sid].layers = layers
-        return sid
+        return self._table.fork(seq, name)
 
     @_locked
     def free(self, seq: int) -> None:
@@ -1140,14 +825,7 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open(write=True)
-        s = self._seq(seq)
-        self._alloc.decref(np.concatenate([st.bt.pages for st in s.layers]))    # one step: all or nothing
-        self._drop_sequence(s.seq_id)
-
-    def _drop_sequence(self, sid: int) -> None:
-        s = self._seqs.pop(sid)
-        if s.name is not None:
-            del self._names[s.name]
+        self._table.free(seq)
 
     @_locked
     def truncate(self, seq: int, n: int) -> None:
@@ -1173,35 +851,8 @@ class PagedKVCache:
         CacheFileError
             The cache is closed.
         """
-        s = self._seq_and_count(seq, n, "truncate")
-        P = self.page_size
-        # Worked out on copies first, then swapped in with one release of pages: a failure
-        # on the way (MemoryError) leaves the sequence as it was.
-        new_layers, dropped = [], []
-        for st in s.layers:
-            if n >= st.length:
-                new_layers.append(st)
-                continue
-            new_pos = st.first + n
-            keep, rem = divmod(new_pos, P)
-            bt, tail = st.bt, st.tail
-            if keep < len(st.bt):
-                if rem:   # copy-on-write: the kept part of a sealed page becomes the tail
-                    page = int(st.bt.pages[keep])
-                    tail = self._copy_tail(self._tail_proto)
-                    for side in _SIDES:
-                        src = self._page_q(side, page, 0, rem)
-                        if self.layout.formats[side].name == "int4":
-                            quant.dequantize(src, out=tail[side]["codes"][:, :rem])
-                        else:
-                            for name, arr in tail[side].items():
-                                arr[:, :rem] = getattr(src, name)
-                bt = BlockTable(st.bt.pages[:keep])
-                dropped.append(st.bt.pages[keep:])
-            new_layers.append(_LayerState(bt, new_pos, st.first, tail))
-        if dropped:
-            self._alloc.decref(np.concatenate(dropped))
-        s.layers = new_layers
+        self._seq_and_count(seq, n, "truncate")
+        self._table.truncate(seq, n)
 
     @_locked
     def shift_left(self, seq: int, n: int) -> None:
@@ -1227,17 +878,8 @@ class PagedKVCache:
         CacheFileError
             The cache is closed.
         """
-        s = self._seq_and_count(seq, n, "shift_left")
-        P = self.page_size
-        new_layers, dropped = [], []        # copies first, then one release: all or nothing
-        for st in s.layers:
-            first = st.first + min(n, st.length)
-            drop = min(first // P, len(st.bt))
-            dropped.append(st.bt.pages[:drop])
-            new_layers.append(_LayerState(BlockTable(st.bt.pages[drop:]), st.n_pos - drop * P,
-                                          first - drop * P, st.tail))
-        self._alloc.decref(np.concatenate(dropped))
-        s.layers = new_layers
+        self._seq_and_count(seq, n, "shift_left")
+        self._table.shift_left(seq, n)
 
     def block_table(self, seq: int, layer: int = 0) -> np.ndarray:
         """Physical ids of the sealed pages of one layer of ``seq``, in logical order.
@@ -1296,7 +938,7 @@ class PagedKVCache:
         self._check_open()
         st = self._seq(seq).layers[self._check_layer(layer)]
         # the kernel indexes the block table without bounds checks: a negative start would read outside it
-        if not (_is_int(start) and _is_int(n) and 0 <= start and 0 <= n and start + n <= st.length):
+        if not (is_int(start) and is_int(n) and 0 <= start and 0 <= n and start + n <= st.length):
             raise ShapeError(f"need 0 <= start, 0 <= n and start + n <= {st.length} tokens, "
                              f"found start={start!r}, n={n!r}")
         return slot_mapping(st.bt.pages, st.first, start, n, self.page_size)
@@ -1335,7 +977,8 @@ class PagedKVCache:
             ``sequences``: sequences held; ``pages_used``: pages some block table lists;
             ``pages_free``: pages ready for reuse; ``pages_pending``: dropped pages that
             the newest or the previous commit still lists (reusable once two
-            :meth:`flush` calls have passed); ``pages_capacity``: pages the arena can hold before it grows; ``page_bytes``: bytes of one page;
+            :meth:`flush` calls have passed); ``pages_capacity``: pages the arena can
+            hold before it grows; ``page_bytes``: bytes of one page;
             ``bytes_pages``: ``pages_used * page_bytes``; ``bytes_on_disk``: blocks the
             file occupies (0 in RAM; the file is sparse); ``bytes_in_ram``: open tails,
             page checksums and reference counts, plus the arena of a RAM-only cache;
@@ -1348,7 +991,7 @@ class PagedKVCache:
         """
         self._check_open()
         used = self._alloc.high_water - self._alloc.num_free - self._alloc.num_pending
-        tails = len(self._seqs) * self.num_layers * self._tail_bytes
+        tails = len(self._seqs) * self.num_layers * self._table.tail_bytes
         disk = 0
         if self.path is not None and self._fd is not None:
             st = os.fstat(self._fd)
@@ -1358,175 +1001,55 @@ class PagedKVCache:
             "pages_used": used,
             "pages_free": self._alloc.num_free,
             "pages_pending": self._alloc.num_pending,
-            "pages_capacity": self._capacity,
+            "pages_capacity": self._pool.capacity,
             "page_bytes": self._sb.page_bytes,
             "bytes_pages": used * self._sb.page_bytes,
             "bytes_on_disk": disk,
             "bytes_in_ram": tails + self._page_crc.nbytes + self._alloc.refcounts.nbytes
             + (self._arena.nbytes if self.path is None else 0),
-            "tokens": sum(st.length for s in self._seqs.values() for st in s.layers),
+            "tokens": self._table.tokens(),
         }
 
     # ------------------------------------------------------------------ commit
 
-    def _serialize(self) -> bytes:
-        hw = self._alloc.high_water
-        parts = [_META_HEAD.pack(hw, len(self._seqs), self._next_id, 0), self._page_crc[:hw].tobytes()]
-        for s in self._seqs.values():
-            name = (s.name or "").encode()
-            parts.append(_SEQ_HEAD.pack(s.seq_id, len(name), 1 if s.name is not None else 0))
-            parts.append(name + b"\0" * (-len(name) % 4))
-            for st in s.layers:
-                parts.append(_LAYER_HEAD.pack(st.n_pos, st.first, len(st.bt)))
-                parts.append(st.bt.pages.tobytes())
-                for side in _SIDES:
-                    parts.extend(a.tobytes() for a in st.tail[side].values())
-        return b"".join(parts)
-
-    def _load(self, payload: bytes) -> None:
+    def _load(self, payload_bytes: bytes) -> None:
         """Build the state from a slot payload; CacheFileError(reason) if it is invalid
         (open() says which slot and file)."""
-        def bad(msg):
-            raise CacheFileError(msg)
-        if len(payload) < _META_HEAD.size:
-            bad("truncated")
-        hw, nseq, next_id, reserved = _META_HEAD.unpack_from(payload)
-        off = _META_HEAD.size
-        if reserved:
-            bad(f"reserved field is {reserved}, expected 0")
-        if off + 4 * hw > len(payload):
-            bad(f"{hw} page checksums do not fit in {len(payload)} bytes")
-        pb = self._sb.page_bytes
-        file_pages = (os.fstat(self._fd).st_size - self._sb.arena_offset) // pb
-        if hw > file_pages:
-            bad(f"{hw} pages are committed but the file holds only {max(file_pages, 0)}: truncated file")
-        page_crc = np.frombuffer(payload, np.uint32, hw, off).copy()
-        off += 4 * hw
-        P, L = self.page_size, self.num_layers
-        tables, owners = [], []     # every block table, and its (sequence, layer)
-        for _ in range(nseq):
-            if off + _SEQ_HEAD.size > len(payload):
-                bad("sequence table truncated")
-            sid, name_len, has_name = _SEQ_HEAD.unpack_from(payload, off)
-            off += _SEQ_HEAD.size
-            if has_name not in (0, 1) or (not has_name and name_len) or off + name_len > len(payload):
-                bad(f"sequence {sid}: name field (length {name_len}, has_name {has_name}) is inconsistent")
-            try:
-                name = payload[off:off + name_len].decode("utf-8") if has_name else None
-            except UnicodeDecodeError:
-                bad(f"sequence {sid}: its name is not UTF-8")
-            off += name_len + (-name_len % 4)
-            if sid >= next_id or sid in self._seqs or (name is not None and name in self._names):
-                bad(f"sequence id {sid} or name {name!r} repeated or out of range")
-            layers = []
-            for _ in range(L):
-                if off + _LAYER_HEAD.size > len(payload):
-                    bad("block table truncated")
-                n_pos, first, nbt = _LAYER_HEAD.unpack_from(payload, off)
-                off += _LAYER_HEAD.size
-                if not (nbt * P <= n_pos < (nbt + 1) * P and first <= n_pos and first < P) \
-                        or off + 4 * nbt + self._tail_bytes > len(payload):
-                    bad(f"sequence {sid}: inconsistent block table (positions {n_pos}, first {first}, pages {nbt})")
-                pages = np.frombuffer(payload, np.uint32, nbt, off)
-                off += 4 * nbt
-                if nbt and int(pages.max()) >= hw:
-                    bad(f"sequence {sid} refers to page {int(pages.max())} beyond the {hw} pages in use")
-                tables.append(pages)
-                owners.append((sid, len(layers)))
-                tail = {}
-                for side in _SIDES:
-                    tail[side] = {}
-                    for name_, proto in self._tail_proto[side].items():
-                        tail[side][name_] = np.frombuffer(payload, proto.dtype, proto.size, off).reshape(proto.shape).copy()
-                        off += proto.nbytes
-                layers.append(_LayerState(BlockTable(pages), n_pos, first, tail))
-            self._seqs[sid] = _Sequence(sid, name, layers)
-            if name is not None:
-                self._names[name] = sid
-        if off != len(payload):
-            bad(f"{len(payload) - off} unexpected trailing bytes")
-        counts = self._count_tables(tables, owners, hw, bad)
-        self._next_id = next_id
-        self._alloc = PageAllocator(counts)
-        self._page_crc = page_crc
-        self._page_stamp = np.ones(len(page_crc), np.uint64)
+        hw_pages = self._pool.file_pages()
+        page_crc = payload.load(payload_bytes, self._table, hw_pages)
+        hw = self._table.alloc.high_water
         # Sized by the committed pages, not by the file: a sparse file's apparent size
         # (a file extended to 1 TiB) must not decide what is allocated.
-        if hw > 0:
-            self._set_arena(self._map(hw), hw)
+        self._pool.attach(hw, page_crc)
         if self.writable:
             # Pages below the high-water mark were written when sealed, so they have their
             # blocks, unless the file was copied with holes made of zero runs: reserve them
             # again (cheap where they are allocated); if the disk is full, the next page
             # handed out reserves the whole range and says so.
             try:
-                reserve(self._fd, self._sb.arena_offset, hw * pb)
-                self._reserved = hw
+                self._pool.reserve_upto(hw)
             except OSError:
-                self._reserved = 0
+                self._pool.reserved = 0
 
-    @staticmethod
-    def _count_tables(tables, owners, hw: int, bad) -> np.ndarray:
-        """Reference counts (uint32 [hw]) of a commit's block tables, each page listed at
-        most once per table and by tables of one layer only (docs/FORMAT.md); ``bad``
-        raises otherwise. One typed pass over all entries."""
-        counts = np.zeros(hw, np.uint32)
-        if not tables:
-            return counts
-        sizes = np.fromiter((len(t) for t in tables), np.int64, len(tables))
-        indptr = np.zeros(len(tables) + 1, np.int64)
-        np.cumsum(sizes, out=indptr[1:])
-        layer_of = np.fromiter((layer for _, layer in owners), np.int64, len(owners))
-        rule, t, i = _pagetable.count_tables(np.concatenate(tables), indptr, layer_of, counts,
-                                             np.full(hw, -1, np.int64), np.full(hw, -1, np.int64))
-        if rule:
-            sid, layer = owners[t]
-            page = int(tables[t][i - indptr[t]])
-            bad(f"sequence {sid}, layer {layer}: its block table lists page {page} twice" if rule == 1 else
-                f"sequence {sid}, layer {layer}: page {page} is listed by tables of another layer too "
-                "(a page holds tokens of one layer)")
-        return counts
-
-    def _retire_other(self, payload: bytes) -> None:
+    def _retire_other(self, payload_bytes: bytes) -> None:
         """Keep the pages the other slot's commit lists, and this one does not, out of use
         until the next commit replaces that slot (it must stay readable until then)."""
-        other_hw, pages = self._payload_pages(payload)
-        hw = self._alloc.high_water
+        other_hw, pages = payload.listed_pages(payload_bytes, self.num_layers, self._table.tail_bytes)
+        other_hw = min(other_hw, self._pool.file_pages())     # a hostile count is bounded by the file
+        alloc = self._table.alloc
+        hw = alloc.high_water
         if other_hw > hw:
             # the other commit is newer (commit="previous") and used page ids beyond ours:
             # they must not be handed out as new ones either
             counts = np.zeros(other_hw, np.uint32)
-            counts[:hw] = self._alloc.refcounts
-            self._alloc = PageAllocator(counts)
-            self._set_arena(self._map(other_hw), other_hw)      # within the file: opening grows nothing
+            counts[:hw] = alloc.refcounts
+            alloc = self._table.alloc = PageAllocator(counts)
+            self._pool.map_exactly(other_hw)                    # within the file: opening grows nothing
         if len(pages):
-            pages = pages[pages < self._alloc.high_water]
-            idle = pages[self._alloc.refcounts[pages] == 0]
+            pages = pages[pages < alloc.high_water]
+            idle = pages[alloc.refcounts[pages] == 0]
             if len(idle):
-                self._alloc.retire(np.unique(idle))
-
-    def _payload_pages(self, payload: bytes) -> tuple[int, np.ndarray]:
-        """(high-water mark, every page id its block tables list) of a slot payload that
-        passed its checksums; anything that does not parse gives what was found so far."""
-        found, hw = [], 0
-        try:
-            hw, nseq, _, _ = _META_HEAD.unpack_from(payload)
-            off = _META_HEAD.size + 4 * hw
-            for _ in range(nseq):
-                _, name_len, _ = _SEQ_HEAD.unpack_from(payload, off)
-                off += _SEQ_HEAD.size + name_len + (-name_len % 4)
-                for _ in range(self.num_layers):
-                    _, _, nbt = _LAYER_HEAD.unpack_from(payload, off)
-                    off += _LAYER_HEAD.size
-                    if off + 4 * nbt > len(payload):
-                        raise ValueError("truncated")
-                    found.append(np.frombuffer(payload, np.uint32, nbt, off))
-                    off += 4 * nbt + self._tail_bytes
-        except (struct.error, ValueError):
-            pass
-        # a hostile high-water mark is bounded by what the file holds
-        file_pages = max(0, (os.fstat(self._fd).st_size - self._sb.arena_offset) // self._sb.page_bytes)
-        return min(int(hw), file_pages), (np.concatenate(found) if found else np.zeros(0, np.uint32))
+                alloc.retire(np.unique(idle))
 
     def flush(self) -> None:
         """Commit: make every change so far durable. After it returns a crash loses nothing.
@@ -1562,13 +1085,13 @@ class PagedKVCache:
                 "commit may be lost on disk, so this cache commits nothing more: reopen it (it holds the last "
                 "commit) and redo the work since")
         slot = 1 - self._active_slot
-        payload = self._serialize()
+        data = payload.serialize(self._table, self._pool.page_crc)
         self._sync(self._fd)
-        write_slot(self._fd, self._sb, slot, self._generation + 1, payload, sync=self._sync)
+        write_slot(self._fd, self._sb, slot, self._generation + 1, data, sync=self._sync)
         self._generation += 1
         self._active_slot = slot
         self._alloc.release_pending()
-        self._reserve_metadata(len(payload))
+        self._reserve_metadata(len(data))
 
     def _sync(self, fd: int) -> None:
         try:
@@ -1611,8 +1134,8 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open()
-        used = sorted({int(p) for s in self._seqs.values() for st in s.layers for p in st.bt.pages})
-        return [p for p in used if self._page_crc_of(p) != int(self._page_crc[p])]
+        pool = self._pool
+        return [p for p in self._table.listed_pages() if pool.crc_of(p) != int(pool.page_crc[p])]
 
     @_locked
     def close(self) -> None:
@@ -1626,8 +1149,7 @@ class PagedKVCache:
         if self._closed:
             return
         self._closed = True
-        self._arena = np.zeros(0, np.uint8)
-        self._views = None
+        self._pool.close()
         if self._fd is not None:
             os.close(self._fd)   # also drops the writer lock
             self._fd = None

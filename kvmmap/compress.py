@@ -762,7 +762,7 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
     committed (synced), then renamed to ``dst``: at ``dst`` there is only ever no file, the
     file that was there, or the complete result. A failure removes the partial file; a
     process killed leaves it, and the next call for the same ``dst`` deletes it
-    (:func:`kvmmap.storage.remove_stale_partials`: partial files whose writer lock is free).
+    (:func:`kvmmap.core.fileio.remove_stale_partials`: partial files whose writer lock is free).
 
     Parameters
     ----------
@@ -792,7 +792,7 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
     ------
     CacheFileError, FormatError, NonFiniteError, ConfigError, OSError
     """
-    from .cache import PagedKVCache
+    from .core.fileio import lock_existing
     from .fileinfo import check_regular_file
 
     src, dst = os.fspath(src), os.fspath(dst)
@@ -806,7 +806,7 @@ def compress_cache(src, dst, *, k_format: str | None = None, v_format: str | Non
     # The old dst's writer lock is held until the rename, as create(overwrite=True) does: a
     # writer that has dst open is refused instead of having its file replaced under it, and
     # no writer can open it meanwhile.
-    old_fd = PagedKVCache._lock_existing(dst) if overwrite else None
+    old_fd = lock_existing(dst) if overwrite else None
     try:
         return _compress_into(src, dst, k_format, v_format, compressor, progress)
     finally:
@@ -818,7 +818,8 @@ def _compress_into(src: str, dst: str, k_format, v_format, compressor, progress)
     """compress_cache's work, once ``dst`` may be replaced."""
     from .cache import PagedKVCache
     from .fileinfo import ChangedByWriterError, check_pages, disk_usage, layer_tables, open_read_only
-    from .storage import newest_generation, partial_path, remove_stale_partials
+    from .core.fileio import partial_path, remove_stale_partials
+    from .core.metaslot import newest_generation
 
     def changed(what: str) -> ChangedByWriterError:
         return ChangedByWriterError(f"{src}: {what} since compress started (a writer is committing): rerun; "

@@ -33,7 +33,7 @@ from .cache import PagedKVCache
 from .compress import meta_slot_bytes_for
 from .errors import CacheFileError, DTypeError, KVMmapError, ShapeError, describe
 from .fileinfo import check_regular_file, disk_usage
-from .storage import partial_path, remove_stale_partials
+from .core.fileio import lock_existing, partial_path, remove_stale_partials
 
 _PER_LAYER = re.compile(r"^layers\.(\d+)\.(key|value)$")
 _MAX_DEFLATE_RATIO = 1032      # deflate's largest expansion (258-byte matches in 2-bit codes)
@@ -236,7 +236,7 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
     InputFileError, ShapeError, DTypeError, NonFiniteError, CacheFileError, OSError
         A new ``dst`` is written as ``.NAME.partial-PID`` in its directory and renamed
         when complete; partial files of ``dst`` left by a killed run are deleted first
-        (:func:`kvmmap.storage.remove_stale_partials`). With ``append`` nothing is
+        (:func:`kvmmap.core.fileio.remove_stale_partials`). With ``append`` nothing is
         committed unless every array was stored.
     """
     src, dst = os.fspath(src), os.fspath(dst)
@@ -277,7 +277,7 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
                 raise InputFileError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it or append=True (--append)")
             final = dst
             # held until the rename, as compress_cache does: a live writer of dst is refused
-            old_fd = PagedKVCache._lock_existing(final) if overwrite else None
+            old_fd = lock_existing(final) if overwrite else None
             remove_stale_partials(final)
             dst = partial_path(final)
             slot = meta_slot_bytes_for(num_layers, heads, head_dim, page_size, k_format, v_format, batch,

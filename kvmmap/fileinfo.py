@@ -20,7 +20,8 @@ from tqdm import tqdm
 from .cache import PagedKVCache
 from .errors import CacheFileError, PageTableError
 from .pagetable import check_paged_layout
-from .storage import SLOT_HEADER_BYTES, SUPERBLOCK_BYTES, Superblock, newest_generation, read_slot
+from .core.metaslot import newest_generation, read_slot
+from .core.superblock import SLOT_HEADER_BYTES, SUPERBLOCK_BYTES, Superblock
 
 _FLOAT32_BYTES = 4
 _RECHECKS = 3           # newer commits verify re-reads before it calls a page "changed"

@@ -576,11 +576,11 @@ def test_stale_partials_are_removed_but_not_a_live_one(tmp_path):
     other = tmp_path / ".other.kvm.partial-1"
     other.write_bytes(b"x")
     live = km.PagedKVCache.create(tmp_path / ".out.kvm.partial-1", **GEOMETRY, meta_slot_bytes=1 << 16)
-    removed = km.storage.remove_stale_partials(dst)
+    removed = km.core.fileio.remove_stale_partials(dst)
     assert sorted(map(os.path.basename, removed)) == sorted([dead.name, dead_tmp.name])
     assert partials(dst) == [".out.kvm.partial-1"] and other.exists()
     live.close()
-    assert km.storage.remove_stale_partials(dst) and partials(dst) == []
+    assert km.core.fileio.remove_stale_partials(dst) and partials(dst) == []
 
 
 if __name__ == "__main__":

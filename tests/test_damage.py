@@ -166,7 +166,7 @@ def test_slot_header_padding_must_be_zero(tmp_path, pristine):
         p = write(tmp_path, set_field(raw, SB + new * SLOT + off, 1, 0x80))
         with km.PagedKVCache.open(p, mode="r") as c:
             assert snapshot(c) == snap_a and c.verify() == []
-            assert km.storage.newest_generation(c._fd, c._sb) == slot_generation(raw, old)
+            assert km.core.metaslot.newest_generation(c._fd, c._sb) == slot_generation(raw, old)
         res = verify_cache(p)
         assert [s["state"] for s in sorted(res["slots"], key=lambda s: s["slot"] != new)] == ["damaged", "valid"]
     p = write(tmp_path, set_field(raw, SB + old * SLOT + 40, 1, 1))
@@ -391,7 +391,7 @@ def test_hostile_geometry_that_matches_its_page_bytes(tmp_path, pristine):
     """A header that is self-consistent but claims tails far larger than its metadata slot."""
     raw = pristine[0]
     H, P, D = 4096, 1024, 1024
-    layout = km.storage.PageLayout(H, D, P, "int8", "int4", 32)
+    layout = km.core.layout.PageLayout(H, D, P, "int8", "int4", 32)
     for off, width, value in [(20, 4, H), (24, 4, D), (28, 4, P), (36, 2, 32), (40, 8, layout.page_bytes)]:
         raw = set_field(raw, off, width, value)
     assert open_hostile(write(tmp_path, fix_checksums(raw))) == "refused"
@@ -466,7 +466,7 @@ def test_group_size_fields_and_int4_head_dim_are_validated(tmp_path, pristine):
     assert struct.unpack_from("<HH", raw, 34) == (0, 32)
     refused(craft(tmp_path, raw, [(34, 2, P)]), "k group size is 4, expected 0 for int8 keys")
     refused(craft(tmp_path, raw, [(36, 2, 0)]), "v group size is 0, expected an even number in 2..256")
-    pb12 = km.storage.PageLayout(H, D, P, "int8", "int4", 12).page_bytes      # 12 does not divide 32
+    pb12 = km.core.layout.PageLayout(H, D, P, "int8", "int4", 12).page_bytes      # 12 does not divide 32
     refused(craft(tmp_path, raw, [(36, 2, 12), (40, 8, pb12)]), "v group size is 12, .* divides head_dim=32")
 
     # K int4, V fp16, no sequences (a tail's size does not depend on what is forged below)
@@ -479,7 +479,7 @@ def test_group_size_fields_and_int4_head_dim_are_validated(tmp_path, pristine):
         assert c.sequences() == {}
     refused(craft(tmp_path, k4, [(34, 2, 2 * P)]), "k group size is 8, expected page_size=4 for int4 keys")
     refused(craft(tmp_path, k4, [(36, 2, 32)]), "v group size is 32, expected 0 for fp16 values")
-    odd = km.storage.PageLayout(H, D - 1, P, "int4", "fp16", 0).page_bytes
+    odd = km.core.layout.PageLayout(H, D - 1, P, "int4", "fp16", 0).page_bytes
     refused(craft(tmp_path, k4, [(24, 4, D - 1), (40, 8, odd)]), "head_dim=31 is odd")
 
 

@@ -130,7 +130,7 @@ def test_long_names_get_temporary_names_that_fit(tmp_path):
     with km.PagedKVCache.open(dst, mode="r") as c:
         assert list(c.sequences().values()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, dst.name])
-    for p in (km.storage.partial_path(str(long)), km.storage.partial_path(str(dst))):
+    for p in (km.core.fileio.partial_path(str(long)), km.core.fileio.partial_path(str(dst))):
         assert len(os.path.basename(p).encode()) + 14 <= 255
 
 

@@ -127,7 +127,7 @@ def test_disk_full_in_the_middle_of_the_rows(tmp_path, monkeypatch, fmt):
     before = snapshot(cache)
     cache.update(*states(2, 3 * PAGE, 10), 0)
     store, calls = cache.store, []
-    real = type(store)._seal_pages
+    real = type(store._table).take_pages          # where a cache hands out pages
 
     def seal_pages(self, n, *rest):
         calls.append(n)
@@ -135,7 +135,7 @@ def test_disk_full_in_the_middle_of_the_rows(tmp_path, monkeypatch, fmt):
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         return real(self, n, *rest)
 
-    monkeypatch.setattr(type(store), "_seal_pages", seal_pages)
+    monkeypatch.setattr(type(store._table), "take_pages", seal_pages)
     with pytest.raises(OSError, match="injected"):
         cache.update(*states(2, 3 * PAGE, 11), 1)
     monkeypatch.undo()

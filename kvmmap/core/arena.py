@@ -1,0 +1,138 @@
+"""The page arena: page bytes in RAM or in a file mapping, with each page's checksum.
+
+An :class:`Arena` knows nothing of sequences: it holds ``capacity`` pages of
+``layout.page_bytes`` bytes, grows (a file: extended sparse, then mapped again; RAM:
+copied), reserves disk blocks before pages are handed out, and keeps per page the CRC-32C
+computed when it was sealed and a *stamp* (a counter, not a clock) that device copies of
+the pool (kvmmap.opencl) use to upload only pages sealed since their last upload.
+"""
+
+from __future__ import annotations
+
+import os
+
+import crc32c
+import numpy as np
+
+from .fileio import reserve
+from .layout import PageLayout
+from .superblock import Superblock
+
+
+class Arena:
+    """Pages ``0 .. capacity - 1`` of one cache.
+
+    Parameters
+    ----------
+    sb : Superblock
+        Geometry; ``sb.arena_offset`` is where page 0 starts in a file.
+    layout : PageLayout
+    path : str or None
+        The cache file (None: RAM only).
+    fd : int or None
+        Its open descriptor (file caches).
+    writable : bool
+        Map the file for writing.
+
+    Attributes
+    ----------
+    data : numpy.ndarray, uint8 ``[capacity * page_bytes]``
+        The bytes (a numpy.memmap for files).
+    views : dict of side -> dict of region name -> numpy.ndarray ``[capacity, *region.shape]``
+        Typed views of every region of every page (see :class:`PageLayout`).
+    page_crc : numpy.ndarray, uint32 ``[>= capacity]``
+        CRC-32C of each page as sealed.
+    page_stamp : numpy.ndarray, uint64 ``[>= capacity]``
+        When each page was last sealed (a counter).
+    reserved : int
+        Pages ``0 .. reserved - 1`` have disk blocks (file caches).
+    """
+
+    def __init__(self, sb: Superblock, layout: PageLayout, path, fd, writable: bool):
+        self.sb, self.layout, self.path, self.fd, self.writable = sb, layout, path, fd, writable
+        self.capacity = 0
+        self.data = np.zeros(0, np.uint8)
+        self.views = layout.arena_views(self.data, 0)
+        self.page_crc = np.zeros(0, np.uint32)
+        self.page_stamp = np.zeros(0, np.uint64)
+        self.stamp = 1
+        self.reserved = 0
+
+    @property
+    def page_bytes(self) -> int:
+        return self.sb.page_bytes
+
+    def file_pages(self) -> int:
+        """Whole pages the file's length has room for (its apparent size; 0 in RAM)."""
+        if self.path is None:
+            return 0
+        return max(0, (os.fstat(self.fd).st_size - self.sb.arena_offset) // self.page_bytes)
+
+    def attach(self, num_pages: int, page_crc: np.ndarray) -> None:
+        """Map the first ``num_pages`` pages of an opened file, with their checksums."""
+        self.page_crc = page_crc
+        self.page_stamp = np.ones(len(page_crc), np.uint64)
+        if num_pages > 0:
+            self._install(self._map(num_pages), num_pages)
+
+    def ensure_capacity(self, num_pages: int) -> None:
+        """Grow to hold at least ``num_pages`` pages (doubling; a file never shrinks)."""
+        if num_pages <= self.capacity:
+            return
+        cap = max(num_pages, 2 * self.capacity, 64)
+        pb = self.page_bytes
+        if self.path is None:
+            data = np.zeros(cap * pb, np.uint8)
+            data[: self.data.size] = self.data
+        else:
+            end = self.sb.arena_offset + cap * pb
+            if os.fstat(self.fd).st_size < end:     # a reopened file may be longer already
+                os.ftruncate(self.fd, end)          # sparse: no page is rewritten
+            data = self._map(cap)
+        self._install(data, cap)
+
+    def reserve_upto(self, num_pages: int) -> None:
+        """Give pages ``0 .. num_pages - 1`` disk blocks (see :func:`fileio.reserve`)."""
+        if self.path is not None and num_pages > self.reserved:
+            pb = self.page_bytes
+            reserve(self.fd, self.sb.arena_offset + self.reserved * pb, (num_pages - self.reserved) * pb)
+            self.reserved = num_pages
+
+    def _map(self, cap: int) -> np.ndarray:
+        return np.memmap(self.path, dtype=np.uint8, mode="r+" if self.writable else "r",
+                         offset=self.sb.arena_offset, shape=(cap * self.page_bytes,))
+
+    def map_exactly(self, num_pages: int) -> None:
+        """Map ``num_pages`` pages (within the file; opening grows nothing)."""
+        self._install(self._map(num_pages), num_pages)
+
+    def _install(self, data, cap: int) -> None:
+        self.data, self.capacity = data, cap
+        self.views = self.layout.arena_views(data, cap)
+        if len(self.page_crc) < cap:
+            crc = np.zeros(cap, np.uint32)
+            crc[: len(self.page_crc)] = self.page_crc
+            self.page_crc = crc
+        if len(self.page_stamp) < cap:
+            stamp = np.zeros(cap, np.uint64)
+            stamp[: len(self.page_stamp)] = self.page_stamp
+            self.page_stamp = stamp
+
+    def crc_of(self, page: int) -> int:
+        """CRC-32C of the page's bytes as they are now."""
+        pb = self.page_bytes
+        return crc32c.crc32c(self.data[page * pb:(page + 1) * pb])
+
+    def mark_sealed(self, page: int) -> None:
+        """Record the checksum and stamp of a page just written."""
+        self.page_crc[page] = self.crc_of(page)
+        self.stamp += 1
+        self.page_stamp[page] = self.stamp
+
+    def page_q(self, side: str, page: int, a: int, b: int):
+        """QTensor over rows ``a .. b - 1`` of a sealed page (head-major ``[H, b - a, D]``)."""
+        return self.layout.page_qtensor(self.views[side], side, page, a, b)
+
+    def close(self) -> None:
+        self.data = np.zeros(0, np.uint8)
+        self.views = None
