@@ -27,9 +27,9 @@ import numpy as np
 from . import quant
 from .core import payload
 from .core.arena import Arena
-from .core.fileio import fsync_dir, lock_existing, lock_writer, open_regular, partial_path, pwrite_all, reserve, same_file
+from .core.commits import Commits
+from .core.fileio import fsync_dir, lock_existing, lock_writer, open_regular, partial_path, pwrite_all, same_file
 from .core.layout import PageLayout
-from .core.metaslot import newest_generation, read_slot, write_slot
 from .core.sequences import SequenceTable, is_int
 from .core.superblock import SUPERBLOCK_BYTES, Superblock, geometry_superblock
 from .errors import CacheFileError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
@@ -165,7 +165,6 @@ class PagedKVCache:
                 os.ftruncate(fd, sb.arena_offset)   # e.g. EFBIG: slots beyond the file system's limit
             except OSError as e:
                 raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
-            self._generation, self._active_slot = 0, 1
             self.flush()
             if old_fd is not None:
                 os.replace(self.path, target)
@@ -259,51 +258,17 @@ class PagedKVCache:
 
     def _load_commit(self, commit: str) -> None:
         """Read both metadata slots and load the chosen commit (open's metadata part)."""
-        fd, sb, path = self._fd, self._sb, self.path
-        for _ in range(3):
-            # A reader racing a writer can find each slot mid-rewrite if the writer
-            # commits twice between the two reads: look again before calling it damage.
-            slots = [read_slot(fd, sb, i) for i in (0, 1)]
-            valid = sorted((s[0], i, s[1]) for i, s in enumerate(slots) if s is not None)
-            if valid:
-                break
-        if not valid:
-            raise CacheFileError(f"{path}: damaged metadata: neither metadata slot holds a valid commit")
-        if commit == "previous":
-            if len(valid) < 2:
-                raise CacheFileError(f"{path}: no previous commit: slot {1 - valid[0][1]} holds no valid commit "
-                                     f"(slot {valid[0][1]} holds the only one, generation {valid[0][0]})")
-            gen, slot, payload = valid[0]
-        else:
-            gen, slot, payload = valid[-1]
-        self._generation, self._active_slot = gen, slot
-        self._newest_seen = valid[-1][0]    # newest on disk when opened (staleness checks)
+        data, other, invalid = self._commits.choose(commit)
         try:
-            self._load(payload)
+            self._load(data)
         except CacheFileError as e:
-            # Refused; the other slot is not used in its place. A slot's payload and
-            # header are each checksummed and the header is written last, so a crash
-            # leaves a slot that fails a checksum, never one that holds and is invalid.
-            # This one was written by a bug, forged, or the file was cut short behind
-            # it: falling back would hand out a state its writer had replaced, without
-            # a word, and a writer's next commit would overwrite the evidence.
-            others = [g for g, i, _ in valid if i != slot]
-            age = "a newer" if commit == "previous" else "an older"
-            other = (f"Slot {1 - slot} holds {age} commit (generation {others[0]}), not used"
-                     if others else f"Slot {1 - slot} holds no valid commit")
-            which = "previous" if commit == "previous" else "newest"
-            raise CacheFileError(
-                f"{path}: damaged metadata: the {which} commit (slot {slot}, generation {gen}) passes its "
-                f"checksums but is invalid: {e}. {other}: a slot whose checksums hold was written whole, so "
-                "this is a bug, a forged file or a truncated file, not an interrupted write") from None
+            raise invalid(e) from None
         if self.writable:
-            # the next commit continues after the newest generation on disk
-            self._generation = valid[-1][0]
+            self._commits.continue_as_writer()
             # Pages the other slot's commit lists and this one does not stay unused until
             # the next commit has replaced that slot: it must stay readable until then.
-            if len(valid) == 2:
-                other_payload = valid[0][2] if slot == valid[-1][1] else valid[-1][2]
-                self._retire_other(other_payload)
+            if other is not None:
+                self._retire_other(other)
 
     def _init_common(self, sb: Superblock, path, writable: bool) -> None:
         self._sb = sb
@@ -313,15 +278,22 @@ class PagedKVCache:
         self._closed = False
         self._mutex = threading.RLock()
         self._pid = os.getpid()     # a forked child must not write through its parent's writer
-        self._meta_reserved = 0     # bytes at the start of each metadata slot with disk blocks
-        self._sync_failed = ""      # why an fsync failed: no commit may follow (see flush)
-        self._newest_seen = 0       # the newest generation on disk when opened
-        self._generation, self._active_slot = 0, 1
         self._pool = Arena(sb, self.layout, path, None, writable)
         self._table = SequenceTable(self.layout, self._pool, sb.num_layers)
+        self._commits = Commits(sb, path)
 
-    # The descriptor lives with the arena, which maps and grows the file through it.
-    _fd = property(lambda self: self._pool.fd, lambda self, fd: setattr(self._pool, "fd", fd))
+    @property
+    def _fd(self):
+        return self._pool.fd
+
+    @_fd.setter
+    def _fd(self, fd) -> None:      # the arena maps and grows the file, the commits write it
+        self._pool.fd = self._commits.fd = fd
+
+    # read by tests and tools: where this cache stands among the file's commits
+    _generation = property(lambda self: self._commits.generation)
+    _active_slot = property(lambda self: self._commits.active_slot)
+    _newest_seen = property(lambda self: self._commits.newest_seen)
 
     # ------------------------------------------------------------------ properties
 
@@ -765,7 +737,7 @@ class PagedKVCache:
         dropped it. While that commit is still the newest on disk nothing was; otherwise
         the pages just read must still match their checksums. Call after copying.
         """
-        if newest_generation(self._fd, self._sb) == self._newest_seen:
+        if self._commits.is_current():
             return
         changed = [int(p) for p in pages if self._page_crc_of(int(p)) != int(self._page_crc[p])]
         if changed:
@@ -1079,44 +1051,8 @@ class PagedKVCache:
         if self.path is None:
             self._alloc.release_pending()
             return
-        if self._sync_failed:
-            raise CacheFileError(
-                f"{self.path}: an earlier flush failed to sync ({self._sync_failed}); changes since the last "
-                "commit may be lost on disk, so this cache commits nothing more: reopen it (it holds the last "
-                "commit) and redo the work since")
-        slot = 1 - self._active_slot
-        data = payload.serialize(self._table, self._pool.page_crc)
-        self._sync(self._fd)
-        write_slot(self._fd, self._sb, slot, self._generation + 1, data, sync=self._sync)
-        self._generation += 1
-        self._active_slot = slot
+        self._commits.write(payload.serialize(self._table, self._pool.page_crc))
         self._alloc.release_pending()
-        self._reserve_metadata(len(data))
-
-    def _sync(self, fd: int) -> None:
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            self._sync_failed = f"{type(e).__name__}: {e}"
-            raise
-
-    def _reserve_metadata(self, payload_bytes: int) -> None:
-        """Give both metadata slots disk blocks for commits up to about twice this one.
-
-        The slots are sparse; on a full disk a commit could then not be written even
-        though the pages it records are (their blocks are reserved before use). Reserving
-        ahead, after a commit succeeded, keeps the next commits writable; if it fails the
-        disk is full already and the next flush says so (ENOSPC), nothing is lost.
-        """
-        want = min(self._sb.meta_slot_bytes, 64 + 2 * payload_bytes + (16 << 10))
-        if want <= self._meta_reserved:
-            return
-        try:
-            for i in (0, 1):
-                reserve(self._fd, self._sb.meta_offset + i * self._sb.meta_slot_bytes, want)
-        except OSError:
-            return
-        self._meta_reserved = want
 
     @_locked
     def verify(self) -> list[int]:

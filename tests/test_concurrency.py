@@ -171,12 +171,12 @@ def test_open_looks_again_when_a_commit_races_it(tmp_path, monkeypatch):
     with km.PagedKVCache.create(path, **GEO) as c:
         c.new_sequence("x")
         c.flush()
-    real, calls = km.cache.read_slot, []
+    real, calls = km.core.commits.read_slot, []
 
     def first_look_torn(fd, sb, index):
         calls.append(index)
         return None if len(calls) <= 2 else real(fd, sb, index)
-    monkeypatch.setattr(km.cache, "read_slot", first_look_torn)
+    monkeypatch.setattr(km.core.commits, "read_slot", first_look_torn)
     with km.PagedKVCache.open(path, mode="r") as c:
         assert c.sequences() == {0: "x"}
     assert calls == [0, 1, 0, 1]
