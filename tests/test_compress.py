@@ -7,7 +7,10 @@ search; cache re-encoding is checked against reading both files back.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,9 @@ import pytest
 import kvmmap as km
 from kvmmap.compress import CODECS, CompressedKV, HybridCodec, KVCacheCompressor, LowRankCodec, VQCodec, energy_rank, kmeans
 from kvmmap.tools.rewrite import compress_cache
+
+sys.path.insert(0, str(Path(__file__).parent / "golden"))
+import make_compressed  # noqa: E402  (the cases of the golden containers)
 
 B, H, S, D = 2, 4, 48, 16
 
@@ -302,6 +308,119 @@ def test_bad_input_is_refused():
             KVCacheCompressor(**kwargs)
     with pytest.raises(km.DTypeError, match="expects a CompressedKV"):
         comp.decompress_kv((x, x))
+
+
+# ---------------------------------------------------------------------------------- codecs: parameters, configs
+
+# a valid value of every parameter, and the methods that take it
+PARAMETERS = {"rank": 3, "energy": 0.9, "group_heads": 2, "quant_bits": 4, "codebook_size": 8, "subvector_dim": 2,
+              "max_iter": 3, "seed": 5}
+TAKES = {"lowrank": {"rank", "energy", "group_heads", "seed"},
+         "hybrid": {"rank", "energy", "group_heads", "quant_bits", "seed"},
+         "vq": {"codebook_size", "subvector_dim", "max_iter", "seed"}}
+
+
+def test_codecs_list_the_parameters_they_take():
+    assert {m: set(c.PARAMETERS) for m, c in CODECS.items()} == TAKES
+    assert (CODECS["lowrank"], CODECS["vq"], CODECS["hybrid"]) == (LowRankCodec, VQCodec, HybridCodec)
+
+
+@pytest.mark.parametrize("method", sorted(TAKES))
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_parameters_of_another_method_are_refused(method, name):
+    """Given to a method that does not use it, a parameter raises ConfigError naming it,
+    through the facade, the codec class and from_config alike (it used to be ignored)."""
+    kwargs = {name: PARAMETERS[name]}
+    if name in TAKES[method]:
+        assert KVCacheCompressor(method, **kwargs).get_config()[name] == PARAMETERS[name]
+        return
+    match = f"{method} takes no parameter '{name}'"
+    with pytest.raises(km.ConfigError, match=match):
+        KVCacheCompressor(method, **kwargs)
+    with pytest.raises(km.ConfigError, match=match):
+        CODECS[method](**kwargs)
+    with pytest.raises(km.ConfigError, match=match):
+        KVCacheCompressor.from_config({"method": method, **kwargs})
+
+
+@pytest.mark.parametrize("method", sorted(TAKES))
+def test_get_config_from_config_round_trip(method):
+    given = {n: PARAMETERS[n] for n in TAKES[method]}
+    for kwargs in ({}, given):
+        comp = KVCacheCompressor(method, **kwargs)
+        config = comp.get_config()
+        assert set(config) == TAKES[method] | {"method"} and config["method"] == method
+        assert all(config[n] == v for n, v in kwargs.items())
+        assert json.loads(json.dumps(config)) == config                  # JSON-encodable as it is
+        again = KVCacheCompressor.from_config(config)
+        assert again.get_config() == config and repr(again) == repr(comp)
+        codec = CODECS[method].from_config(config)
+        assert codec.get_config() == config
+        assert CODECS[method].from_config({n: v for n, v in config.items() if n != "method"}).get_config() == config
+        assert KVCacheCompressor(codec).get_config() == config            # a codec wrapped as it is
+    k, v = decaying((1, 4, 24, 8), 21), decaying((1, 4, 24, 8), 22)
+    a = KVCacheCompressor(method, **given).compress_kv(k, v)
+    b = KVCacheCompressor.from_config(KVCacheCompressor(method, **given).get_config()).compress_kv(k, v)
+    assert a.report == b.report
+    for x, y in ((a.k, b.k), (a.v, b.v)):
+        assert x.params == y.params and all(np.array_equal(x.arrays[n], y.arrays[n]) for n in x.arrays)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(km.ConfigError, match="config must be a dict"):
+        KVCacheCompressor.from_config([("method", "vq")])
+    with pytest.raises(km.ConfigError, match="method must be one of"):
+        KVCacheCompressor.from_config({"rank": 3})
+    with pytest.raises(km.ConfigError, match="VQCodec reads 'vq' configs, found method 'lowrank'"):
+        VQCodec.from_config({"method": "lowrank"})
+    with pytest.raises(km.ConfigError, match="rank must be"):
+        KVCacheCompressor.from_config({"method": "hybrid", "rank": -1})
+    with pytest.raises(km.ConfigError, match="either a codec or parameters"):
+        KVCacheCompressor(VQCodec(), codebook_size=4)
+
+
+def test_decoding_refuses_a_tensor_of_another_or_unknown_method():
+    x = decaying((1, H, 8, D), 23)
+    c = KVCacheCompressor("vq", codebook_size=4).compress_kv(x, x)
+    with pytest.raises(km.FormatError, match="LowRankCodec decodes 'lowrank' tensors, found 'vq'"):
+        LowRankCodec.decode(c.k)
+    c.k.method = "svd"
+    with pytest.raises(km.FormatError, match="unknown method 'svd'"):
+        km.decompress_kv(c)
+
+
+# ---------------------------------------------------------------------------------- golden containers
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("case", sorted(make_compressed.CASES))
+def test_version_1_containers_still_load_and_decompress(case):
+    """Files written by compress.py before it became a package (tests/golden/make_compressed.py)
+    load, decompress to the values they gave then, and compressing the same input with the
+    same settings gives the same result again."""
+    kwargs, shape, dtype = make_compressed.CASES[case]
+    expected = np.load(GOLDEN / make_compressed.EXPECTED)
+    k, v = expected[f"{case}.k"], expected[f"{case}.v"]
+    assert k.shape == shape and k.dtype == dtype
+    old = CompressedKV.load(GOLDEN / f"compressed_v1_{case}.kvz")
+    assert (old.ndim, old.dtype, old.report["method"]) == (len(shape), dtype, kwargs["method"])
+    k_out, v_out = km.decompress_kv(old)
+    tol = {"float16": 1e-3, "float32": 1e-6}[dtype]
+    for got, want in ((k_out, expected[f"{case}.k_out"]), (v_out, expected[f"{case}.v_out"])):
+        assert got.dtype == want.dtype and got.shape == shape
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
+    new = KVCacheCompressor(**kwargs).compress_kv(k, v)
+    assert new.report.keys() == old.report.keys()
+    for side in ("k", "v"):
+        a, b = getattr(old, side), getattr(new, side)
+        assert (a.method, tuple(a.shape), a.params) == (b.method, tuple(b.shape), b.params)
+        assert {n: (x.dtype, x.shape) for n, x in a.arrays.items()} == {n: (x.dtype, x.shape) for n, x in b.arrays.items()}
+    # eigenvector signs may differ between LAPACK builds: compare what decompresses, not the basis
+    for got, want, err in zip(km.decompress_kv(new), (k_out, v_out), ("k_max_abs_error", "v_max_abs_error")):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2 * old.report[err] + tol * float(np.abs(want).max()))
+        assert new.report[err] == pytest.approx(old.report[err], rel=0.05, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------- cache files
