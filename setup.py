@@ -58,6 +58,6 @@ def ext(name, extra=()):
 setup(
     ext_modules=cythonize([ext("_quant"), ext("_pagetable"), ext("_attention", REASSOCIATE)], compiler_directives=directives),
     package_dir={"kvmmap": "kvmmap", "kvmmap.kernels_cl": "kernels_cl"},
-    packages=["kvmmap", "kvmmap.core", "kvmmap.integrations", "kvmmap.kernels_cl"],
+    packages=["kvmmap", "kvmmap.compress", "kvmmap.core", "kvmmap.integrations", "kvmmap.kernels_cl", "kvmmap.tools"],
     package_data={"kvmmap": ["*.pxd", "*.pyx"], "kvmmap.kernels_cl": ["*.cl", "*.h"]},
 )

@@ -48,8 +48,9 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_compress(args) -> int:
-    from .compress import KVCacheCompressor, compress_cache
+    from .compress import KVCacheCompressor
     from .fileinfo import human_bytes
+    from .tools.rewrite import compress_cache
 
     method = None if args.method == "none" else args.method
     for opt, applies in (("rank", ("lowrank", "hybrid")), ("energy", ("lowrank", "hybrid")),

@@ -30,10 +30,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .cache import PagedKVCache
-from .compress import meta_slot_bytes_for
 from .errors import CacheFileError, DTypeError, KVMmapError, ShapeError, describe
 from .fileinfo import check_regular_file, disk_usage
 from .core.fileio import lock_existing, partial_path, remove_stale_partials
+from .tools.rewrite import meta_slot_bytes_for
 
 _PER_LAYER = re.compile(r"^layers\.(\d+)\.(key|value)$")
 _MAX_DEFLATE_RATIO = 1032      # deflate's largest expansion (258-byte matches in 2-bit codes)

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 
 import kvmmap as km
-from kvmmap.compress import compress_cache
+from kvmmap.tools.rewrite import compress_cache
 
 GEOMETRY = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4)
 CONFIGS = {"exact": ("fp32", "fp16"), "quant": ("int8", "int4")}
@@ -356,6 +356,7 @@ def compress_server() -> None:
     import traceback
 
     from kvmmap import cli, compress, fileinfo  # noqa: F401  (imported once, before forking)
+    from kvmmap.tools import rewrite  # noqa: F401
 
     for line in sys.stdin:
         src, dst, kill_at, args = json.loads(line)

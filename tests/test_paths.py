@@ -124,9 +124,9 @@ def test_long_names_get_temporary_names_that_fit(tmp_path):
     with km.PagedKVCache.open(long, mode="r") as c:
         assert list(c.sequences().values()) == ["b"]
     dst = tmp_path / ("d" * 246 + ".kvm")
-    km.compress.compress_cache(str(long), str(dst), k_format="int8", v_format="int8", progress=False)
-    km.compress.compress_cache(str(long), str(dst), k_format="int8", v_format="int8", progress=False,
-                               overwrite=True)
+    km.compress_cache(str(long), str(dst), k_format="int8", v_format="int8", progress=False)
+    km.compress_cache(str(long), str(dst), k_format="int8", v_format="int8", progress=False,
+                     overwrite=True)
     with km.PagedKVCache.open(dst, mode="r") as c:
         assert list(c.sequences().values()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, dst.name])
