@@ -9,45 +9,15 @@ and use an exp approximation).
 
 import itertools
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kvmmap as km
-from reference import parse_cache_file, stored_kv
+from helpers import assert_close, attention_reference as reference
 
-RTOL = 2e-3
 FORMAT_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("int8", "int8"),
                 ("int4", "int4"), ("fp8_e4m3", "fp8_e5m2"), ("int8", "int4"), ("fp8_e5m2", "fp8_e4m3")]
-
-
-def reference(cache, layer, seqs, q, scale=None, window=None, commit=True):
-    """float64 softmax(scale * K q) V per sequence and query head; q [B, Hq, D].
-
-    K and V are decoded from the cache file's bytes after a commit (``commit=False``: the
-    file as it is, for a read-only cache)."""
-    if commit:
-        cache.flush()
-    raw = Path(cache.path).read_bytes()
-    parsed = parse_cache_file(raw)
-    out = np.empty(q.shape, np.float64)
-    for b, s in enumerate(seqs):
-        k, v = (a.astype(np.float64) for a in stored_kv(parsed, raw, s, layer))
-        if window is not None:
-            k, v = k[-window:], v[-window:]
-        G = q.shape[1] // k.shape[1]
-        sc = 1 / np.sqrt(k.shape[2]) if scale is None else scale
-        for j in range(q.shape[1]):
-            logits = k[:, j // G] @ q[b, j].astype(np.float64) * sc
-            p = np.exp(logits - logits.max())
-            out[b, j] = (p / p.sum()) @ v[:, j // G]
-    return out
-
-
-def assert_close(got, want):
-    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
-    assert err <= RTOL, f"relative error {err:.2e} > {RTOL}"
 
 
 @pytest.fixture(params=["cpu", "opencl"])
