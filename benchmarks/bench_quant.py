@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 
 import kvmmap as km
-from _timing import best_time
+from _timing import add_json_option, emit_json, median_time
 
 
 def numpy_int8_quantize(x):
@@ -49,20 +49,25 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
+    add_json_option(ap)
     args = ap.parse_args()
+    show = (lambda *a: None) if args.json else print
+    rows = []
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.tokens, args.heads, args.head_dim), dtype=np.float32)
     gb = x.nbytes / 1e9
     dst = np.empty_like(x)
-    t_memcpy = best_time(lambda: np.copyto(dst, x), args.repeat)
+    t_memcpy = median_time(lambda: np.copyto(dst, x), args.repeat)
     bw = gb / t_memcpy
-    print(f"array float32{list(x.shape)} = {x.nbytes / 2**20:.0f} MiB, threads={km.get_num_threads()}")
-    print(f"baseline memcpy (np.copyto): {bw:6.2f} GB/s")
-    print(f"{'op':<22}{'kvmmap GB/s':>12}{'numpy GB/s':>12}{'vs numpy':>10}{'vs memcpy':>11}")
+    show(f"array float32{list(x.shape)} = {x.nbytes / 2**20:.0f} MiB, threads={km.get_num_threads()}")
+    show(f"baseline memcpy (np.copyto): {bw:6.2f} GB/s")
+    show(f"{'op':<22}{'kvmmap GB/s':>12}{'numpy GB/s':>12}{'vs numpy':>10}{'vs memcpy':>11}")
 
     def row(op, t_km, t_np):
-        print(f"{op:<22}{gb / t_km:>12.2f}{gb / t_np:>12.2f}{t_np / t_km:>9.1f}x{(gb / t_km) / bw:>10.2f}x")
+        rows.append({"op": op, "kvmmap_gb_s": gb / t_km, "numpy_gb_s": gb / t_np, "vs_numpy": t_np / t_km,
+                     "vs_memcpy": (gb / t_km) / bw})
+        show(f"{op:<22}{gb / t_km:>12.2f}{gb / t_np:>12.2f}{t_np / t_km:>9.1f}x{(gb / t_km) / bw:>10.2f}x")
 
     for fmt in ("int8", "int4"):
         q = km.quantize(x, fmt)
@@ -74,12 +79,14 @@ def main() -> None:
             ref_q = lambda: numpy_int4_quantize(x)
             p, s, lo = numpy_int4_quantize(x)
             ref_dq = lambda: numpy_int4_dequantize(p, s, lo, x.shape)
-        t_np_q = best_time(ref_q, args.repeat)
-        t_np_dq = best_time(ref_dq, args.repeat)
-        row(f"{fmt} quantize", best_time(lambda: km.quantize(x, fmt), args.repeat), t_np_q)
-        row(f"{fmt} quantize_into", best_time(lambda: km.quantize_into(x, q), args.repeat), t_np_q)
-        row(f"{fmt} dequantize", best_time(lambda: km.dequantize(q), args.repeat), t_np_dq)
-        row(f"{fmt} dequantize(out=)", best_time(lambda: km.dequantize(q, out=dst), args.repeat), t_np_dq)
+        t_np_q = median_time(ref_q, args.repeat)
+        t_np_dq = median_time(ref_dq, args.repeat)
+        row(f"{fmt} quantize", median_time(lambda: km.quantize(x, fmt), args.repeat), t_np_q)
+        row(f"{fmt} quantize_into", median_time(lambda: km.quantize_into(x, q), args.repeat), t_np_q)
+        row(f"{fmt} dequantize", median_time(lambda: km.dequantize(q), args.repeat), t_np_dq)
+        row(f"{fmt} dequantize(out=)", median_time(lambda: km.dequantize(q, out=dst), args.repeat), t_np_dq)
+    if args.json:
+        emit_json("bench_quant", args, {"memcpy_gb_s": bw, "threads": km.get_num_threads()}, rows)
 
 
 if __name__ == "__main__":

@@ -1,34 +1,54 @@
-/* Dequantize rows of codes with one float32 scale per row (or none):
- *   out[row, j] = decode(codes[row, j]) * scale[row]
- * for the byte-per-element and unscaled formats. -DKVMMAP_FORMAT selects the format;
- * -DHEAD_DIM gives the row length. One work-item per element. */
+/* Dequantize rows of codes (kvmmap.dequantize on the device), one work-item per element:
+ *   out[row, j] = kvmmap_value(fmt, kvmmap_code(fmt, row's codes, j), scale, zero)
+ * with the decoders of kvmmap_formats.h, the ones paged_attention.cl uses.
+ *
+ * Compile-time constants (-D): KVMMAP_FORMAT (format id), HEAD_DIM (row length D);
+ * for int4, GROUP_SIZE and CHANNEL_GROUPS: 0 for groups of GROUP_SIZE elements along a
+ * row (side arrays [rows, D / GROUP_SIZE]), 1 for groups of GROUP_SIZE rows per channel
+ * (the KIVI key layout: rows are [A, TOKENS] and side arrays [A, ceil(TOKENS / GROUP_SIZE), D]). */
 #include "kvmmap_formats.h"
 
 #ifndef KVMMAP_FORMAT
 #define KVMMAP_FORMAT KVMMAP_INT8
 #endif
+#if !KVMMAP_KNOWN(KVMMAP_FORMAT)
+#error "dequantize_rows: unknown KVMMAP_FORMAT"
+#endif
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
 #endif
+#ifndef GROUP_SIZE
+#define GROUP_SIZE 32
+#endif
+#ifndef CHANNEL_GROUPS
+#define CHANNEL_GROUPS 0
+#endif
+#ifndef TOKENS
+#define TOKENS 1
+#endif
+
+/* index of the scale (and zero) of element j of a row */
+inline size_t side_index(size_t row, size_t j) {
+#if !KVMMAP_HAS_ZERO(KVMMAP_FORMAT)
+    return row;
+#elif CHANNEL_GROUPS
+    size_t a = row / TOKENS, t = row % TOKENS;
+    return (a * ((TOKENS + GROUP_SIZE - 1) / GROUP_SIZE) + t / GROUP_SIZE) * HEAD_DIM + j;
+#else
+    return row * (HEAD_DIM / GROUP_SIZE) + j / GROUP_SIZE;
+#endif
+}
 
 __kernel void dequantize_rows(__global const uchar *codes, __global const float *scales,
-                              __global float *out, const uint rows) {
+                              __global const float *zeros, __global float *out, const uint rows) {
     size_t i = get_global_id(0);
     if (i >= (size_t)rows * HEAD_DIM) return;
-    size_t row = i / HEAD_DIM;
-#if KVMMAP_FORMAT == KVMMAP_FP32
-    out[i] = ((__global const float *)codes)[i];
-#elif KVMMAP_FORMAT == KVMMAP_FP16
-    out[i] = vload_half(i, (__global const half *)codes);
-#elif KVMMAP_FORMAT == KVMMAP_BF16
-    out[i] = kvmmap_bf16(((__global const ushort *)codes)[i]);
-#elif KVMMAP_FORMAT == KVMMAP_INT8
-    out[i] = (float)((__global const char *)codes)[i] * scales[row];
-#elif KVMMAP_FORMAT == KVMMAP_FP8_E4M3
-    out[i] = kvmmap_fp8_e4m3(codes[i]) * scales[row];
-#elif KVMMAP_FORMAT == KVMMAP_FP8_E5M2
-    out[i] = kvmmap_fp8_e5m2(codes[i]) * scales[row];
+    size_t row = i / HEAD_DIM, j = i % HEAD_DIM;
+    float code = kvmmap_code(KVMMAP_FORMAT, codes + row * KVMMAP_ROW_BYTES(KVMMAP_FORMAT, HEAD_DIM), (int)j);
+#if KVMMAP_SCALED(KVMMAP_FORMAT)
+    size_t s = side_index(row, j);
+    out[i] = kvmmap_value(KVMMAP_FORMAT, code, scales[s], KVMMAP_HAS_ZERO(KVMMAP_FORMAT) ? zeros[s] : 0.0f);
 #else
-#error "dequantize_rows: unsupported KVMMAP_FORMAT"
+    out[i] = code;
 #endif
 }

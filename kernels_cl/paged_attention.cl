@@ -39,13 +39,12 @@
 #define SPLIT_PAGES (SPLIT_TOKENS / P + 1)
 #define DSPLIT (WG_SIZE / D > 0 ? WG_SIZE / D : 1)   /* work-items per head dimension in step 4 */
 
+#if !KVMMAP_KNOWN(K_FORMAT) || !KVMMAP_KNOWN(V_FORMAT)
+#error "unknown K_FORMAT or V_FORMAT"
+#endif
 #if (HEAD_DIM % 4) != 0
 #error "HEAD_DIM must be a multiple of 4"
 #endif
-
-/* bytes of one token's codes of one head */
-#define CODE_ROW(fmt) ((fmt) == KVMMAP_FP32 ? 4 * D : ((fmt) == KVMMAP_FP16 || (fmt) == KVMMAP_BF16) ? 2 * D \
-                       : (fmt) == KVMMAP_INT4 ? D / 2 : D)
 
 typedef __global const uchar *gptr;
 
@@ -61,60 +60,32 @@ inline gptr page_base(uchar shard, ulong offset, gptr s0, gptr s1, gptr s2, gptr
 /* Four consecutive K elements d .. d+3 of token a (in its page) of head h. */
 inline float4 load_k4(gptr page, int h, int a, int d) {
     size_t row = (size_t)h * P + a;
-    gptr codes = page + K_CODES_OFF + row * CODE_ROW(K_FORMAT);
-#if K_FORMAT == KVMMAP_FP32
-    return vload4(0, (__global const float *)codes + d);
-#elif K_FORMAT == KVMMAP_FP16
-    return vload_half4(0, (__global const half *)codes + d);
-#elif K_FORMAT == KVMMAP_BF16
-    return as_float4(convert_uint4(vload4(0, (__global const ushort *)codes + d)) << 16);
-#elif K_FORMAT == KVMMAP_INT8
-    return convert_float4(vload4(0, (__global const char *)codes + d))
-           * ((__global const float *)(page + K_SCALES_OFF))[row];
-#elif K_FORMAT == KVMMAP_FP8_E4M3 || K_FORMAT == KVMMAP_FP8_E5M2
-    uchar4 c = vload4(0, codes + d);
-    float s = ((__global const float *)(page + K_SCALES_OFF))[row];
-#if K_FORMAT == KVMMAP_FP8_E4M3
-    return (float4)(kvmmap_fp8_e4m3(c.x), kvmmap_fp8_e4m3(c.y), kvmmap_fp8_e4m3(c.z), kvmmap_fp8_e4m3(c.w)) * s;
+    float4 code = kvmmap_code4(K_FORMAT, page + K_CODES_OFF + row * KVMMAP_ROW_BYTES(K_FORMAT, D), d);
+#if KVMMAP_HAS_ZERO(K_FORMAT)
+    /* int4 keys: scale and zero per channel over the page, [H, 1, D] */
+    return kvmmap_value4(K_FORMAT, code, vload4(0, (__global const float *)(page + K_SCALES_OFF) + h * D + d),
+                         vload4(0, (__global const float *)(page + K_ZEROS_OFF) + h * D + d));
+#elif KVMMAP_SCALED(K_FORMAT)
+    /* a scale per token per head, [H, P] */
+    return kvmmap_value4(K_FORMAT, code, (float4)(((__global const float *)(page + K_SCALES_OFF))[row]), (float4)(0.0f));
 #else
-    return (float4)(kvmmap_fp8_e5m2(c.x), kvmmap_fp8_e5m2(c.y), kvmmap_fp8_e5m2(c.z), kvmmap_fp8_e5m2(c.w)) * s;
-#endif
-#elif K_FORMAT == KVMMAP_INT4
-    /* keys: scale and zero per channel over the page, [H, 1, D] */
-    uchar2 c = vload2(0, codes + d / 2);
-    float4 v = (float4)(c.x & 15, c.x >> 4, c.y & 15, c.y >> 4);
-    return v * vload4(0, (__global const float *)(page + K_SCALES_OFF) + h * D + d)
-             + vload4(0, (__global const float *)(page + K_ZEROS_OFF) + h * D + d);
-#else
-#error "unsupported K_FORMAT"
+    return code;
 #endif
 }
 
 /* V element d of token a (in its page) of head h. */
 inline float load_v(gptr page, int h, int a, int d) {
     size_t row = (size_t)h * P + a;
-    gptr codes = page + V_CODES_OFF + row * CODE_ROW(V_FORMAT);
-#if V_FORMAT == KVMMAP_FP32
-    return ((__global const float *)codes)[d];
-#elif V_FORMAT == KVMMAP_FP16
-    return vload_half(d, (__global const half *)codes);
-#elif V_FORMAT == KVMMAP_BF16
-    return kvmmap_bf16(((__global const ushort *)codes)[d]);
-#elif V_FORMAT == KVMMAP_INT8
-    return (float)((__global const char *)codes)[d] * ((__global const float *)(page + V_SCALES_OFF))[row];
-#elif V_FORMAT == KVMMAP_FP8_E4M3
-    return kvmmap_fp8_e4m3(codes[d]) * ((__global const float *)(page + V_SCALES_OFF))[row];
-#elif V_FORMAT == KVMMAP_FP8_E5M2
-    return kvmmap_fp8_e5m2(codes[d]) * ((__global const float *)(page + V_SCALES_OFF))[row];
-#elif V_FORMAT == KVMMAP_INT4
-    /* values: scale and zero per token per group of V_GROUP channels, [H, P, D / V_GROUP] */
-    uchar c = codes[d / 2];
+    float code = kvmmap_code(V_FORMAT, page + V_CODES_OFF + row * KVMMAP_ROW_BYTES(V_FORMAT, D), d);
+#if KVMMAP_HAS_ZERO(V_FORMAT)
+    /* int4 values: scale and zero per token per group of V_GROUP channels, [H, P, D / V_GROUP] */
     size_t g = row * (D / V_GROUP) + d / V_GROUP;
-    float code = (d & 1) ? (float)(c >> 4) : (float)(c & 15);
-    return code * ((__global const float *)(page + V_SCALES_OFF))[g]
-                + ((__global const float *)(page + V_ZEROS_OFF))[g];
+    return kvmmap_value(V_FORMAT, code, ((__global const float *)(page + V_SCALES_OFF))[g],
+                        ((__global const float *)(page + V_ZEROS_OFF))[g]);
+#elif KVMMAP_SCALED(V_FORMAT)
+    return kvmmap_value(V_FORMAT, code, ((__global const float *)(page + V_SCALES_OFF))[row], 0.0f);
 #else
-#error "unsupported V_FORMAT"
+    return code;
 #endif
 }
 

@@ -18,10 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .cache import PagedKVCache
-from .errors import CacheFileError, PageTableError
-from .pagetable import check_paged_layout
 from .core.metaslot import newest_generation, read_slot
 from .core.superblock import SLOT_HEADER_BYTES, SUPERBLOCK_BYTES, Superblock
+from .errors import CacheFileError
 
 _FLOAT32_BYTES = 4
 _RECHECKS = 3           # newer commits verify re-reads before it calls a page "changed"
@@ -306,42 +305,6 @@ def _page_owners(tables: dict, names: dict, page_size: int) -> dict:
     return owners
 
 
-def _check_page_table(cache: PagedKVCache, tables: dict, high_water: int) -> list[str]:
-    """Problems with the block tables beyond those :meth:`PagedKVCache.open` refuses.
-
-    A page holds the tokens of one logical page of one layer: it may be shared by several
-    block tables of that layer (forks), never listed twice in one table (two logical pages
-    would read the same tokens) nor by two layers.
-    """
-    problems = []
-    indptr, indices, last = [0], [], []
-    page_layer = np.full(high_water, -1, np.int64)
-    for sid, layers in tables.items():
-        for layer, (pages, n_pos, first) in enumerate(layers):
-            indices.append(pages)
-            indptr.append(indptr[-1] + len(pages))
-            last.append(cache.page_size if len(pages) else 0)
-            uniq, count = np.unique(pages, return_counts=True)
-            for p in uniq[count > 1][:8].tolist():
-                at = np.flatnonzero(pages == p).tolist()
-                problems.append(f"sequence {sid} layer {layer}: page {p} is listed {len(at)} times in one block "
-                                f"table (logical pages {', '.join(map(str, at))})")
-            if len(pages):
-                seen = page_layer[pages]
-                clash = (seen >= 0) & (seen != layer)
-                if clash.any():
-                    p = int(pages[np.argmax(clash)])
-                    problems.append(f"page {p} is listed for layer {int(page_layer[p])} and, by sequence {sid}, "
-                                    f"for layer {layer}: a page holds one layer")
-                page_layer[pages] = layer
-    indices = np.concatenate(indices) if indices else np.zeros(0, np.uint32)
-    try:
-        check_paged_layout(np.array(indptr, np.int64), indices, np.array(last, np.int64), cache.page_size, high_water)
-    except PageTableError as e:
-        problems.append(str(e))
-    return problems
-
-
 def _damage_report(cache: PagedKVCache, pages: list[int], owners: dict) -> list[dict]:
     out = []
     for page in pages:
@@ -361,6 +324,11 @@ def _tables(cache: PagedKVCache) -> tuple[dict, dict]:
 
 def verify_cache(path, progress: bool | None = None, commit: str = "newest") -> dict:
     """Check a cache file: header, metadata slots, page table, every page checksum.
+
+    The page table's rules (docs/FORMAT.md: page ids below the high-water mark, a page at
+    most once in a block table and in tables of one layer only) are checked where the
+    commit is read, by :meth:`PagedKVCache.open`; a commit that breaks one is reported
+    among the problems with the reason open gives.
 
     May run beside a writer. A page that fails its checksum after the writer committed
     (it may have reused the page) is checked again at the newer commit if that commit
@@ -426,7 +394,6 @@ def verify_cache(path, progress: bool | None = None, commit: str = "newest") -> 
         names, tables = _tables(cache)
         result["sequences"] = len(tables)
         result["block_tables"] = len(tables) * cache.num_layers
-        result["problems"] += _check_page_table(cache, tables, cache._alloc.high_water)
         owners = _page_owners(tables, names, cache.page_size)
         damaged, changed = check_pages(cache, sorted(owners), progress)
         result["damaged_pages"] = _damage_report(cache, damaged, owners)

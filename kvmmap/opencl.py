@@ -120,28 +120,39 @@ def _program(ctx, source: str, options: tuple[str, ...]):
         raise KernelBuildError(f"building {source} with {' '.join(options)} failed:\n{e}") from None
 
 
-def dequantize_rows(q) -> np.ndarray:
-    """OpenCL decode of a :class:`~kvmmap.quant.QTensor` in a per-row-scaled or unscaled format.
+@functools.lru_cache(maxsize=None)
+def _dequant_kernel(ctx, options: tuple[str, ...]):
+    return cl.Kernel(_program(ctx, "dequant.cl", options), "dequantize_rows")
 
-    Mirrors :func:`kvmmap.dequantize` for fp32, fp16, bf16, int8 and fp8 (int4 decodes
-    inside the attention kernels). Returns float32 of shape ``q.shape``.
+
+def dequantize_rows(q) -> np.ndarray:
+    """OpenCL decode of a :class:`~kvmmap.quant.QTensor`: :func:`kvmmap.dequantize` on the device.
+
+    Runs ``kernels_cl/dequant.cl``, which decodes with the same ``kvmmap_formats.h``
+    functions as the attention kernels (so the tests of this function test theirs).
+    Every format and int4 grouping. Returns float32 of shape ``q.shape``.
     """
     f = get_format(q.format)
-    if f.name == "int4":
-        raise FormatError("dequantize_rows handles the one-byte and unscaled formats, not int4")
     ctx, queue = context()
     head_dim = q.shape[-1]
     rows = int(np.prod(q.shape[:-1], dtype=np.int64))
     out = np.empty(q.shape, np.float32)
     if out.size == 0:
         return out
+    options = [f"-DKVMMAP_FORMAT={f.format_id}", f"-DHEAD_DIM={head_dim}"]
+    if f.zero_point:
+        channel = q.grouping == "channel"
+        options += [f"-DGROUP_SIZE={q.group_size}", f"-DCHANNEL_GROUPS={int(channel)}",
+                    f"-DTOKENS={q.shape[-2] if channel else 1}"]
     mf = cl.mem_flags
-    codes = cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(q.codes))
-    scales_host = np.ascontiguousarray(q.scales) if f.scaled else np.zeros(1, np.float32)
-    scales = cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=scales_host)
+
+    def upload(a):
+        a = np.ascontiguousarray(a) if a is not None else np.zeros(1, np.float32)
+        return cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=a)
+
     out_buf = cl.Buffer(ctx, mf.WRITE_ONLY, out.nbytes)
-    prg = program("dequant.cl", (f"-DKVMMAP_FORMAT={f.format_id}", f"-DHEAD_DIM={head_dim}"))
-    prg.dequantize_rows(queue, (out.size,), None, codes, scales, out_buf, np.uint32(rows))
+    kernel = _dequant_kernel(ctx, tuple(options))
+    kernel(queue, (out.size,), None, upload(q.codes), upload(q.scales), upload(q.zeros), out_buf, np.uint32(rows))
     cl.enqueue_copy(queue, out, out_buf)
     return out
 

@@ -6,6 +6,9 @@ representable values, not by bit tricks, so a shared mistake is unlikely.
 
 from __future__ import annotations
 
+import struct
+
+import crc32c
 import numpy as np
 
 FP8 = {  # name: (exponent bits, mantissa bits, bias, has inf)
@@ -90,3 +93,186 @@ def int4_channel_bound(x: np.ndarray, group: int) -> np.ndarray:
         step = (blk.max(-2, keepdims=True) - blk.min(-2, keepdims=True)) / 15.0
         out[..., t0:t0 + group, :] = step / 2
     return out
+
+
+# ------------------------------------------------------------------ stored values, decoded
+# An independent decoder of docs/FORMAT.md: struct and numpy only, nothing of kvmmap. The
+# attention and golden tests compare kvmmap with what it decodes from a file's bytes.
+
+FORMAT_IDS = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "fp8_e4m3": 5, "fp8_e5m2": 6}
+CODE_DTYPE = {"fp32": "<f4", "fp16": "<u2", "bf16": "<u2", "int8": "i1", "int4": "u1",
+              "fp8_e4m3": "u1", "fp8_e5m2": "u1"}
+SCALED = {"int8", "int4", "fp8_e4m3", "fp8_e5m2"}
+
+
+def decode_codes(fmt: str, codes: np.ndarray) -> np.ndarray:
+    """float32 value of each code before its scale and zero point.
+
+    ``codes`` holds the format's code type (fp16 and bf16 as uint16 bit patterns); int4
+    takes uint8 bytes ``[..., D / 2]`` and returns ``[..., D]``, element 2j from the low
+    nibble.
+    """
+    codes = np.asarray(codes)
+    if fmt == "fp32":
+        return codes.astype(np.float32)
+    if fmt == "fp16":
+        return codes.astype(np.uint16).view(np.float16).astype(np.float32)
+    if fmt == "bf16":
+        return (codes.astype(np.uint32) << 16).view(np.float32)
+    if fmt == "int8":
+        return codes.astype(np.int8).astype(np.float32)
+    if fmt.startswith("fp8"):
+        return fp8_decode_table(fmt).astype(np.float32)[codes]
+    out = np.empty(codes.shape[:-1] + (2 * codes.shape[-1],), np.float32)
+    out[..., 0::2] = codes & 15
+    out[..., 1::2] = codes >> 4
+    return out
+
+
+def dequantize(fmt: str, codes, scales=None, zeros=None, grouping="token", group_size=0) -> np.ndarray:
+    """float32 ``code * scale (+ zero)``, side arrays laid out as kvmmap.quant documents."""
+    x = decode_codes(fmt, codes)
+    if fmt not in SCALED:
+        return x
+    if fmt != "int4":
+        with np.errstate(invalid="ignore"):          # inf * 0 is NaN, as in the kernels
+            return x * np.asarray(scales, np.float32)[..., None]
+    if grouping == "token":
+        s, z = (np.repeat(a, group_size, axis=-1) for a in (scales, zeros))
+    else:                      # [..., ceil(T / G), D] over the tokens of axis -2
+        T = x.shape[-2]
+        s, z = (np.repeat(a, group_size, axis=-2)[..., :T, :] for a in (scales, zeros))
+    return x * s + z
+
+
+def page_regions(geo: dict, fmt: str, side: str) -> list:
+    """[(name, dtype, shape)] of one side of a page, in file order (FORMAT.md, Pages)."""
+    H, P, D = geo["num_kv_heads"], geo["page_size"], geo["head_dim"]
+    out = [("codes", np.dtype(CODE_DTYPE[fmt]), (H, P, D // 2 if fmt == "int4" else D))]
+    if fmt in SCALED:
+        shape = (H, P) if fmt != "int4" else (H, 1, D) if side == "k" else (H, P, D // geo["v_group"])
+        out.append(("scales", np.dtype("<f4"), shape))
+        if fmt == "int4":
+            out.append(("zeros", np.dtype("<f4"), shape))
+    return out
+
+
+def page_arrays(page: bytes, geo: dict) -> tuple[dict, int]:
+    """({side: {region: array}} of one page, the page's size): regions on 64-byte boundaries."""
+    off, out = 0, {}
+    for side in ("k", "v"):
+        out[side] = {}
+        for name, dt, shape in page_regions(geo, geo[f"{side}_format"], side):
+            n = int(np.prod(shape))
+            out[side][name] = np.frombuffer(page, dt, n, off).reshape(shape)
+            off = -(-(off + n * dt.itemsize) // 64) * 64
+    return out, off
+
+
+def decode_page_rows(geo: dict, side: str, arrs: dict, rows) -> np.ndarray:
+    """float32 [H, len(rows), D] of rows of a page (or of a tail in the page's layout)."""
+    fmt = geo[f"{side}_format"]
+    codes = arrs["codes"][:, rows]
+    if fmt == "int4" and side == "k":        # scale and zero per channel over the page
+        return decode_codes(fmt, codes) * arrs["scales"][:, :1] + arrs["zeros"][:, :1]
+    side_arrays = {n: arrs[n][:, rows] for n in ("scales", "zeros") if n in arrs}
+    return dequantize(fmt, codes, side_arrays.get("scales"), side_arrays.get("zeros"), "token",
+                      geo.get("v_group") or 0)
+
+
+SUPERBLOCK = struct.Struct("<8sHHIIIIIBBHHHQQQQ32s")
+FORMAT_NAMES = {i: name for name, i in FORMAT_IDS.items()}
+
+
+def parse_superblock(raw: bytes) -> dict:
+    (magic, major, minor, sb_bytes, nl, nh, hd, ps, kid, vid, kg, vg, flags,
+     page_bytes, meta_off, slot_bytes, arena_off, fingerprint) = SUPERBLOCK.unpack_from(raw, 0)
+    return {"magic": magic, "version": (major, minor), "superblock_bytes": sb_bytes, "num_layers": nl,
+            "num_kv_heads": nh, "head_dim": hd, "page_size": ps, "k_format": FORMAT_NAMES[kid],
+            "v_format": FORMAT_NAMES[vid], "k_group": kg, "v_group": vg, "flags": flags,
+            "page_bytes": page_bytes, "meta_offset": meta_off, "meta_slot_bytes": slot_bytes,
+            "arena_offset": arena_off, "fingerprint": fingerprint}
+
+
+def valid_commits(raw: bytes, geo: dict) -> list:
+    """[(generation, payload)] of the metadata slots whose checksums hold and padding is zero."""
+    out = []
+    for slot in (0, 1):
+        at = geo["meta_offset"] + slot * geo["meta_slot_bytes"]
+        magic, gen, length, pcrc, hcrc = struct.unpack_from("<8sQQII", raw, at)
+        payload = raw[at + 64:at + 64 + length]
+        if (magic == b"KVMSLOT\0" and hcrc == crc32c.crc32c(raw[at:at + 28])
+                and pcrc == crc32c.crc32c(payload) and not any(raw[at + 32:at + 64])):
+            out.append((gen, payload))
+    return out
+
+
+def parse_payload(payload: bytes, geo: dict) -> dict:
+    """high_water, page CRCs and every sequence's layers (n_pos, first, pages, tail arrays)."""
+    L, H, P, D = geo["num_layers"], geo["num_kv_heads"], geo["page_size"], geo["head_dim"]
+    hw, nseq, next_id, reserved = struct.unpack_from("<QIII", payload, 0)
+    assert reserved == 0
+    off = 20
+    page_crc = np.frombuffer(payload, "<u4", hw, off)
+    off += 4 * hw
+    tail_layout = {}
+    for side in ("k", "v"):
+        fmt = geo[f"{side}_format"]
+        tail_layout[side] = ([("codes", np.dtype("<f4"), (H, P, D))] if fmt == "int4"    # float32 until sealed
+                             else page_regions(geo, fmt, side))
+    seqs = {}
+    for _ in range(nseq):
+        sid, name_len, has_name = struct.unpack_from("<IHH", payload, off)
+        off += 8
+        name = payload[off:off + name_len].decode() if has_name else None
+        off += name_len + (-name_len % 4)
+        assert sid < next_id
+        layers = []
+        for _ in range(L):
+            n_pos, first, npages = struct.unpack_from("<QII", payload, off)
+            off += 16
+            pages = np.frombuffer(payload, "<u4", npages, off)
+            off += 4 * npages
+            assert npages * P <= n_pos < (npages + 1) * P and first < P
+            tail = {}
+            for side in ("k", "v"):
+                tail[side] = {}
+                for n, dt, shape in tail_layout[side]:
+                    tail[side][n] = np.frombuffer(payload, dt, int(np.prod(shape)), off).reshape(shape)
+                    off += int(np.prod(shape)) * dt.itemsize
+            layers.append({"n_pos": n_pos, "first": first, "pages": pages.tolist(), "tail": tail})
+        seqs[sid] = {"name": name, "layers": layers}
+    assert off == len(payload)
+    return {"high_water": hw, "page_crc": page_crc, "seqs": seqs}
+
+
+def parse_cache_file(raw: bytes) -> dict:
+    """The superblock fields and the newest valid commit of a cache file's bytes."""
+    geo = parse_superblock(raw)
+    _, layout_bytes = page_arrays(bytes(geo["page_bytes"]), geo)
+    assert geo["page_bytes"] == layout_bytes, "page_bytes disagrees with the page layout"
+    commits = valid_commits(raw, geo)
+    assert commits, "no valid metadata slot"
+    return {**geo, "commits": len(commits), **parse_payload(max(commits)[1], geo)}
+
+
+def stored_kv(parsed: dict, raw: bytes, sid: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """K and V float32 [length, H, D] of one (sequence, layer), decoded from the file's bytes:
+    visible token i is position first + i, in page pages[(first + i) // P] at row
+    (first + i) % P, or in the tail past the sealed pages."""
+    P, pb = parsed["page_size"], parsed["page_bytes"]
+    st = parsed["seqs"][sid]["layers"][layer]
+    n_tail = st["n_pos"] - len(st["pages"]) * P
+    out = []
+    for side in ("k", "v"):
+        parts = []
+        for page in st["pages"]:
+            at = parsed["arena_offset"] + page * pb
+            parts.append(decode_page_rows(parsed, side, page_arrays(raw[at:at + pb], parsed)[0][side], slice(None)))
+        tail = st["tail"][side]
+        if parsed[f"{side}_format"] == "int4":
+            parts.append(tail["codes"][:, :n_tail])
+        else:
+            parts.append(decode_page_rows(parsed, side, tail, slice(0, n_tail)))
+        out.append(np.concatenate(parts, axis=1).transpose(1, 0, 2)[st["first"]:st["n_pos"]].astype(np.float32))
+    return out[0], out[1]

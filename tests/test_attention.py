@@ -1,41 +1,23 @@
 """Paged decode attention (CPU and OpenCL) against a float64 numpy reference.
 
-The reference attends over the *stored* data: K/V read back from the cache (dequantized),
-in float64, with a plain softmax. Both backends must agree with it to a relative error
-of 2e-3 (they accumulate in float32 and use an exp approximation).
+The reference attends over the *stored* data: the cache is committed and its file's bytes
+decoded by tests/reference.py, written from docs/FORMAT.md and sharing no code with the
+kernels (``cache.read()`` would share their decoder), in float64, with a plain softmax.
+Both backends must agree with it to a relative error of 2e-3 (they accumulate in float32
+and use an exp approximation).
 """
 
+import itertools
 import zlib
 
 import numpy as np
 import pytest
 
 import kvmmap as km
+from helpers import assert_close, attention_reference as reference
 
-RTOL = 2e-3
 FORMAT_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("int8", "int8"),
                 ("int4", "int4"), ("fp8_e4m3", "fp8_e5m2"), ("int8", "int4"), ("fp8_e5m2", "fp8_e4m3")]
-
-
-def reference(cache, layer, seqs, q, scale=None, window=None):
-    """float64 softmax(scale * K q) V per sequence and query head; q [B, Hq, D]."""
-    out = np.empty(q.shape, np.float64)
-    for b, s in enumerate(seqs):
-        k, v = (a.astype(np.float64) for a in cache.read(s, layer))
-        if window is not None:
-            k, v = k[-window:], v[-window:]
-        G = q.shape[1] // k.shape[1]
-        sc = 1 / np.sqrt(k.shape[2]) if scale is None else scale
-        for j in range(q.shape[1]):
-            logits = k[:, j // G] @ q[b, j].astype(np.float64) * sc
-            p = np.exp(logits - logits.max())
-            out[b, j] = (p / p.sum()) @ v[:, j // G]
-    return out
-
-
-def assert_close(got, want):
-    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
-    assert err <= RTOL, f"relative error {err:.2e} > {RTOL}"
 
 
 @pytest.fixture(params=["cpu", "opencl"])
@@ -45,8 +27,12 @@ def backend(request):
     return request.param
 
 
-def make_cache(kf, vf, H, D, lengths, rng, page_size=16, layers=2):
-    c = km.PagedKVCache.create(None, num_layers=layers, num_kv_heads=H, head_dim=D,
+_names = itertools.count()
+
+
+def make_cache(tmp_path, kf, vf, H, D, lengths, rng, page_size=16, layers=2):
+    """A cache file (the reference reads its bytes) holding sequences of the given lengths."""
+    c = km.PagedKVCache.create(tmp_path / f"c{next(_names)}.kvm", num_layers=layers, num_kv_heads=H, head_dim=D,
                                page_size=page_size, k_format=kf, v_format=vf)
     seqs = []
     for n in lengths:
@@ -64,10 +50,10 @@ def make_cache(kf, vf, H, D, lengths, rng, page_size=16, layers=2):
 
 @pytest.mark.parametrize("kf,vf", FORMAT_PAIRS)
 @pytest.mark.parametrize("H,G,D", [(2, 1, 64), (2, 4, 128), (1, 8, 64)])
-def test_matches_reference_across_formats_and_gqa(backend, kf, vf, H, G, D):
+def test_matches_reference_across_formats_and_gqa(tmp_path, backend, kf, vf, H, G, D):
     rng = np.random.default_rng(zlib.crc32(f"{kf}{vf}{H}{G}{D}".encode()))
     lengths = [1, 15, 16, 17, 33, 300]
-    c, seqs = make_cache(kf, vf, H, D, lengths, rng)
+    c, seqs = make_cache(tmp_path, kf, vf, H, D, lengths, rng)
     q = rng.standard_normal((len(seqs), H * G, D), dtype=np.float32)
     for layer in (0, 1):
         got = km.paged_decode_attention(c, layer, seqs, q, backend=backend)
@@ -76,9 +62,9 @@ def test_matches_reference_across_formats_and_gqa(backend, kf, vf, H, G, D):
 
 
 @pytest.mark.parametrize("kf,vf", [("int8", "int8"), ("fp16", "fp16"), ("int4", "int4")])
-def test_thousands_of_tokens_and_split_contexts(backend, kf, vf):
+def test_thousands_of_tokens_and_split_contexts(tmp_path, backend, kf, vf):
     rng = np.random.default_rng(7)
-    c, seqs = make_cache(kf, vf, 2, 128, [5000, 3], rng, layers=1)
+    c, seqs = make_cache(tmp_path, kf, vf, 2, 128, [5000, 3], rng, layers=1)
     q = rng.standard_normal((2, 8, 128), dtype=np.float32)
     want = reference(c, 0, seqs, q)
     for threads in (1, 2, 3):
@@ -96,24 +82,24 @@ def test_thousands_of_tokens_and_split_contexts(backend, kf, vf):
     (3, 3, 96, 16, "bf16", "int4"),       # head_dim not a power of two
     (1, 1, 4, 1, "fp32", "fp32"),         # one-token pages
 ])
-def test_unusual_geometry(backend, H, G, D, P, kf, vf):
+def test_unusual_geometry(tmp_path, backend, H, G, D, P, kf, vf):
     rng = np.random.default_rng(D * 100 + P)
-    c, seqs = make_cache(kf, vf, H, D, [1, max(P - 1, 1), 3 * P + 1, 700], rng, page_size=P, layers=1)
+    c, seqs = make_cache(tmp_path, kf, vf, H, D, [1, max(P - 1, 1), 3 * P + 1, 700], rng, page_size=P, layers=1)
     q = rng.standard_normal((len(seqs), H * G, D), dtype=np.float32)
     assert_close(km.paged_decode_attention(c, 0, seqs, q, backend=backend), reference(c, 0, seqs, q))
 
 
-def test_peaked_scores_stay_exact(backend):
+def test_peaked_scores_stay_exact(tmp_path, backend):
     """Large logits (a near one-hot softmax) must not overflow the online softmax."""
     rng = np.random.default_rng(3)
-    c, seqs = make_cache("fp32", "fp32", 1, 64, [700], rng, layers=1)
+    c, seqs = make_cache(tmp_path, "fp32", "fp32", 1, 64, [700], rng, layers=1)
     q = rng.standard_normal((1, 2, 64), dtype=np.float32) * 40
     assert_close(km.paged_decode_attention(c, 0, seqs, q, backend=backend), reference(c, 0, seqs, q))
 
 
-def test_forked_pages_window_shift_and_scale(backend):
+def test_forked_pages_window_shift_and_scale(tmp_path, backend):
     rng = np.random.default_rng(11)
-    c, (a, b) = make_cache("int8", "int4", 2, 64, [200, 45], rng)
+    c, (a, b) = make_cache(tmp_path, "int8", "int4", 2, 64, [200, 45], rng)
     f = c.fork(a)                       # shares a's sealed pages
     for layer in range(2):
         x = rng.standard_normal((9, 2, 64), dtype=np.float32)
@@ -133,9 +119,9 @@ def test_forked_pages_window_shift_and_scale(backend):
                      reference(c, layer, seqs, q, scale=0.05))
 
 
-def test_single_sequence_method_and_float16_query(backend):
+def test_single_sequence_method_and_float16_query(tmp_path, backend):
     rng = np.random.default_rng(5)
-    c, (s,) = make_cache("fp16", "int8", 4, 64, [123], rng, layers=1)
+    c, (s,) = make_cache(tmp_path, "fp16", "int8", 4, 64, [123], rng, layers=1)
     q = rng.standard_normal((8, 64)).astype(np.float16)
     got = c.decode_attention(s, 0, q, backend=backend)
     assert got.shape == (8, 64)
@@ -154,13 +140,13 @@ def test_file_cache_reopened_read_only(tmp_path, backend):
     with km.PagedKVCache.open(path, mode="r") as r:
         s = r.find_sequence("p")
         q = rng.standard_normal((1, 2, 64), dtype=np.float32)
-        assert_close(km.paged_decode_attention(r, 0, [s], q, backend=backend), reference(r, 0, [s], q))
+        assert_close(km.paged_decode_attention(r, 0, [s], q, backend=backend), reference(r, 0, [s], q, commit=False))
 
 
-def test_pages_written_after_a_call_are_seen(backend):
+def test_pages_written_after_a_call_are_seen(tmp_path, backend):
     """A second call after more appends (and a page freed and reused) sees the new data."""
     rng = np.random.default_rng(2)
-    c, (s, t) = make_cache("int8", "int8", 2, 64, [40, 40], rng, layers=1)
+    c, (s, t) = make_cache(tmp_path, "int8", "int8", 2, 64, [40, 40], rng, layers=1)
     q = rng.standard_normal((1, 2, 64), dtype=np.float32)
     km.paged_decode_attention(c, 0, [s], q, backend=backend)
     c.free(t)

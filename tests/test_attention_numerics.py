@@ -4,13 +4,17 @@ Every case is compared with a float64 numpy reference written here, independent 
 kernels: logits x = K q in float64 (finite for any finite float32 q and K), weights
 exp(scale * (x - max x)) (never NaN for a finite positive scale), output the weighted mean
 of V. fp32 storage keeps the input exactly, so the reference reads the arrays the test
-made; other formats read the stored values back with ``cache.read``.
+made; other formats decode the stored values from the committed file's bytes with
+tests/reference.py (not ``cache.read``, which shares the kernels' decoder).
 """
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kvmmap as km
+from reference import parse_cache_file, stored_kv
 
 RTOL = 2e-3
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -42,14 +46,21 @@ def backend(request):
     return request.param
 
 
-def fill(k, v, fmt="fp32", page_size=16):
-    """A one-layer RAM cache holding one sequence with K = k, V = v ([T, H, D])."""
-    c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=k.shape[1], head_dim=k.shape[2],
+def fill(k, v, fmt="fp32", page_size=16, path=None):
+    """A one-layer cache (RAM, or a file at ``path``) holding one sequence with K = k, V = v ([T, H, D])."""
+    c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=k.shape[1], head_dim=k.shape[2],
                                page_size=page_size, k_format=fmt, v_format=fmt)
     s = c.new_sequence()
     for t0 in range(0, len(k), 700):        # a prefill in pieces, leaving an open tail
         c.append(s, 0, k[t0:t0 + 700], v[t0:t0 + 700])
     return c, s
+
+
+def stored(c, s):
+    """K and V [T, H, D] as stored: committed, then decoded from the file's bytes."""
+    c.flush()
+    raw = Path(c.path).read_bytes()
+    return stored_kv(parse_cache_file(raw), raw, s, 0)
 
 
 def attend(c, s, q, backend, **kw):
@@ -146,7 +157,7 @@ def test_huge_scale(backend, scale):
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
-def test_weighted_sum_of_values_near_the_maximum(backend, fmt):
+def test_weighted_sum_of_values_near_the_maximum(tmp_path, backend, fmt):
     """V near FLT_MAX under spread weights: the sum overflows float32, the mean does not."""
     rng = np.random.default_rng(2)
     T, H, D = 1100, 2, 64
@@ -154,8 +165,8 @@ def test_weighted_sum_of_values_near_the_maximum(backend, fmt):
     v = rng.uniform(2.9e38, 3.3e38, (T, H, D)).astype(np.float32)
     v[:, :, 1::2] *= -1
     q = rng.standard_normal((H * 3, D)).astype(np.float32)
-    c, s = fill(k, v, fmt)
-    ks, vs = c.read(s, 0)
+    c, s = fill(k, v, fmt, path=tmp_path / "c.kvm")
+    ks, vs = stored(c, s)
     assert np.isfinite(vs).all()
     for window in (None, 1, 40, 1000):
         n = T if window is None else window
@@ -190,7 +201,7 @@ def test_overflow_in_one_sequence_leaves_the_others_on_the_fast_path(backend, mo
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8", "int4", "fp8_e4m3"])
-def test_ordinary_inputs_never_take_the_float64_path(backend, monkeypatch, fmt):
+def test_ordinary_inputs_never_take_the_float64_path(tmp_path, backend, monkeypatch, fmt):
     """Peaked (q * 40) and flat softmaxes over values near 1e4 are the kernels' work."""
     from kvmmap import attention
 
@@ -200,8 +211,8 @@ def test_ordinary_inputs_never_take_the_float64_path(backend, monkeypatch, fmt):
     rng = np.random.default_rng(12)
     k = rng.standard_normal((1300, 2, 64)).astype(np.float32)
     v = rng.standard_normal((1300, 2, 64)).astype(np.float32) * 1e4
-    c, s = fill(k, v, fmt)
-    ks, vs = c.read(s, 0)
+    c, s = fill(k, v, fmt, path=tmp_path / "c.kvm")
+    ks, vs = stored(c, s)
     for mult in (40, 1, 1e-3):
         q = rng.standard_normal((8, 64)).astype(np.float32) * np.float32(mult)
         assert_close(attend(c, s, q, backend), reference(ks, vs, q, 1 / 8))

@@ -9,32 +9,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kvmmap as km
+from helpers import fails, flip, run
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 L, H, D, P = 2, 2, 16, 8
-
-
-def run(cwd, *args, script=None):
-    cmd = [sys.executable, str(script)] if script else [sys.executable, "-m", "kvmmap.cli"]
-    r = subprocess.run(cmd + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in r.stderr, r.stderr
-    return r
-
-
-def fails(r, code=1, match=""):
-    """A clean failure: exit status ``code``, exactly one line on stderr containing ``match``."""
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and match in lines[0], r.stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -54,14 +38,6 @@ def cache_file(tmp_path):
     c.flush()
     c.close()
     return path
-
-
-def flip(path, offset, mask=0x04):
-    with open(path, "r+b") as fh:          # in place: the file stays sparse
-        fh.seek(offset)
-        b = fh.read(1)[0]
-        fh.seek(offset)
-        fh.write(bytes([b ^ mask]))
 
 
 def page_offset(path, seq, layer, index):

@@ -23,7 +23,7 @@ import pytest
 import kvmmap as km
 from kvmmap.fileinfo import verify_cache
 
-from test_cli import fails, flip, run
+from helpers import fails, flip, run
 
 L, H, D, P = 2, 2, 16, 8
 MEMORY_LIMIT = 2 << 30           # RLIMIT_AS of the tools in the memory tests

@@ -418,6 +418,43 @@ def test_reserved_and_name_fields_are_checked(tmp_path, pristine):
         refused(write(tmp_path, fix_checksums(b)), "damaged metadata")
 
 
+def block_table_entries(raw: bytes) -> dict:
+    """{(sequence index, layer): [absolute offsets of its page ids]} in the newest slot."""
+    fields = payload_fields(raw)
+    base = SB + newest_slot(raw) * SLOT + 64
+    hw = struct.unpack_from("<Q", raw, base)[0]
+    out, i, seq = {}, 4 + hw, 0
+    while i < len(fields):
+        i += 3                                             # id, name length, has_name
+        for layer in range(GEO["num_layers"]):
+            npages = struct.unpack_from("<I", raw, fields[i + 2][0])[0]
+            out[(seq, layer)] = [off for off, _ in fields[i + 3:i + 3 + npages]]
+            i += 3 + npages
+        seq += 1
+    return out
+
+
+@pytest.mark.parametrize("case", ["twice in one table", "two layers", "past high water"])
+def test_verify_finds_a_broken_page_table(tmp_path, pristine, case):
+    """A commit whose checksums hold but whose block tables break FORMAT.md's rules is
+    damage in verify's report (and the CLI's), not a clean file."""
+    raw = pristine[0]
+    tables = block_table_entries(raw)
+    page_of = lambda off: struct.unpack_from("<I", raw, off)[0]   # noqa: E731
+    if case == "twice in one table":
+        dst, src, want = tables[(0, 0)][1], tables[(0, 0)][0], "twice"
+    elif case == "two layers":
+        dst, src, want = tables[(0, 1)][0], tables[(0, 0)][0], "another layer"
+    else:
+        dst, src, want = tables[(0, 0)][0], None, "beyond the"
+    value = page_of(src) if src is not None else struct.unpack_from("<Q", raw, SB + newest_slot(raw) * SLOT + 64)[0]
+    p = write(tmp_path, fix_checksums(set_field(raw, dst, 4, value)))
+    res = verify_cache(p)
+    assert res["outcome"] == "damaged" and not res["ok"]
+    assert any(want in problem for problem in res["problems"]), res["problems"]
+    assert verify_cache(write(tmp_path, raw, "clean.kvm"))["ok"]
+
+
 def test_hostile_payload_fields(tmp_path, pristine):
     """Every payload integer set to extreme values, checksums fixed: refused or consistent."""
     raw = pristine[0]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import kvmmap as km
-from reference import fp8_decode_table, int4_channel_bound, int4_token_bound, int8_roundtrip_bound
+from reference import int4_channel_bound, int4_token_bound, int8_roundtrip_bound, parse_cache_file, stored_kv
 
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
@@ -32,10 +32,6 @@ L, H, D, P = GEO["num_layers"], GEO["num_kv_heads"], GEO["head_dim"], GEO["page_
 G = MANIFEST["v_group_size"]
 FILES = sorted(MANIFEST["files"])
 
-FORMAT_IDS = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "fp8_e4m3": 5, "fp8_e5m2": 6}
-CODE_DTYPE = {"fp32": "<f4", "fp16": "<u2", "bf16": "<u2", "int8": "i1", "int4": "u1",
-              "fp8_e4m3": "u1", "fp8_e5m2": "u1"}
-SCALED = {"int8", "int4", "fp8_e4m3", "fp8_e5m2"}
 
 
 @pytest.fixture(params=FILES)
@@ -60,130 +56,22 @@ def expected_side(name, entry, label, layer, side):
 
 # ------------------------------------------------------------------ independent decoder
 
-def regions(fmt, side):
-    """[(name, dtype, shape)] of one side of a page, in file order (FORMAT.md, Pages)."""
-    dc = D // 2 if fmt == "int4" else D
-    out = [("codes", np.dtype(CODE_DTYPE[fmt]), (H, P, dc))]
-    if fmt in SCALED:
-        shape = (H, P) if fmt != "int4" else (H, 1, D) if side == "k" else (H, P, D // G)
-        out.append(("scales", np.dtype("<f4"), shape))
-        if fmt == "int4":
-            out.append(("zeros", np.dtype("<f4"), shape))
-    return out
-
-
-def page_arrays(page: bytes, kf, vf):
-    """{side: {region: array}} of one page; every region starts on a 64-byte boundary."""
-    off, out = 0, {}
-    for side, fmt in (("k", kf), ("v", vf)):
-        out[side] = {}
-        for name, dt, shape in regions(fmt, side):
-            size = int(np.prod(shape)) * dt.itemsize
-            out[side][name] = np.frombuffer(page, dt, int(np.prod(shape)), off).reshape(shape)
-            off = -(-(off + size) // 64) * 64
-    return out, off
-
-
-def decode(fmt, side, arrs, rows):
-    """float32 [H, len(rows), D] of the given rows of a page (or of a tail in the page's layout)."""
-    codes = arrs["codes"][:, rows]
-    if fmt == "fp32":
-        return codes.astype(np.float32)
-    if fmt == "fp16":
-        return codes.view(np.float16).astype(np.float32)
-    if fmt == "bf16":
-        return (codes.astype(np.uint32) << 16).view(np.float32)
-    if fmt == "int8":
-        return codes.astype(np.float32) * arrs["scales"][:, rows, None]
-    if fmt.startswith("fp8"):
-        return fp8_decode_table(fmt)[codes].astype(np.float32) * arrs["scales"][:, rows, None]
-    q = np.empty(codes.shape[:-1] + (D,), np.float32)          # int4: element 2j in the low nibble
-    q[..., 0::2] = codes & 15
-    q[..., 1::2] = codes >> 4
-    if side == "k":
-        return q * arrs["scales"][:, :1] + arrs["zeros"][:, :1]
-    s = np.repeat(arrs["scales"][:, rows], G, axis=-1)
-    z = np.repeat(arrs["zeros"][:, rows], G, axis=-1)
-    return q * s + z
-
-
 def parse_file(raw: bytes, kf, vf):
-    """Everything FORMAT.md says is in the file, decoded with struct and numpy only."""
-    sb = struct.unpack_from("<8sHHIIIIIBBHHHQQQQ32s", raw, 0)
-    (magic, major, minor, sb_bytes, nl, nh, hd, ps, kid, vid, kg, vg, flags,
-     page_bytes, meta_off, slot_bytes, arena_off, fingerprint) = sb
-    assert magic == b"\x89KVMMAP\n" and (major, minor) == (1, 0) and sb_bytes == 4096
-    assert (nl, nh, hd, ps) == (L, H, D, P)
-    assert (kid, vid) == (FORMAT_IDS[kf], FORMAT_IDS[vf])
-    assert kg == (P if kf == "int4" else 0) and vg == (G if vf == "int4" else 0) and flags == 0
-    assert meta_off == 4096 and slot_bytes == MANIFEST["meta_slot_bytes"] and arena_off == 4096 + 2 * slot_bytes
-    assert fingerprint.rstrip(b"\0") == MANIFEST["fingerprint"].encode()
+    """tests/reference.py's reading of FORMAT.md, and what the golden files must hold."""
+    parsed = parse_cache_file(raw)
+    assert parsed["magic"] == b"\x89KVMMAP\n" and parsed["version"] == (1, 0)
+    assert parsed["superblock_bytes"] == 4096 and parsed["flags"] == 0
+    assert tuple(parsed[k] for k in ("num_layers", "num_kv_heads", "head_dim", "page_size")) == (L, H, D, P)
+    assert (parsed["k_format"], parsed["v_format"]) == (kf, vf)
+    assert parsed["k_group"] == (P if kf == "int4" else 0) and parsed["v_group"] == (G if vf == "int4" else 0)
+    slot_bytes = parsed["meta_slot_bytes"]
+    assert parsed["meta_offset"] == 4096 and slot_bytes == MANIFEST["meta_slot_bytes"]
+    assert parsed["arena_offset"] == 4096 + 2 * slot_bytes
+    assert parsed["fingerprint"].rstrip(b"\0") == MANIFEST["fingerprint"].encode()
     assert not any(raw[104:4092])
     assert struct.unpack_from("<I", raw, 4092)[0] == crc32c.crc32c(raw[:4092])
-    _, layout_bytes = page_arrays(bytes(page_bytes), kf, vf)
-    assert page_bytes == layout_bytes
-
-    commits = []
-    for slot in (0, 1):
-        at = meta_off + slot * slot_bytes
-        smagic, gen, length, pcrc, hcrc = struct.unpack_from("<8sQQII", raw, at)
-        payload = raw[at + 64:at + 64 + length]
-        if (smagic == b"KVMSLOT\0" and hcrc == crc32c.crc32c(raw[at:at + 28])
-                and pcrc == crc32c.crc32c(payload) and not any(raw[at + 32:at + 64])):
-            commits.append((gen, payload))
-    assert len(commits) == 2, "the golden files hold two commits"
-    _, payload = max(commits)
-
-    hw, nseq, next_id, reserved = struct.unpack_from("<QIII", payload, 0)
-    assert reserved == 0
-    off = 20
-    page_crc = np.frombuffer(payload, "<u4", hw, off)
-    off += 4 * hw
-    tail_layout = {side: [(n, dt, shape) if fmt != "int4" else ("codes", np.dtype("<f4"), (H, P, D))
-                          for n, dt, shape in regions(fmt, side)][: 1 if fmt == "int4" else None]
-                   for side, fmt in (("k", kf), ("v", vf))}
-    seqs = {}
-    for _ in range(nseq):
-        sid, name_len, has_name = struct.unpack_from("<IHH", payload, off)
-        off += 8
-        name = payload[off:off + name_len].decode() if has_name else None
-        off += name_len + (-name_len % 4)
-        assert sid < next_id
-        layers = []
-        for _ in range(L):
-            n_pos, first, npages = struct.unpack_from("<QII", payload, off)
-            off += 16
-            pages = np.frombuffer(payload, "<u4", npages, off)
-            off += 4 * npages
-            assert npages * P <= n_pos < (npages + 1) * P and first < P
-            tail = {}
-            for side in ("k", "v"):
-                tail[side] = {}
-                for n, dt, shape in tail_layout[side]:
-                    tail[side][n] = np.frombuffer(payload, dt, int(np.prod(shape)), off).reshape(shape)
-                    off += int(np.prod(shape)) * dt.itemsize
-            layers.append({"n_pos": n_pos, "first": first, "pages": pages.tolist(), "tail": tail})
-        seqs[sid] = {"name": name, "layers": layers}
-    assert off == len(payload)
-    return {"arena": arena_off, "page_bytes": page_bytes, "page_crc": page_crc, "seqs": seqs}
-
-
-def visible(parsed, raw, sid, layer, kf, vf):
-    """K and V float32 [length, H, D] of one (sequence, layer), decoded from the raw bytes."""
-    st = parsed["seqs"][sid]["layers"][layer]
-    out = {"k": [], "v": []}
-    for pos in range(st["first"], st["n_pos"]):
-        logical, row = divmod(pos, P)
-        for side, fmt in (("k", kf), ("v", vf)):
-            if logical < len(st["pages"]):
-                at = parsed["arena"] + st["pages"][logical] * parsed["page_bytes"]
-                arrs = page_arrays(raw[at:at + parsed["page_bytes"]], kf, vf)[0][side]
-                out[side].append(decode(fmt, side, arrs, [row])[:, 0])
-            elif fmt == "int4":
-                out[side].append(st["tail"][side]["codes"][:, row])
-            else:
-                out[side].append(decode(fmt, side, st["tail"][side], [row])[:, 0])
-    return [np.array(out[s], np.float32).reshape(-1, H, D) for s in ("k", "v")]
+    assert parsed["commits"] == 2, "the golden files hold two commits"
+    return parsed
 
 
 # ------------------------------------------------------------------ tests
@@ -208,7 +96,7 @@ def test_raw_bytes_follow_format_doc(golden):
             got = st["layers"][layer]
             assert (got["first"], got["n_pos"], got["pages"]) == (info["first"], info["n_pos"], info["block_table"])
             used.update(got["pages"])
-            k, v = visible(parsed, raw, content["id"], layer, kf, vf)
+            k, v = stored_kv(parsed, raw, content["id"], layer)
             for side, arr, fmt in (("k", k, kf), ("v", v, vf)):
                 want, x, _ = expected_side(name, entry, label, layer, side)
                 if fmt == "int4":
@@ -220,7 +108,7 @@ def test_raw_bytes_follow_format_doc(golden):
                     np.testing.assert_array_equal(arr, want, err_msg=f"{label} layer {layer} {side}")
     pb = parsed["page_bytes"]
     for p in sorted(used):
-        at = parsed["arena"] + p * pb
+        at = parsed["arena_offset"] + p * pb
         assert crc32c.crc32c(raw[at:at + pb]) == parsed["page_crc"][p], f"page {p}"
 
 

@@ -4,22 +4,23 @@ import numpy as np
 import pytest
 
 import kvmmap as km
-from test_attention import assert_close, reference
+from helpers import assert_close, attention_reference as reference
 
 pytestmark = pytest.mark.opencl
 
 
-def filled(rng, n, H=2, D=64, kf="int8", vf="int8"):
-    c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=H, head_dim=D, k_format=kf, v_format=vf)
+def filled(tmp_path, rng, n, H=2, D=64, kf="int8", vf="int8"):
+    """A cache file (the reference decodes its bytes) with one sequence of n tokens."""
+    c = km.PagedKVCache.create(tmp_path / f"c{n}{kf}.kvm", num_layers=1, num_kv_heads=H, head_dim=D, k_format=kf, v_format=vf)
     s = c.new_sequence()
     x = rng.standard_normal((n, H, D), dtype=np.float32)
     c.append(s, 0, x, x)
     return c, s
 
 
-def test_only_new_pages_are_uploaded(opencl):
+def test_only_new_pages_are_uploaded(tmp_path, opencl):
     rng = np.random.default_rng(0)
-    c, s = filled(rng, 160)                         # 10 sealed pages
+    c, s = filled(tmp_path, rng, 160)                         # 10 sealed pages
     q = rng.standard_normal((1, 2, 64), dtype=np.float32)
     pb = c._sb.page_bytes
     km.paged_decode_attention(c, 0, [s], q, backend="opencl")
@@ -35,10 +36,10 @@ def test_only_new_pages_are_uploaded(opencl):
     assert_close(got, reference(c, 0, [s], q))
 
 
-def test_sharded_pool_matches_reference(opencl, monkeypatch):
+def test_sharded_pool_matches_reference(tmp_path, opencl, monkeypatch):
     """A pool split over several device buffers (forced small) reads the same data."""
     rng = np.random.default_rng(1)
-    c, s = filled(rng, 50 * 16 + 5, kf="fp16", vf="fp16")
+    c, s = filled(tmp_path, rng, 50 * 16 + 5, kf="fp16", vf="fp16")
     monkeypatch.setenv("KVMMAP_OPENCL_SHARD_BYTES", str(12 * c._sb.page_bytes + 100))
     t = c.fork(s)
     x = rng.standard_normal((300, 2, 64), dtype=np.float32)
@@ -50,10 +51,10 @@ def test_sharded_pool_matches_reference(opencl, monkeypatch):
     assert_close(got, reference(c, 0, [s, t], q))
 
 
-def test_too_many_shards_is_a_clear_error(opencl, monkeypatch):
+def test_too_many_shards_is_a_clear_error(tmp_path, opencl, monkeypatch):
     monkeypatch.setenv("KVMMAP_OPENCL_SHARD_BYTES", "1")      # one page per buffer
     rng = np.random.default_rng(2)
-    c, s = filled(rng, 16 * (opencl.MAX_SHARDS + 1))
+    c, s = filled(tmp_path, rng, 16 * (opencl.MAX_SHARDS + 1))
     with pytest.raises(km.errors.OpenCLUnavailableError, match="device buffers"):
         km.paged_decode_attention(c, 0, [s], np.ones((1, 2, 64), np.float32), backend="opencl")
 
@@ -76,11 +77,11 @@ def test_kernel_build_error_names_the_source(opencl):
                                               "-DNUM_KV_HEADS=1", "-DGQA=1", "-DPAGE_BYTES=1"))
 
 
-def test_growing_pool_is_copied_on_the_device_not_uploaded_again(opencl):
+def test_growing_pool_is_copied_on_the_device_not_uploaded_again(tmp_path, opencl):
     """Past a shard's first allocation (64 pages) the device buffer grows by a device-side
     copy: every page is still sent exactly once, and the results stay right."""
     rng = np.random.default_rng(4)
-    c, s = filled(rng, 40 * 16)
+    c, s = filled(tmp_path, rng, 40 * 16)
     q = rng.standard_normal((1, 2, 64), dtype=np.float32)
     km.paged_decode_attention(c, 0, [s], q, backend="opencl")
     pool = opencl.device_pool(c)
