@@ -326,6 +326,34 @@ class PagedKVCache:
         """The file's geometry and formats (:class:`kvmmap.core.superblock.Superblock`)."""
         return self._sb
 
+    @property
+    def commit(self) -> dict:
+        """Where this cache stands in its file: ``generation`` and ``slot`` of the commit it
+        was opened at (or last wrote), and ``newest_at_open``, the newest generation on
+        disk when it was opened. RAM caches: generation 0."""
+        c = self._commits
+        return {"generation": int(c.generation), "slot": int(c.active_slot), "newest_at_open": int(c.newest_seen)}
+
+    def commit_is_newest(self) -> bool:
+        """Whether no writer has committed since this cache was opened (always true for
+        a writer and in RAM). Pages of this view's commit cannot have been reused then."""
+        self._check_open()
+        return self.path is None or self._commits.is_current()
+
+    @property
+    def high_water(self) -> int:
+        """Page ids ever handed out: pages ``0 .. high_water - 1`` exist in the arena."""
+        return self._table.alloc.high_water
+
+    def page_table(self, seq: int, layer: int) -> tuple[np.ndarray, int, int]:
+        """``(pages, n_pos, first)`` of one layer of ``seq``: a copy of its block table
+        (uint32, sealed pages in logical order), positions written, positions dropped at the
+        front (< page_size). Visible token ``i`` is position ``first + i``; positions at or
+        past ``len(pages) * page_size`` are in the open page (docs/FORMAT.md)."""
+        self._check_open()
+        st = self._seq(seq).layers[self._check_layer(layer)]
+        return st.bt.pages.copy(), int(st.n_pos), int(st.first)
+
     # read by modules written against the old internals (attention, opencl, fileinfo)
     _arena = property(lambda self: self._pool.data)
     _views = property(lambda self: self._pool.views)
