@@ -27,7 +27,7 @@ import threading
 import crc32c
 import numpy as np
 
-from . import quant
+from .codecs import quant
 from .errors import (
     CacheFileError,
     ConfigError,
@@ -40,7 +40,7 @@ from .errors import (
 from .formats import get_format
 from . import _pagetable
 from .pagetable import BlockTable, PageAllocator, slot_mapping
-from .quant import QTensor
+from .codecs.quant import QTensor
 from .storage import (
     FINGERPRINT_BYTES,
     SUPERBLOCK_BYTES,

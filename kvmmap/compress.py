@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from . import quant
+from .codecs import quant
 from .errors import CacheFileError, ConfigError, DTypeError, FormatError, NonFiniteError, ShapeError, describe
 
 METHODS = ("lowrank", "vq", "hybrid")
