@@ -19,7 +19,7 @@ from libc.stdlib cimport free, malloc
 
 from kvmmap.codecs._convert cimport bits_f32, round_even
 from kvmmap.codecs._rows cimport (
-    FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_INT8, channel_grouped, decode_row, fill_fp8_table, side_width,
+    FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_INT8, channel_grouped, decode_block, fill_fp8_table, side_width,
 )
 
 cdef float[2][256] FP8_TABLES
@@ -52,7 +52,7 @@ cdef inline void decode_rows(const uint8_t* page, const Side* s, Py_ssize_t h, P
 
     Side data of a page: [H, P, side_width] per token row, or for int4 keys (group 0) one
     row per channel over the whole page, [H, 1, D]."""
-    cdef Py_ssize_t t, row = h * P + a
+    cdef Py_ssize_t row = h * P + a
     cdef const uint8_t* codes = page + s.codes_off + row * s.code_row_bytes
     cdef const float* sc = <const float*>(page + s.scales_off)
     cdef const float* zp = <const float*>(page + s.zeros_off)
@@ -61,9 +61,7 @@ cdef inline void decode_rows(const uint8_t* page, const Side* s, Py_ssize_t h, P
         sc, zp, stride = sc + h * D, zp + h * D, 0
     else:
         sc, zp = sc + row * stride, zp + row * stride
-    for t in range(n):
-        decode_row(s.fmt, codes + t * s.code_row_bytes, sc + t * stride, zp + t * stride,
-                   s.group, s.table, dst + t * ld, D)
+    decode_block(s.fmt, codes, s.code_row_bytes, sc, zp, stride, s.group, s.table, dst, ld, n, D)
 
 
 cdef inline float fast_exp(float x) noexcept nogil:

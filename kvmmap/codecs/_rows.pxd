@@ -189,6 +189,36 @@ cdef inline void decode_row(int fmt, const uint8_t* codes, const float* scales,
         decode_row_int4(codes, scales, zeros, group, out, D)
 
 
+cdef inline void decode_block(int fmt, const uint8_t* codes, Py_ssize_t code_stride,
+                              const float* scales, const float* zeros, Py_ssize_t side_stride,
+                              Py_ssize_t group, const float* table, float* out, Py_ssize_t ld,
+                              Py_ssize_t n, Py_ssize_t D) noexcept nogil:
+    """decode_row for n rows: codes + t * code_stride (bytes), side data + t * side_stride
+    (floats; 0 when rows share it, as int4 keys of one group do), into out + t * ld.
+
+    The format is dispatched once per block, so each format's row loop runs on its own."""
+    cdef Py_ssize_t t
+    if fmt == FMT_FP32:
+        for t in range(n):
+            decode_row_fp32(<const float*>(codes + t * code_stride), out + t * ld, D)
+    elif fmt == FMT_FP16:
+        for t in range(n):
+            decode_row_fp16(<const uint16_t*>(codes + t * code_stride), out + t * ld, D)
+    elif fmt == FMT_BF16:
+        for t in range(n):
+            decode_row_bf16(<const uint16_t*>(codes + t * code_stride), out + t * ld, D)
+    elif fmt == FMT_INT8:
+        for t in range(n):
+            decode_row_int8(<const int8_t*>(codes + t * code_stride), scales[t * side_stride], out + t * ld, D)
+    elif fmt == FMT_FP8_E4M3 or fmt == FMT_FP8_E5M2:
+        for t in range(n):
+            decode_row_fp8(codes + t * code_stride, table, scales[t * side_stride], out + t * ld, D)
+    else:
+        for t in range(n):
+            decode_row_int4(codes + t * code_stride, scales + t * side_stride, zeros + t * side_stride,
+                            group, out + t * ld, D)
+
+
 # ---- encoders ---------------------------------------------------------------------
 # Each writes one row's codes (and side data) and returns STATUS_* bits; a row that is
 # refused may be left partly written (the Python layer raises and promises nothing).
