@@ -47,7 +47,7 @@ REASSOCIATE = [] if sys.platform == "win32" else ["-fassociative-math", "-fno-si
 def ext(name, extra=()):
     return Extension(
         f"kvmmap.{name}",
-        [f"kvmmap/{name}.pyx"],
+        [f"kvmmap/{name.replace('.', '/')}.pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
         extra_compile_args=compile_args + list(extra),
@@ -56,8 +56,10 @@ def ext(name, extra=()):
 
 
 setup(
-    ext_modules=cythonize([ext("_quant"), ext("_pagetable"), ext("_attention", REASSOCIATE)], compiler_directives=directives),
+    ext_modules=cythonize([ext("codecs._quant"), ext("_pagetable"), ext("_attention", REASSOCIATE)], compiler_directives=directives),
     package_dir={"kvmmap": "kvmmap", "kvmmap.kernels_cl": "kernels_cl"},
-    packages=["kvmmap", "kvmmap.compress", "kvmmap.core", "kvmmap.integrations", "kvmmap.kernels_cl", "kvmmap.tools"],
-    package_data={"kvmmap": ["*.pxd", "*.pyx"], "kvmmap.kernels_cl": ["*.cl", "*.h"]},
+    packages=["kvmmap", "kvmmap.codecs", "kvmmap.compress", "kvmmap.core", "kvmmap.integrations", "kvmmap.kernels_cl",
+              "kvmmap.tools"],
+    package_data={"kvmmap": ["*.pxd", "*.pyx"], "kvmmap.codecs": ["*.pxd", "*.pyx"],
+                  "kvmmap.kernels_cl": ["*.cl", "*.h"]},
 )

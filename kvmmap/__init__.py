@@ -29,10 +29,10 @@ from .errors import (
 )
 from .attention import paged_decode_attention
 from .cache import PagedKVCache
+from .codecs.quant import QTensor, dequantize, quantize, quantize_into
 from .compress import CompressedKV, KVCacheCompressor, decompress_kv
 from .formats import FORMATS, Format, get_format
 from .parallel import get_num_threads, set_num_threads
-from .quant import QTensor, dequantize, quantize, quantize_into
 from .tools.rewrite import compress_cache
 
 __all__ = [

@@ -14,88 +14,54 @@
 
 from cython.parallel cimport prange
 from libc.math cimport expf, INFINITY
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 
-from kvmmap._convert cimport bf16_to_f32, bits_f32, f16_to_f32, f32_bits, round_even
+from kvmmap.codecs._convert cimport bits_f32, round_even
+from kvmmap.codecs._rows cimport (
+    FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_INT8, channel_grouped, decode_block, fill_fp8_table, side_width,
+)
 
-cdef enum:
-    FMT_FP32 = 0
-    FMT_FP16 = 1
-    FMT_BF16 = 2
-    FMT_INT8 = 3
-    FMT_INT4 = 4
-    FMT_FP8_E4M3 = 5
-    FMT_FP8_E5M2 = 6
+cdef float[2][256] FP8_TABLES
+fill_fp8_table(FP8_TABLES[0], FMT_FP8_E4M3)
+fill_fp8_table(FP8_TABLES[1], FMT_FP8_E5M2)
 
 
 cdef struct Side:
-    # Where one side (K or V) of a page lives and how to decode it.
+    # Where one side (K or V) of a page lives and how to decode it (codecs/_rows.pxd).
     int fmt
     Py_ssize_t codes_off, scales_off, zeros_off   # byte offsets inside a page
     Py_ssize_t code_row_bytes                      # bytes of one token's codes for one head
-    Py_ssize_t group                               # int4 values: elements per group
+    Py_ssize_t group                               # int4: elements per group; 0 keys (per channel)
+    Py_ssize_t side_width                          # floats of scales (zeros) per token row
     const float* table                             # fp8: the 256 code values
+
+
+cdef inline void init_side(Side* s, int fmt, Py_ssize_t codes_off, Py_ssize_t scales_off,
+                           Py_ssize_t zeros_off, Py_ssize_t row_bytes, Py_ssize_t group,
+                           Py_ssize_t D) noexcept nogil:
+    s.fmt, s.codes_off, s.scales_off, s.zeros_off = fmt, codes_off, scales_off, zeros_off
+    s.code_row_bytes, s.group, s.side_width = row_bytes, group, side_width(fmt, group, D)
+    s.table = &FP8_TABLES[1][0] if fmt == FMT_FP8_E5M2 else &FP8_TABLES[0][0]
 
 
 cdef inline void decode_rows(const uint8_t* page, const Side* s, Py_ssize_t h, Py_ssize_t a,
                              Py_ssize_t n, Py_ssize_t P, Py_ssize_t D, float* dst,
                              Py_ssize_t ld) noexcept nogil:
-    """Decode tokens a .. a+n-1 of head h of one page into rows dst + t * ld (float32 [D])."""
-    cdef Py_ssize_t t, j, gi, ng, row = h * P + a
+    """Decode tokens a .. a+n-1 of head h of one page into rows dst + t * ld (float32 [D]).
+
+    Side data of a page: [H, P, side_width] per token row, or for int4 keys (group 0) one
+    row per channel over the whole page, [H, 1, D]."""
+    cdef Py_ssize_t row = h * P + a
     cdef const uint8_t* codes = page + s.codes_off + row * s.code_row_bytes
-    cdef const float* sc
-    cdef const float* zp
-    cdef const int8_t* c8
-    cdef const uint16_t* c16
-    cdef const uint8_t* cu
-    cdef float scale, zero
-    cdef float* out
-    for t in range(n):
-        out = dst + t * ld
-        cu = codes + t * s.code_row_bytes
-        if s.fmt == FMT_FP32:
-            for j in range(D):
-                out[j] = (<const float*>cu)[j]
-        elif s.fmt == FMT_FP16:
-            c16 = <const uint16_t*>cu
-            for j in range(D):
-                out[j] = f16_to_f32(c16[j])
-        elif s.fmt == FMT_BF16:
-            c16 = <const uint16_t*>cu
-            for j in range(D):
-                out[j] = bf16_to_f32(c16[j])
-        elif s.fmt == FMT_INT8:
-            scale = (<const float*>(page + s.scales_off))[row + t]
-            c8 = <const int8_t*>cu
-            for j in range(D):
-                out[j] = c8[j] * scale
-        elif s.fmt == FMT_FP8_E4M3 or s.fmt == FMT_FP8_E5M2:
-            scale = (<const float*>(page + s.scales_off))[row + t]
-            for j in range(D):
-                out[j] = s.table[cu[j]] * scale
-        elif s.group == 0:
-            # int4 keys: a scale and zero per channel over the whole page, [H, 1, D]
-            sc = <const float*>(page + s.scales_off) + h * D
-            zp = <const float*>(page + s.zeros_off) + h * D
-            for j in range(D // 2):
-                out[2 * j] = (cu[j] & 15) * sc[2 * j] + zp[2 * j]
-                out[2 * j + 1] = (cu[j] >> 4) * sc[2 * j + 1] + zp[2 * j + 1]
-        else:
-            # int4 values: a scale and zero per token per group of `group` channels,
-            # [H, P, D/G]; unpack the row, then scale each group (two simple loops
-            # vectorize where one nested loop does not)
-            ng = D // s.group
-            sc = <const float*>(page + s.scales_off) + (row + t) * ng
-            zp = <const float*>(page + s.zeros_off) + (row + t) * ng
-            for j in range(D // 2):
-                out[2 * j] = cu[j] & 15
-                out[2 * j + 1] = cu[j] >> 4
-            for gi in range(ng):
-                scale = sc[gi]
-                zero = zp[gi]
-                for j in range(gi * s.group, (gi + 1) * s.group):
-                    out[j] = out[j] * scale + zero
+    cdef const float* sc = <const float*>(page + s.scales_off)
+    cdef const float* zp = <const float*>(page + s.zeros_off)
+    cdef Py_ssize_t stride = s.side_width
+    if channel_grouped(s.fmt, s.group):
+        sc, zp, stride = sc + h * D, zp + h * D, 0
+    else:
+        sc, zp = sc + row * stride, zp + row * stride
+    decode_block(s.fmt, codes, s.code_row_bytes, sc, zp, stride, s.group, s.table, dst, ld, n, D)
 
 
 cdef inline float fast_exp(float x) noexcept nogil:
@@ -337,7 +303,7 @@ def attend(
     const uint8_t[::1] arena, Py_ssize_t page_bytes,
     int k_fmt, Py_ssize_t k_codes_off, Py_ssize_t k_scales_off, Py_ssize_t k_zeros_off, Py_ssize_t k_row_bytes,
     int v_fmt, Py_ssize_t v_codes_off, Py_ssize_t v_scales_off, Py_ssize_t v_zeros_off, Py_ssize_t v_row_bytes,
-    Py_ssize_t v_group, const float[::1] k_table, const float[::1] v_table,
+    Py_ssize_t v_group,
     const int64_t[::1] page_indptr, const int32_t[::1] page_indices,
     const float[:, :, :, ::1] tail_k, const float[:, :, :, ::1] tail_v,
     const int64_t[:, ::1] items, const float[:, :, ::1] q, float sm_scale, Py_ssize_t block,
@@ -354,10 +320,9 @@ def attend(
     cdef Side ks, vs
     cdef float* work
     cdef float* qs
-    ks.fmt, ks.codes_off, ks.scales_off, ks.zeros_off = k_fmt, k_codes_off, k_scales_off, k_zeros_off
-    ks.code_row_bytes, ks.group, ks.table = k_row_bytes, 0, &k_table[0]
-    vs.fmt, vs.codes_off, vs.scales_off, vs.zeros_off = v_fmt, v_codes_off, v_scales_off, v_zeros_off
-    vs.code_row_bytes, vs.group, vs.table = v_row_bytes, v_group, &v_table[0]
+    # int4 keys are grouped per channel over the page: group 0
+    init_side(&ks, k_fmt, k_codes_off, k_scales_off, k_zeros_off, k_row_bytes, 0, D)
+    init_side(&vs, v_fmt, v_codes_off, v_scales_off, v_zeros_off, v_row_bytes, v_group, D)
     cdef const uint8_t* base = &arena[0] if arena.shape[0] else NULL
     if N == 0:
         return
@@ -420,7 +385,7 @@ def merge_partials(const int64_t[:, ::1] items, const float[:, ::1] m, const flo
 def read_pages(
     const uint8_t[::1] arena, Py_ssize_t page_bytes, Py_ssize_t P,
     int fmt, Py_ssize_t codes_off, Py_ssize_t scales_off, Py_ssize_t zeros_off, Py_ssize_t row_bytes,
-    Py_ssize_t group, const float[::1] table, const int32_t[::1] pages, Py_ssize_t pos,
+    Py_ssize_t group, const int32_t[::1] pages, Py_ssize_t pos,
     float[:, :, ::1] out, int nthreads,
 ):
     """Decode positions pos .. pos + n - 1 (all in the sealed pages listed) into out [n, H, D].
@@ -434,8 +399,7 @@ def read_pages(
     if n == 0:
         return
     last = (pos + n - 1) // P
-    s.fmt, s.codes_off, s.scales_off, s.zeros_off = fmt, codes_off, scales_off, zeros_off
-    s.code_row_bytes, s.group, s.table = row_bytes, group, &table[0]
+    init_side(&s, fmt, codes_off, scales_off, zeros_off, row_bytes, group, D)
     for i in prange(first, last + 1, nogil=True, schedule="static",
                     num_threads=max(1, min(nthreads, (last - first + 1) // 8))):
         a = pos - i * P if i == first else 0

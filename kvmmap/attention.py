@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from . import quant
+from .codecs import quant
 from .errors import ConfigError, DTypeError, NonFiniteError, SequenceError, ShapeError, describe
 from .parallel import get_num_threads
 
@@ -139,10 +139,6 @@ def _side_args(cache, side: str):
             regs["zeros"].offset if "zeros" in regs else 0, code_row)
 
 
-def _table(fmt) -> np.ndarray:
-    return quant.fp8_values(fmt.name) if fmt.name.startswith("fp8") else np.zeros(1, np.float32)
-
-
 def will_need(cache, pages: np.ndarray) -> None:
     """Ask the kernel to start reading ``pages`` of a file-backed cache from disk now.
 
@@ -167,7 +163,7 @@ def read_sealed(cache, side: str, pages: np.ndarray, pos: int, out: np.ndarray) 
     # int4 keys are grouped per channel over the page: the kernel's group 0
     group = cache.layout.group_size["v"] if side == "v" else 0
     _attention.read_pages(cache._arena, cache._sb.page_bytes, cache.page_size, *_side_args(cache, side),
-                          group, _table(cache.layout.formats[side]), pages.astype(np.int32, copy=False),
+                          group, pages.astype(np.int32, copy=False),
                           pos, out, get_num_threads())
 
 
@@ -201,10 +197,9 @@ def cpu_decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> 
     l = np.empty((len(items), Hq), np.float32)
     acc = np.empty((len(items), Hq, D), np.float32)
     arena = cache._arena if cache._arena.size else np.zeros(1, np.uint8)
-    kf, vf = cache.layout.formats["k"], cache.layout.formats["v"]
     _attention.attend(
         arena, cache._sb.page_bytes, *_side_args(cache, "k"), *_side_args(cache, "v"),
-        cache.layout.group_size["v"], _table(kf), _table(vf),
+        cache.layout.group_size["v"],
         batch.page_indptr, batch.page_indices, batch.tail_k, batch.tail_v,
         items, q, scale, block, m, l, acc, nthreads,
     )

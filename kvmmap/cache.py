@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-from . import quant
+from .codecs import quant
 from .core import payload
 from .core.arena import Arena
 from .core.commits import Commits

@@ -126,7 +126,7 @@ def _dequant_kernel(ctx, options: tuple[str, ...]):
 
 
 def dequantize_rows(q) -> np.ndarray:
-    """OpenCL decode of a :class:`~kvmmap.quant.QTensor`: :func:`kvmmap.dequantize` on the device.
+    """OpenCL decode of a :class:`~kvmmap.codecs.quant.QTensor`: :func:`kvmmap.dequantize` on the device.
 
     Runs ``kernels_cl/dequant.cl``, which decodes with the same ``kvmmap_formats.h``
     functions as the attention kernels (so the tests of this function test theirs).

@@ -140,7 +140,8 @@ def snapshot(c) -> dict:
 
 def _install_kill_hook(spec: str, current: list) -> None:
     """SIGKILL this process on the n-th call of ``point`` made while operation ``op`` runs."""
-    from kvmmap import pagetable, quant
+    from kvmmap import pagetable
+    from kvmmap.codecs import quant
 
     op, point, n = spec.split(":")
     n, hits = int(n), [0]

@@ -11,7 +11,7 @@ import pytest
 
 import kvmmap as km
 from kvmmap.formats import get_format
-from kvmmap.quant import QTensor
+from kvmmap.codecs.quant import QTensor
 from reference import dequantize as reference_dequantize
 from reference import fp8_decode_table
 

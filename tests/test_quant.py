@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kvmmap as km
+from kvmmap.codecs import quant
 from reference import (
     bf16_round,
     fp8_decode_table,
@@ -124,7 +125,7 @@ def test_int4_channel_handles_outlier_channels_better_than_token_groups():
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_value_table(fmt):
-    ours = km.quant.fp8_values(fmt).astype(np.float64)
+    ours = quant.fp8_values(fmt).astype(np.float64)
     ref = fp8_decode_table(fmt)
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
     ok = ~np.isnan(ref)
@@ -257,12 +258,12 @@ def test_roundtrip_error_bounds_hold(x, fmt):
     elif fmt == "bf16":
         np.testing.assert_array_equal(out, bf16_round(x))
     elif fmt == "int8":
-        assert np.all(err <= int8_roundtrip_bound(x.astype(np.float64)) * (1 + RTOL[fmt]) + km.quant.TINY)
+        assert np.all(err <= int8_roundtrip_bound(x.astype(np.float64)) * (1 + RTOL[fmt]) + quant.TINY)
     elif fmt == "int4":
         bound = int4_token_bound(x.astype(np.float64), q.group_size)
-        assert np.all(err <= bound * (1 + RTOL[fmt]) + 1e-6 * np.abs(x) + km.quant.TINY)
+        assert np.all(err <= bound * (1 + RTOL[fmt]) + 1e-6 * np.abs(x) + quant.TINY)
     else:
-        tiny_rows = np.abs(x).max(axis=-1) < km.quant.TINY
+        tiny_rows = np.abs(x).max(axis=-1) < quant.TINY
         np.testing.assert_array_equal(out[tiny_rows], 0)
         table = fp8_decode_table(fmt)
         codes_ref, _ = fp8_quantize(x[~tiny_rows], fmt)
@@ -278,7 +279,7 @@ def test_channel_roundtrip_bound_holds(x, group):
     q = km.quantize(x, "int4", grouping="channel", group_size=group)
     err = np.abs(km.dequantize(q).astype(np.float64) - x)
     bound = int4_channel_bound(x.astype(np.float64), group) * (1 + RTOL["int4"])
-    assert np.all(err <= bound + 1e-6 * np.abs(x) + km.quant.TINY)
+    assert np.all(err <= bound + 1e-6 * np.abs(x) + quant.TINY)
 
 
 # ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import quant
+from ..codecs import quant
 from ..errors import ConfigError
 from .container import CompressedTensor
 from .lowrank import LowRankCodec

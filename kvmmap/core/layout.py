@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..formats import get_format
-from ..quant import QTensor
+from ..codecs.quant import QTensor
 
 ALIGN = 64                                      # every page region starts on a 64-byte boundary
 

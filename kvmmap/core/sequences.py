@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import quant
+from ..codecs import quant
 from ..errors import SequenceError
 from ..pagetable import BlockTable, PageAllocator
 from .arena import Arena

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import quant
-from ..quant import QTensor
+from ..codecs import quant
+from ..codecs.quant import QTensor
 from .layout import PageLayout
 
 SIDES = ("k", "v")

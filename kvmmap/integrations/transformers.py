@@ -62,7 +62,7 @@ except ImportError as e:   # pragma: no cover - depends on the environment
         "pip install 'kvmmap[transformers]'"
     ) from e
 
-from .. import quant
+from ..codecs import quant
 from ..cache import PagedKVCache
 from ..errors import CacheFileError, ConfigError, DTypeError, SequenceError, ShapeError
 from ..prefix import as_token_ids

@@ -36,15 +36,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import DTypeError, FormatError, LayoutError, NonFiniteError, ShapeError, describe
+from ..formats import GROUPINGS, Format, get_format
+from ..parallel import get_num_threads
 from . import _quant
-from .errors import DTypeError, FormatError, LayoutError, NonFiniteError, ShapeError, describe
-from .formats import Format, get_format
-from .parallel import get_num_threads
 
-GROUPINGS = ("token", "channel")
+__all__ = ["GROUPINGS", "TINY", "QTensor", "check_storable", "dequantize", "fp8_values", "quantize",
+           "quantize_into"]
+
 #: Rows (int4: groups) of scaled formats whose absmax (range) is below this are zeroed.
 TINY = _quant.TINY
-_FP8_KIND = {"fp8_e4m3": _quant.FP8_E4M3, "fp8_e5m2": _quant.FP8_E5M2}
+# side arrays passed to the kernels for formats that have none (never read or written)
+_NO_SIDE = np.zeros((1, 1, 1), np.float32)
 
 
 @dataclass(frozen=True)
@@ -88,48 +91,8 @@ class QTensor:
 
 
 def _resolve_grouping(fmt: Format, shape: tuple, grouping: str, group_size: int | None) -> tuple[str, int]:
-    if grouping not in GROUPINGS:
-        raise FormatError(f"grouping must be one of {GROUPINGS}, found {grouping!r}")
-    if fmt.name != "int4":
-        if grouping != "token":
-            raise FormatError(f"grouping={grouping!r} is only available for int4, not {fmt.name}")
-        if group_size not in (None, 0):
-            raise FormatError(f"group_size is only used by int4, not {fmt.name}")
-        return "token", 0
-    head_dim = shape[-1]
-    if head_dim % 2:
-        raise ShapeError(f"int4 packs two codes a byte and needs an even head_dim, found {head_dim}")
-    if grouping == "token":
-        if group_size is None:
-            group_size = 32 if head_dim % 32 == 0 else min(head_dim, 256)
-        if group_size < 2 or group_size % 2 or head_dim % group_size or group_size > 256:
-            raise FormatError(
-                f"int4 token group_size must be even, at most 256 and divide head_dim={head_dim}, "
-                f"found {group_size}"
-            )
-    else:
-        if len(shape) < 2:
-            raise ShapeError(f"channel grouping needs a token axis: expected [..., tokens, head_dim], found {len(shape)}-D")
-        if group_size is None:
-            group_size = 32
-        if group_size < 1:
-            raise FormatError(f"int4 channel group_size must be >= 1, found {group_size}")
-    return grouping, int(group_size)
-
-
-def _side_shape(fmt: Format, shape: tuple, grouping: str, group_size: int) -> tuple | None:
-    """Shape of scales / zeros for an input of ``shape``, or None if the format has none."""
-    if not fmt.scaled:
-        return None
-    if fmt.name != "int4":
-        return shape[:-1]
-    if grouping == "token":
-        return shape[:-1] + (shape[-1] // group_size,)
-    return shape[:-2] + (-(-shape[-2] // group_size), shape[-1])
-
-
-def _code_shape(fmt: Format, shape: tuple) -> tuple:
-    return shape[:-1] + (fmt.code_width(shape[-1]),)
+    # kept for cache.py until it calls Format.resolve_grouping itself
+    return fmt.resolve_grouping(shape, grouping, group_size)
 
 
 def _as_3d(a: np.ndarray, name: str) -> np.ndarray:
@@ -194,8 +157,7 @@ def _status(status: int, fmt: Format) -> None:
     if status & _quant.NONFINITE:
         raise NonFiniteError(f"cannot store NaN or infinity in {fmt.name}: the input holds non-finite values")
     if status & _quant.OVERFLOW:
-        limit = {"fp16": "65504", "bf16": "3.39e38", "int4": "8.5e37"}[fmt.name]
-        raise NonFiniteError(f"the input holds values beyond {fmt.name}'s range (|x| <= {limit})")
+        raise NonFiniteError(f"the input holds values beyond {fmt.name}'s range (|x| <= {fmt.overflow_limit})")
 
 
 # ---------------------------------------------------------------------------------
@@ -238,10 +200,10 @@ def quantize(x, fmt: str, *, grouping: str = "token", group_size: int | None = N
     """
     f = get_format(fmt)
     x = _check_input(x)
-    grouping, group_size = _resolve_grouping(f, x.shape, grouping, group_size)
+    grouping, group_size = f.resolve_grouping(x.shape, grouping, group_size)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    codes = np.empty(_code_shape(f, x.shape), dtype=f.code_dtype)
-    side = _side_shape(f, x.shape, grouping, group_size)
+    codes = np.empty(f.code_shape(x.shape), dtype=f.code_dtype)
+    side = f.side_shape(x.shape, grouping, group_size)
     scales = np.empty(side, np.float32) if side is not None else None
     zeros = np.empty(side, np.float32) if f.zero_point else None
     q = QTensor(codes, scales, zeros, f.name, tuple(x.shape), grouping, group_size)
@@ -277,11 +239,11 @@ def quantize_into(x, out: QTensor) -> None:
         raise ShapeError(f"input shape {x.shape} does not match the destination's {tuple(out.shape)}")
     if x.shape[-1] == 0:
         raise ShapeError("head_dim (the last axis) must be at least 1")
-    grouping, group_size = _resolve_grouping(f, x.shape, out.grouping, out.group_size or None)
-    if f.name == "int4" and group_size != out.group_size:
-        raise FormatError(f"int4 destination needs an explicit group_size, found {out.group_size}")
-    _check_out(out.codes, "codes", f.code_dtype, _code_shape(f, x.shape))
-    side = _side_shape(f, x.shape, grouping, group_size)
+    grouping, group_size = f.resolve_grouping(x.shape, out.grouping, out.group_size or None)
+    if group_size != out.group_size:
+        raise FormatError(f"{f.name} destination needs an explicit group_size, found {out.group_size}")
+    _check_out(out.codes, "codes", f.code_dtype, f.code_shape(x.shape))
+    side = f.side_shape(x.shape, grouping, group_size)
     if side is not None:
         _check_out(out.scales, "scales", np.float32, side)
     if f.zero_point:
@@ -289,32 +251,28 @@ def quantize_into(x, out: QTensor) -> None:
     _quantize_unchecked(x, out)
 
 
+def _side(f: Format, a: np.ndarray | None, name: str) -> np.ndarray:
+    """Side data as the kernels take it, [A, rows, width]: per-row scales [..., T] get a
+    width of 1, absent side data a [1, 1, 1] placeholder."""
+    if a is None:
+        return _NO_SIDE
+    return _as_3d(a, name) if f.grouped else _as_2d(a, name)[:, :, None]
+
+
 def _quantize_unchecked(x: np.ndarray, q: QTensor) -> None:
     if x.size == 0:
         return
+    f = get_format(q.format)
     n = get_num_threads()
     x3 = _as_3d(x, "x")
-    c3 = _as_3d(q.codes, "codes")
-    name = q.format
-    if name == "fp32":
-        status = _quant.quantize_fp32(x3, c3, n)
-    elif name == "fp16":
-        status = _quant.quantize_fp16(x3, c3.view(np.uint16), n)
-    elif name == "bf16":
-        status = _quant.quantize_bf16(x3, c3, n)
-    elif name == "int8":
-        status = _quant.quantize_int8(x3, c3, _as_2d(q.scales, "scales"), n)
-    elif name in _FP8_KIND:
-        status = _quant.quantize_fp8(x3, c3, _as_2d(q.scales, "scales"), _FP8_KIND[name], n)
-    elif q.grouping == "token":
-        status = _quant.quantize_int4_token(
-            x3, c3, _as_3d(q.scales, "scales"), _as_3d(q.zeros, "zeros"), q.group_size, n
-        )
+    c3 = _as_3d(q.codes, "codes").view(np.uint8)
+    if q.grouping == "channel":
+        status = _quant.quantize_int4_channel(x3, c3, _as_3d(q.scales, "scales"), _as_3d(q.zeros, "zeros"),
+                                              q.group_size, n)
     else:
-        status = _quant.quantize_int4_channel(
-            x3, c3, _as_3d(q.scales, "scales"), _as_3d(q.zeros, "zeros"), q.group_size, n
-        )
-    _status(status, get_format(name))
+        status = _quant.quantize_rows(f.format_id, x3, c3, _side(f, q.scales, "scales"),
+                                      _side(f, q.zeros, "zeros"), q.group_size, n)
+    _status(status, f)
 
 
 def dequantize(q: QTensor, out: np.ndarray | None = None) -> np.ndarray:
@@ -334,14 +292,14 @@ def dequantize(q: QTensor, out: np.ndarray | None = None) -> np.ndarray:
         raise DTypeError(f"dequantize expects a QTensor, found {type(q).__name__}")
     f = get_format(q.format)
     shape = tuple(q.shape)
-    grouping, group_size = _resolve_grouping(f, shape, q.grouping, q.group_size or None)
-    if f.name == "int4" and group_size != q.group_size:
-        raise FormatError(f"int4 QTensor needs an explicit group_size, found {q.group_size}")
-    if q.codes.dtype != f.code_dtype or q.codes.shape != _code_shape(f, shape):
+    grouping, group_size = f.resolve_grouping(shape, q.grouping, q.group_size or None)
+    if group_size != q.group_size:
+        raise FormatError(f"{f.name} QTensor needs an explicit group_size, found {q.group_size}")
+    if q.codes.dtype != f.code_dtype or q.codes.shape != f.code_shape(shape):
         raise ShapeError(
-            f"{f.name} codes for shape {shape} must be {f.code_dtype}{list(_code_shape(f, shape))}, found {describe(q.codes)}"
+            f"{f.name} codes for shape {shape} must be {f.code_dtype}{list(f.code_shape(shape))}, found {describe(q.codes)}"
         )
-    side = _side_shape(f, shape, grouping, group_size)
+    side = f.side_shape(shape, grouping, group_size)
     for name in ("scales", "zeros") if f.zero_point else ("scales",) if f.scaled else ():
         a = getattr(q, name)
         if a is None or a.dtype != np.float32 or a.shape != side:
@@ -352,27 +310,12 @@ def dequantize(q: QTensor, out: np.ndarray | None = None) -> np.ndarray:
         _check_out(out, "out", np.float32, shape)
     if out.size == 0:
         return out
-    n = get_num_threads()
     o3 = _as_3d(out, "out")
-    c3 = _as_3d(q.codes, "codes")
-    if f.name == "fp32":
-        o3[...] = c3
-    elif f.name == "fp16":
-        _quant.dequantize_fp16(c3.view(np.uint16), o3, n)
-    elif f.name == "bf16":
-        _quant.dequantize_bf16(c3, o3, n)
-    elif f.name == "int8":
-        _quant.dequantize_int8(c3, _as_2d(q.scales, "scales"), o3, n)
-    elif f.name in _FP8_KIND:
-        _quant.dequantize_fp8(c3, _as_2d(q.scales, "scales"), o3, _FP8_KIND[f.name], n)
-    elif grouping == "token":
-        _quant.dequantize_int4_token(c3, _as_3d(q.scales, "scales"), _as_3d(q.zeros, "zeros"), o3, group_size, n)
-    else:
-        _quant.dequantize_int4_channel(c3, _as_3d(q.scales, "scales"), _as_3d(q.zeros, "zeros"), o3, group_size, n)
+    c3 = _as_3d(q.codes, "codes").view(np.uint8)
+    channel = grouping == "channel"
+    _quant.dequantize_rows(f.format_id, c3, _side(f, q.scales, "scales"), _side(f, q.zeros, "zeros"),
+                           0 if channel else group_size, group_size if channel else 1, o3, get_num_threads())
     return out
-
-
-_LIMITS = {"fp16": 0x477FF000, "bf16": 0x7F7F8000, "int4": 0x7E800000}
 
 
 def check_storable(x: np.ndarray, fmt: str) -> None:
@@ -386,12 +329,13 @@ def check_storable(x: np.ndarray, fmt: str) -> None:
     worst = _quant.max_abs_bits(_as_3d(x, "x"), get_num_threads())
     if worst >= 0x7F800000:
         _status(_quant.NONFINITE, f)
-    if worst >= _LIMITS.get(f.name, 0x7F800000):
+    if worst >= _quant.refused_abs_bits(f.format_id):
         _status(_quant.OVERFLOW, f)
 
 
 def fp8_values(fmt: str) -> np.ndarray:
     """The 256 float32 values that an fp8 format's codes stand for (NaN where reserved)."""
-    if fmt not in _FP8_KIND:
-        raise FormatError(f"expected fp8_e4m3 or fp8_e5m2, found {fmt!r}")
-    return np.array(_quant.fp8_table(_FP8_KIND[fmt]), dtype=np.float32)
+    f = get_format(fmt)
+    if not f.value_table:
+        raise FormatError(f"expected a format with a value table (fp8), found {f.name!r}")
+    return np.array(_quant.fp8_table(f.format_id), dtype=np.float32)
