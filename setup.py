@@ -56,7 +56,8 @@ def ext(name, extra=()):
 
 
 setup(
-    ext_modules=cythonize([ext("codecs._quant"), ext("_pagetable"), ext("_attention", REASSOCIATE)], compiler_directives=directives),
+    ext_modules=cythonize([ext("codecs._quant"), ext("codecs._pages"), ext("_pagetable"), ext("_attention", REASSOCIATE)],
+                          compiler_directives=directives),
     package_dir={"kvmmap": "kvmmap", "kvmmap.kernels_cl": "kernels_cl"},
     packages=["kvmmap", "kvmmap.codecs", "kvmmap.compress", "kvmmap.core", "kvmmap.integrations", "kvmmap.kernels_cl",
               "kvmmap.tools"],

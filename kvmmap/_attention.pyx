@@ -18,50 +18,12 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 
 from kvmmap.codecs._convert cimport bits_f32, round_even
-from kvmmap.codecs._rows cimport (
-    FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_INT8, channel_grouped, decode_block, fill_fp8_table, side_width,
-)
+from kvmmap.codecs._pages cimport Side, decode_rows, init_side
+from kvmmap.codecs._rows cimport FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_INT8, fill_fp8_table
 
 cdef float[2][256] FP8_TABLES
 fill_fp8_table(FP8_TABLES[0], FMT_FP8_E4M3)
 fill_fp8_table(FP8_TABLES[1], FMT_FP8_E5M2)
-
-
-cdef struct Side:
-    # Where one side (K or V) of a page lives and how to decode it (codecs/_rows.pxd).
-    int fmt
-    Py_ssize_t codes_off, scales_off, zeros_off   # byte offsets inside a page
-    Py_ssize_t code_row_bytes                      # bytes of one token's codes for one head
-    Py_ssize_t group                               # int4: elements per group; 0 keys (per channel)
-    Py_ssize_t side_width                          # floats of scales (zeros) per token row
-    const float* table                             # fp8: the 256 code values
-
-
-cdef inline void init_side(Side* s, int fmt, Py_ssize_t codes_off, Py_ssize_t scales_off,
-                           Py_ssize_t zeros_off, Py_ssize_t row_bytes, Py_ssize_t group,
-                           Py_ssize_t D) noexcept nogil:
-    s.fmt, s.codes_off, s.scales_off, s.zeros_off = fmt, codes_off, scales_off, zeros_off
-    s.code_row_bytes, s.group, s.side_width = row_bytes, group, side_width(fmt, group, D)
-    s.table = &FP8_TABLES[1][0] if fmt == FMT_FP8_E5M2 else &FP8_TABLES[0][0]
-
-
-cdef inline void decode_rows(const uint8_t* page, const Side* s, Py_ssize_t h, Py_ssize_t a,
-                             Py_ssize_t n, Py_ssize_t P, Py_ssize_t D, float* dst,
-                             Py_ssize_t ld) noexcept nogil:
-    """Decode tokens a .. a+n-1 of head h of one page into rows dst + t * ld (float32 [D]).
-
-    Side data of a page: [H, P, side_width] per token row, or for int4 keys (group 0) one
-    row per channel over the whole page, [H, 1, D]."""
-    cdef Py_ssize_t row = h * P + a
-    cdef const uint8_t* codes = page + s.codes_off + row * s.code_row_bytes
-    cdef const float* sc = <const float*>(page + s.scales_off)
-    cdef const float* zp = <const float*>(page + s.zeros_off)
-    cdef Py_ssize_t stride = s.side_width
-    if channel_grouped(s.fmt, s.group):
-        sc, zp, stride = sc + h * D, zp + h * D, 0
-    else:
-        sc, zp = sc + row * stride, zp + row * stride
-    decode_block(s.fmt, codes, s.code_row_bytes, sc, zp, stride, s.group, s.table, dst, ld, n, D)
 
 
 cdef inline float fast_exp(float x) noexcept nogil:
@@ -321,8 +283,10 @@ def attend(
     cdef float* work
     cdef float* qs
     # int4 keys are grouped per channel over the page: group 0
-    init_side(&ks, k_fmt, k_codes_off, k_scales_off, k_zeros_off, k_row_bytes, 0, D)
-    init_side(&vs, v_fmt, v_codes_off, v_scales_off, v_zeros_off, v_row_bytes, v_group, D)
+    init_side(&ks, k_fmt, k_codes_off, k_scales_off, k_zeros_off, k_row_bytes, 0, D,
+              &FP8_TABLES[0][0], &FP8_TABLES[1][0])
+    init_side(&vs, v_fmt, v_codes_off, v_scales_off, v_zeros_off, v_row_bytes, v_group, D,
+              &FP8_TABLES[0][0], &FP8_TABLES[1][0])
     cdef const uint8_t* base = &arena[0] if arena.shape[0] else NULL
     if N == 0:
         return
@@ -380,31 +344,3 @@ def merge_partials(const int64_t[:, ::1] items, const float[:, ::1] m, const flo
                 for j in range(D):
                     o[j] = o[j] / wsum
             i = e
-
-
-def read_pages(
-    const uint8_t[::1] arena, Py_ssize_t page_bytes, Py_ssize_t P,
-    int fmt, Py_ssize_t codes_off, Py_ssize_t scales_off, Py_ssize_t zeros_off, Py_ssize_t row_bytes,
-    Py_ssize_t group, const int32_t[::1] pages, Py_ssize_t pos,
-    float[:, :, ::1] out, int nthreads,
-):
-    """Decode positions pos .. pos + n - 1 (all in the sealed pages listed) into out [n, H, D].
-
-    Logical page i of ``pages`` holds positions i * P .. i * P + P - 1. Pages are decoded
-    in parallel, each straight into its token-major rows.
-    """
-    cdef Py_ssize_t n = out.shape[0], H = out.shape[1], D = out.shape[2]
-    cdef Py_ssize_t first = pos // P, last, i, a, b, h, done
-    cdef Side s
-    if n == 0:
-        return
-    last = (pos + n - 1) // P
-    init_side(&s, fmt, codes_off, scales_off, zeros_off, row_bytes, group, D)
-    for i in prange(first, last + 1, nogil=True, schedule="static",
-                    num_threads=max(1, min(nthreads, (last - first + 1) // 8))):
-        a = pos - i * P if i == first else 0
-        b = min(P, pos + n - i * P)
-        done = i * P + a - pos
-        for h in range(H):
-            decode_rows(&arena[0] + <Py_ssize_t>pages[i] * page_bytes, &s, h, a, b - a, P, D,
-                        &out[done, h, 0], H * D)

@@ -22,7 +22,6 @@ float64, as it does every row when ``scale`` is not a normal float32.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
@@ -129,44 +128,6 @@ def check_query(cache, layer, seqs, q, scale, window):
             None if window is None else int(window))
 
 
-def _side_args(cache, side: str):
-    """(format id, codes, scales, zeros offsets, bytes per code row) of one side of a page."""
-    regs = cache.layout.regions[side]
-    f = cache.layout.formats[side]
-    code_row = f.code_width(cache.head_dim) * f.code_dtype.itemsize
-    return (f.format_id, regs["codes"].offset,
-            regs["scales"].offset if "scales" in regs else 0,
-            regs["zeros"].offset if "zeros" in regs else 0, code_row)
-
-
-def will_need(cache, pages: np.ndarray) -> None:
-    """Ask the kernel to start reading ``pages`` of a file-backed cache from disk now.
-
-    A read through the memory map faults pages in one at a time in page-table order, which
-    jumps around the file; announcing every run of consecutive pages first lets the disk
-    work ahead (a cold full read went from 0.54 to 1.0+ GB/s of file here).
-    """
-    if cache.path is None or cache._fd is None or len(pages) < 64:
-        return
-    pb, base = cache._sb.page_bytes, cache._sb.arena_offset
-    p = np.sort(pages.astype(np.int64))
-    cuts = np.flatnonzero(np.diff(p) != 1) + 1
-    starts, ends = p[np.r_[0, cuts]], p[np.r_[cuts - 1, len(p) - 1]] + 1
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        os.posix_fadvise(cache._fd, base + a * pb, (b - a) * pb, os.POSIX_FADV_WILLNEED)
-
-
-def read_sealed(cache, side: str, pages: np.ndarray, pos: int, out: np.ndarray) -> None:
-    """Decode positions ``pos ..`` of sealed ``pages`` of one side into out [n, H, D]."""
-    from . import _attention
-
-    # int4 keys are grouped per channel over the page: the kernel's group 0
-    group = cache.layout.group_size["v"] if side == "v" else 0
-    _attention.read_pages(cache._arena, cache._sb.page_bytes, cache.page_size, *_side_args(cache, side),
-                          group, pages.astype(np.int32, copy=False),
-                          pos, out, get_num_threads())
-
-
 def _items(batch: PagedBatch, block: int, nthreads: int) -> np.ndarray:
     """Work items (b, t0, t1): long contexts are split so every thread has work."""
     lengths = batch.lengths
@@ -198,7 +159,7 @@ def cpu_decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> 
     acc = np.empty((len(items), Hq, D), np.float32)
     arena = cache._arena if cache._arena.size else np.zeros(1, np.uint8)
     _attention.attend(
-        arena, cache._sb.page_bytes, *_side_args(cache, "k"), *_side_args(cache, "v"),
+        arena, cache._sb.page_bytes, *cache.layout.side_offsets("k"), *cache.layout.side_offsets("v"),
         cache.layout.group_size["v"],
         batch.page_indptr, batch.page_indices, batch.tail_k, batch.tail_v,
         items, q, scale, block, m, l, acc, nthreads,

@@ -716,10 +716,9 @@ class PagedKVCache:
         nbt = len(st.bt)
         sealed = max(0, min(end, nbt * P) - pos)      # positions in sealed pages, then the tail
         if sealed:
-            from .attention import read_sealed, will_need
-            will_need(self, st.bt.pages[pos // P:(pos + sealed - 1) // P + 1])
+            self._pool.will_need(st.bt.pages[pos // P:(pos + sealed - 1) // P + 1])
             for side in _SIDES:
-                read_sealed(self, side, st.bt.pages, pos, out[side][:sealed])
+                self._pool.read_rows(side, st.bt.pages, pos, out[side][:sealed])
         if sealed < n:
             a = pos + sealed - nbt * P
             for side in _SIDES:

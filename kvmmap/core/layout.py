@@ -111,3 +111,16 @@ class PageLayout:
         scales = views["scales"][page][:, a:b] if f.scaled else None
         zeros = views["zeros"][page][:, a:b] if f.zero_point else None
         return QTensor(codes, scales, zeros, f.name, shape, "token", self.group_size[side])
+
+    def side_offsets(self, side: str) -> tuple[int, int, int, int, int]:
+        """(format id, byte offsets of codes, scales, zeros inside a page, bytes of one
+        token's codes for one head) of one side: what the page-reading kernels take.
+        Offsets of regions a format lacks are 0."""
+        regs, f = self.regions[side], self.formats[side]
+        return (f.format_id, regs["codes"].offset, regs["scales"].offset if "scales" in regs else 0,
+                regs["zeros"].offset if "zeros" in regs else 0, f.code_width(self.head_dim) * f.code_dtype.itemsize)
+
+    def kernel_group(self, side: str) -> int:
+        """The group size the page kernels take: int4 values' group along head_dim; 0 for
+        keys grouped per channel over the page, and for formats without groups."""
+        return self.group_size["v"] if side == "v" else 0
