@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import kvmmap as km
-from kvmmap.fileinfo import verify_cache
+from kvmmap.tools.common import check_pages, open_read_only
+from kvmmap.tools.verify import verify_cache
 
 from helpers import fails, flip, run
 
@@ -134,14 +135,12 @@ def test_changed_outcome_is_reported_not_damage(tmp_path):
     path = make_cache(tmp_path / "c.kvm")
     res = verify_cache(path)
     assert res["outcome"] == "ok"
-    from kvmmap import fileinfo
-
-    with fileinfo.open_read_only(path) as view:
+    with open_read_only(path) as view:
         page = int(view.block_table(0, 0)[0])
         with km.PagedKVCache.open(path, "r+") as c:      # a writer commits, then the page changes
             c.flush()
         flip(path, view._sb.arena_offset + page * view._sb.page_bytes + 3)
-        damaged, changed = fileinfo.check_pages(view, [page])
+        damaged, changed = check_pages(view, [page])
         assert (damaged, changed) == ([], [page])
     # a fresh verify sees one commit and the flipped page: damage
     res = verify_cache(path)

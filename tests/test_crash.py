@@ -355,8 +355,8 @@ def compress_server() -> None:
     compress` with the hooks, wait for it, print ``exit <status>`` (-9: SIGKILL)."""
     import traceback
 
-    from kvmmap import cli, compress, fileinfo  # noqa: F401  (imported once, before forking)
-    from kvmmap.tools import rewrite  # noqa: F401
+    from kvmmap import cli, compress  # noqa: F401  (imported once, before forking)
+    from kvmmap.tools import common, rewrite  # noqa: F401
 
     for line in sys.stdin:
         src, dst, kill_at, args = json.loads(line)
