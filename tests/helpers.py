@@ -10,6 +10,8 @@ import numpy as np
 
 from reference import parse_cache_file, stored_kv
 
+WORKERS = Path(__file__).resolve().parent / "workers"   # scripts that tests run in subprocesses
+
 # ------------------------------------------------------------------ attention
 
 RTOL = 2e-3
