@@ -4,7 +4,9 @@ For each context length the script fills one layer of a cache file with random K
 then times one decode step (one query token, all heads) with kvmmap and with
 ``torch.nn.functional.scaled_dot_product_attention`` on the dequantized K/V held as
 float32 and float16 tensors. It also reports the bytes of stored K/V read per second
-against this machine's memcpy bandwidth measured in the same run.
+against this machine's memcpy bandwidth measured in the same run. Every time is the
+median of ``--repeat`` calls after a warm-up (benchmarks/_timing.py); ``--json`` prints
+the figures as one JSON object.
 
     python benchmarks/bench_attention.py                       # 4k and 64k tokens
     python benchmarks/bench_attention.py --contexts 4096 131072 --batch 4 --backend opencl
@@ -20,7 +22,7 @@ import tempfile
 import numpy as np
 
 import kvmmap as km
-from _timing import median_time
+from _timing import add_json_option, emit_json, median_time
 
 
 def memcpy_gbps() -> float:
@@ -73,7 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--backend", default="cpu", choices=["cpu", "opencl"])
     ap.add_argument("--threads", type=int, default=km.get_num_threads())
+    add_json_option(ap)
     args = ap.parse_args(argv)
+    show = (lambda *a, **k: None) if args.json else print
 
     try:
         import torch
@@ -85,17 +89,21 @@ def main(argv=None) -> int:
     H, Hq, D, B = args.kv_heads, args.q_heads, args.head_dim, args.batch
     rng = np.random.default_rng(0)
     bw = memcpy_gbps()
-    print(f"decode attention: batch={B}, q_heads={Hq}, kv_heads={H}, head_dim={D}, "
+    baseline = {"memcpy_gb_s": bw, "threads": args.threads, "backend": args.backend}
+    rows = []
+    show(f"decode attention: batch={B}, q_heads={Hq}, kv_heads={H}, head_dim={D}, "
           f"threads={args.threads}, backend={args.backend}")
-    print(f"baseline memcpy (np.copyto, 256 MiB): {bw:.2f} GB/s")
+    show(f"baseline memcpy (np.copyto, 256 MiB): {bw:.2f} GB/s")
     if args.backend == "opencl":
         from kvmmap import opencl
         bw = device_copy_gbps()
-        print(f"baseline device copy on {opencl._pick_device().name.strip()} (256 MiB): {bw:.2f} GB/s read; "
+        device = opencl.context()[0].devices[0].name.strip()
+        baseline.update(device=device, device_copy_gb_s=bw)
+        show(f"baseline device copy on {device} (256 MiB): {bw:.2f} GB/s read; "
               "'vs memcpy' below is against this")
     if torch is None:
-        print("torch is not installed: the SDPA columns are skipped (pip install torch==2.13.0)")
-    print(f"{'context':>8} {'format':>6} {'kvmmap ms':>10} {'KV GB/s':>8} {'vs memcpy':>9} "
+        show("torch is not installed: the SDPA columns are skipped (pip install torch==2.13.0)")
+    show(f"{'context':>8} {'format':>6} {'kvmmap ms':>10} {'KV GB/s':>8} {'vs memcpy':>9} "
           f"{'sdpa32 ms':>10} {'vs sdpa32':>9} {'sdpa16 ms':>10} {'vs sdpa16':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.contexts:
@@ -106,7 +114,9 @@ def main(argv=None) -> int:
                 run = lambda: km.paged_decode_attention(c, 0, seqs, q, backend=args.backend)
                 t = median_time(run, args.repeat)
                 pages = sum(len(c.block_table(s, 0)) for s in seqs)
-                kv_bytes = pages * c._sb.page_bytes
+                kv_bytes = pages * c.superblock.page_bytes
+                rec = {"context": n, "format": fmt, "kvmmap_s": t, "kv_gb_s": kv_bytes / t / 1e9,
+                       "vs_memcpy": kv_bytes / t / 1e9 / bw}
                 row = f"{n:>8} {fmt:>6} {t * 1e3:>10.3f} {kv_bytes / t / 1e9:>8.2f} {kv_bytes / t / 1e9 / bw:>8.2f}x"
                 if torch is not None:
                     if not sdpa:   # SDPA on the stored (dequantized) data of the first format
@@ -128,10 +138,16 @@ def main(argv=None) -> int:
                         err = np.abs(run() - ref).max() / np.abs(ref).max()
                         if err > 2e-3:
                             print(f"!! kvmmap and SDPA disagree: relative error {err:.2e}", file=sys.stderr)
+                    rec.update(sdpa32_s=sdpa["sdpa32"], vs_sdpa32=sdpa["sdpa32"] / t,
+                               sdpa16_s=sdpa["sdpa16"], vs_sdpa16=sdpa["sdpa16"] / t)
                     row += (f" {sdpa['sdpa32'] * 1e3:>10.3f} {sdpa['sdpa32'] / t:>8.2f}x"
                             f" {sdpa['sdpa16'] * 1e3:>10.3f} {sdpa['sdpa16'] / t:>8.2f}x")
-                print(row, flush=True)
+                rows.append(rec)
+                show(row, flush=True)
                 c.close()
+    if args.json:
+        emit_json("bench_attention", args, baseline, rows)
+        return 0
     print("KV GB/s counts the stored pages (codes + scales) read per decode step; "
           "'vs sdpaXX' is SDPA time / kvmmap time on the same context (SDPA reads the dequantized K/V "
           "of the first format as float32 / float16).")

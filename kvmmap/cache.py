@@ -354,7 +354,7 @@ class PagedKVCache:
         st = self._seq(seq).layers[self._check_layer(layer)]
         return st.bt.pages.copy(), int(st.n_pos), int(st.first)
 
-    # read by modules written against the old internals (attention, opencl, fileinfo)
+    # read by modules written against the old internals (attention, opencl)
     _arena = property(lambda self: self._pool.data)
     _views = property(lambda self: self._pool.views)
     _page_crc = property(lambda self: self._pool.page_crc)

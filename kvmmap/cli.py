@@ -1,4 +1,5 @@
-"""The ``kvmmap`` console script: ``inspect``, ``verify``, ``compress``, ``convert``, ``demo``.
+"""The ``kvmmap`` console script (also ``python -m kvmmap``): ``inspect``, ``verify``,
+``compress``, ``convert``, ``demo``, each a thin front end over :mod:`kvmmap.tools`.
 
 Exit status: 0 on success; 1 when ``verify`` finds damage or a command fails (a missing
 or damaged file, bad input, too little memory: one line on stderr, never a traceback); 2
@@ -32,7 +33,7 @@ def _progress(args) -> bool | None:
 
 
 def _cmd_inspect(args) -> int:
-    from .fileinfo import format_inspect, inspect_cache
+    from .tools.inspect import format_inspect, inspect_cache
 
     info = inspect_cache(args.file)
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
@@ -40,7 +41,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from .fileinfo import format_verify, verify_cache
+    from .tools.verify import format_verify, verify_cache
 
     res = verify_cache(args.file, progress=_progress(args), commit="previous" if args.previous else "newest")
     print(json.dumps(res, indent=2) if args.json else format_verify(res))
@@ -49,7 +50,7 @@ def _cmd_verify(args) -> int:
 
 def _cmd_compress(args) -> int:
     from .compress import KVCacheCompressor
-    from .fileinfo import human_bytes
+    from .tools.common import human_bytes
     from .tools.rewrite import compress_cache
 
     method = None if args.method == "none" else args.method
@@ -88,8 +89,8 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .convert import convert
-    from .fileinfo import human_bytes
+    from .tools.convert import convert
+    from .tools.common import human_bytes
 
     r = convert(args.input, args.output, k_format=args.k_format, v_format=args.v_format, page_size=args.page_size,
                 name=args.name, append=args.append, overwrite=args.overwrite, fingerprint=args.fingerprint,
@@ -106,7 +107,7 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run
+    from .tools.demo import run
 
     return run(args.workdir)
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .fileinfo import ChangedByWriterError
+    from .tools.common import ChangedByWriterError
 
     try:
         return args.func(args)

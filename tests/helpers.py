@@ -10,6 +10,8 @@ import numpy as np
 
 from reference import parse_cache_file, stored_kv
 
+WORKERS = Path(__file__).resolve().parent / "workers"   # scripts that tests run in subprocesses
+
 # ------------------------------------------------------------------ attention
 
 RTOL = 2e-3
@@ -47,7 +49,7 @@ def assert_close(got, want):
 
 
 def run(cwd, *args, script=None):
-    cmd = [sys.executable, str(script)] if script else [sys.executable, "-m", "kvmmap.cli"]
+    cmd = [sys.executable, str(script)] if script else [sys.executable, "-m", "kvmmap"]
     r = subprocess.run(cmd + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert "Traceback" not in r.stderr, r.stderr
     return r

@@ -56,6 +56,23 @@ def test_version_help_and_usage_errors(tmp_path):
     fails(run(tmp_path, "compress", "a.kvm", "b.kvm", "--method", "vq", "--rank", "3"), 2, "--rank applies to")
 
 
+def test_python_m_kvmmap_is_the_console_script(cache_file, tmp_path, capsys):
+    """``python -m kvmmap`` (what every test here runs) gives what ``kvmmap.cli:main``,
+    the console script's entry point, gives in-process: same output, same exit status."""
+    from kvmmap.cli import main
+
+    for args in (["inspect", str(cache_file), "--json"], ["verify", str(cache_file), "--json", "--no-progress"]):
+        r = run(tmp_path, *args)
+        assert main(args) == r.returncode == 0
+        assert json.loads(capsys.readouterr().out) == json.loads(r.stdout)
+
+
+def test_demo_runs(tmp_path):
+    r = run(tmp_path, "demo", "--workdir", tmp_path / "demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "read back by the new process match" in r.stdout and "relative error vs numpy" in r.stdout
+
+
 def test_inspect_text_and_json(cache_file, tmp_path):
     r = run(tmp_path, "inspect", cache_file.name)
     assert r.returncode == 0

@@ -12,7 +12,6 @@ import os
 import struct
 import subprocess
 import sys
-import textwrap
 import zipfile
 from io import BytesIO
 
@@ -21,9 +20,10 @@ import numpy as np
 import pytest
 
 import kvmmap as km
-from kvmmap.fileinfo import verify_cache
+from kvmmap.tools.common import check_pages, open_read_only
+from kvmmap.tools.verify import verify_cache
 
-from helpers import fails, flip, run
+from helpers import WORKERS, fails, flip, run
 
 L, H, D, P = 2, 2, 16, 8
 MEMORY_LIMIT = 2 << 30           # RLIMIT_AS of the tools in the memory tests
@@ -57,33 +57,10 @@ def make_cache(path, sequences=3, tokens=40, meta_slot_bytes=1 << 16):
 
 # ------------------------------------------------------------------ 1. beside a writer
 
-WRITER = textwrap.dedent("""
-    import sys, time, numpy as np, kvmmap as km
-    path, seconds = sys.argv[1], float(sys.argv[2])
-    rng = np.random.default_rng(1)
-    c = km.PagedKVCache.open(path, "r+")
-    print("ready", flush=True)
-    end, commits = time.monotonic() + seconds, 0
-    while time.monotonic() < end:
-        seqs = sorted(c.sequences())
-        c.free(seqs[0])                     # its pages become reusable after this commit
-        c.flush()
-        s = c.new_sequence()                # reuses them
-        for layer in range(c.num_layers):
-            c.append(s, layer, *rng.standard_normal((2, 64, c.num_kv_heads, c.head_dim)).astype(np.float32))
-        c.flush()
-        commits += 2
-    c.close()
-    print(commits, flush=True)
-""")
-
-
 def start_writer(path, seconds):
-    env = dict(os.environ)
-    # cwd="/": from the repository root, "-c" would import the source folder (no compiled kernels)
-    w = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True,
-                         cwd="/",
-                         env=env)
+    """tests/workers/committing_writer.py on ``path`` for ``seconds``, once it is ready."""
+    w = subprocess.Popen([sys.executable, str(WORKERS / "committing_writer.py"), str(path), str(seconds)],
+                         stdout=subprocess.PIPE, text=True, cwd=path.parent)
     assert w.stdout.readline().strip() == "ready"
     return w
 
@@ -134,14 +111,12 @@ def test_changed_outcome_is_reported_not_damage(tmp_path):
     path = make_cache(tmp_path / "c.kvm")
     res = verify_cache(path)
     assert res["outcome"] == "ok"
-    from kvmmap import fileinfo
-
-    with fileinfo.open_read_only(path) as view:
+    with open_read_only(path) as view:
         page = int(view.block_table(0, 0)[0])
         with km.PagedKVCache.open(path, "r+") as c:      # a writer commits, then the page changes
             c.flush()
         flip(path, view._sb.arena_offset + page * view._sb.page_bytes + 3)
-        damaged, changed = fileinfo.check_pages(view, [page])
+        damaged, changed = check_pages(view, [page])
         assert (damaged, changed) == ([], [page])
     # a fresh verify sees one commit and the flipped page: damage
     res = verify_cache(path)

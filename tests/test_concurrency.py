@@ -1,11 +1,11 @@
 """One writer, several read-only readers, and writers that must be refused.
 
-The writer (this file run as ``writer``) commits step after step: it appends a chunk to
-sequence "log", one token to "clock" (so a reader learns the step it sees from the
-clock's length), and every few steps drops tokens from the front of "log" with
-shift_left, so freed pages are reused by later appends. Readers (this file run as
-``reader``) open the file read-only again and again and read all of "log"; every read
-must equal, byte for byte, the plain-numpy model of the step the reader opened, or be
+The writer (tests/workers/concurrency_writer.py) commits step after step: it appends a
+chunk to sequence "log", one token to "clock" (so a reader learns the step it sees from
+the clock's length), and every few steps drops tokens from the front of "log" with
+shift_left, so freed pages are reused by later appends. Readers
+(tests/workers/concurrency_reader.py) open the file read-only again and again and read
+all of "log"; every read must equal, byte for byte, the plain-numpy model of the step the reader opened, or be
 refused with a kvmmap error saying the writer has moved on (never silently torn data).
 Synchronisation is by the writer's stdout (a step number once its flush returned) and
 the readers' stdin (closed to stop them): nothing sleeps.
@@ -14,7 +14,6 @@ the readers' stdin (closed to stop them): nothing sleeps.
 from __future__ import annotations
 
 import json
-import select
 import subprocess
 import sys
 
@@ -23,90 +22,17 @@ import pytest
 
 import kvmmap as km
 
-GEO = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4, k_format="fp32", v_format="fp16")
-NSTEPS = 150
+from helpers import WORKERS
+from workers.concurrency_log import GEO, NSTEPS, chunk, model
+
 NREADERS = 3
 
 
-def chunk(step: int):
-    """K and V appended to "log" at ``step`` (both layers), [n, H, D] float32."""
-    n = 1 + (step * 7) % 13
-    x = np.random.default_rng(step).standard_normal((2, 2, n, GEO["num_kv_heads"], GEO["head_dim"]),
-                                                    dtype=np.float32)
-    return x            # [layer, k/v, n, H, D]
-
-
-def shift_at(step: int) -> int:
-    return 5 + step % 7 if step % 4 == 3 else 0
-
-
-def model(step: int):
-    """Plain-numpy contents of "log" after ``step``: per layer (k, v as fp16-rounded float32)."""
-    xs = [chunk(i) for i in range(step + 1)]
-    out = []
-    for layer in range(2):
-        k = np.zeros((0, GEO["num_kv_heads"], GEO["head_dim"]), np.float32)
-        v = k
-        for i, x in enumerate(xs):
-            k = np.concatenate([k, x[layer, 0]])
-            v = np.concatenate([v, x[layer, 1]])
-            k, v = k[shift_at(i):], v[shift_at(i):]
-        out.append((k, v.astype(np.float16).astype(np.float32)))
-    return out
-
-
-def writer(path: str) -> None:
-    c = km.PagedKVCache.create(path, **GEO)
-    log, clock = c.new_sequence("log"), c.new_sequence("clock")
-    tick = np.zeros((1, GEO["num_kv_heads"], GEO["head_dim"]), np.float32)
-    for step in range(NSTEPS):
-        if step == 1:
-            sys.stdin.readline()            # the test starts the readers after step 0, then says go
-        x = chunk(step)
-        for layer in range(2):
-            c.append(log, layer, x[layer, 0], x[layer, 1])
-        c.append(clock, 0, tick, tick)
-        if shift_at(step):
-            c.shift_left(log, shift_at(step))
-        c.flush()
-        print(step, flush=True)
-    sys.stdin.read()                        # hold the writer lock until the test is done
-
-
-def reader(path: str) -> None:
-    models, seen, refused, last = {}, [], 0, -1
-    while True:
-        stop = bool(select.select([sys.stdin], [], [], 0)[0])     # stdin closed: one last look
-        try:
-            with km.PagedKVCache.open(path, mode="r") as c:
-                step = c.seq_len(c.find_sequence("clock"), 0) - 1
-                log = c.find_sequence("log")
-                got = [c.read(log, layer) for layer in range(2)]
-        except km.CacheFileError as e:
-            if "reopen" not in str(e):
-                raise
-            refused += 1
-            continue
-        assert step >= last, f"went back from step {last} to {step}"
-        last = step
-        if step not in models:
-            models[step] = model(step)
-        for layer in range(2):
-            for side in (0, 1):
-                if got[layer][side].tobytes() != models[step][layer][side].tobytes():
-                    print(json.dumps({"torn": step, "layer": layer, "side": side}), flush=True)
-                    sys.exit(1)
-        seen.append(step)
-        if len(seen) == 1:
-            print("ready", flush=True)
-        if stop:
-            break
-    print(json.dumps({"reads": len(seen), "distinct": len(set(seen)), "refused": refused, "last": last}))
-
-
 def spawn(role, path, **kw):
-    return subprocess.Popen([sys.executable, __file__, role, str(path)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    """tests/workers/concurrency_{role}.py on ``path``, run from the file's folder."""
+    return subprocess.Popen([sys.executable, str(WORKERS / f"concurrency_{role}.py"), str(path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=path.parent, **kw)
 
 
 def test_readers_see_only_committed_states_while_a_writer_runs(tmp_path):
@@ -227,6 +153,3 @@ def test_second_writer_is_refused_with_a_clear_error(tmp_path):
     with km.PagedKVCache.open(path, mode="r") as c:
         assert c.num_layers == 1 and c.sequences() == {}
 
-
-if __name__ == "__main__":
-    {"writer": writer, "reader": reader}[sys.argv[1]](sys.argv[2])

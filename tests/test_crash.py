@@ -1,6 +1,6 @@
 """SIGKILL a writer anywhere; every reopen holds exactly a committed state, at least the last flushed.
 
-A writer process (this file run as a script) follows a seeded plan of steps, each a few
+A writer process (tests/workers/crash_writer.py) follows a seeded plan of steps, each a few
 operations (append, fork, truncate, shift_left, new, free) then ``flush()``, printing the
 step number once ``flush`` returns. It is killed with SIGKILL
 
@@ -39,81 +39,12 @@ import pytest
 import kvmmap as km
 from kvmmap.tools.rewrite import compress_cache
 
-GEOMETRY = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4)
-CONFIGS = {"exact": ("fp32", "fp16"), "quant": ("int8", "int4")}
-NSTEPS = 60
+from helpers import WORKERS
+from workers.compress_server import WAIT_FOR_KILL
+from workers.crash_plan import CONFIGS, GEOMETRY, NSTEPS, apply_op, plan
 
 
-# ------------------------------------------------------------------ the plan, shared by writer and test
-
-def plan(seed: int, nsteps: int = NSTEPS) -> list[list[tuple]]:
-    """Steps of operations on sequences named s0, s1, ...; deterministic in ``seed``."""
-    rng = np.random.default_rng(seed)
-    live, counter = ["s0"], 1
-    steps = [[("new", "s0"), ("append", "s0", 9, 0)]]
-    for _ in range(1, nsteps):
-        ops = []
-        for _ in range(int(rng.integers(1, 4))):
-            r = rng.random()
-            name = live[int(rng.integers(len(live)))]
-            if r < 0.08:
-                ops.append(("append", name, int(rng.integers(40, 90)), int(rng.integers(1 << 30))))
-            elif r < 0.45:
-                ops.append(("append", name, int(rng.integers(1, 24)), int(rng.integers(1 << 30))))
-            elif r < 0.57:
-                new, counter = f"s{counter}", counter + 1
-                ops.append(("fork", name, new))
-                live.append(new)
-            elif r < 0.69:
-                ops.append(("truncate", name, int(rng.integers(0, 40))))
-            elif r < 0.81:
-                ops.append(("shift_left", name, int(rng.integers(0, 14))))
-            elif r < 0.90 or len(live) == 1:
-                new, counter = f"s{counter}", counter + 1
-                ops.append(("new", new))
-                live.append(new)
-            else:
-                ops.append(("free", name))
-                live.remove(name)
-        steps.append(ops)
-    return steps
-
-
-def apply_op(c, op, ids: dict, model: dict | None = None) -> None:
-    """Run one planned operation on cache ``c``; mirror it on the numpy ``model`` if given.
-
-    ``ids`` maps sequence names to ids; ``model`` maps names to per-layer [k, v] arrays.
-    """
-    L, H, D = GEOMETRY["num_layers"], GEOMETRY["num_kv_heads"], GEOMETRY["head_dim"]
-    kind, name = op[0], op[1]
-    if kind == "new":
-        ids[name] = c.new_sequence(name)
-        if model is not None:
-            model[name] = [[np.zeros((0, H, D), np.float32)] * 2 for _ in range(L)]
-    elif kind == "append":
-        n, seed = op[2], op[3]
-        x = np.random.default_rng(seed).standard_normal((L, 2, n, H, D), dtype=np.float32)
-        for layer in range(L):
-            c.append(ids[name], layer, x[layer, 0], x[layer, 1])
-            if model is not None:
-                model[name][layer] = [np.concatenate([model[name][layer][i], x[layer, i]]) for i in (0, 1)]
-    elif kind == "fork":
-        ids[op[2]] = c.fork(ids[name], name=op[2])
-        if model is not None:
-            model[op[2]] = [list(kv) for kv in model[name]]
-    elif kind == "truncate":
-        c.truncate(ids[name], op[2])
-        if model is not None:
-            model[name] = [[a[:op[2]] for a in kv] for kv in model[name]]
-    elif kind == "shift_left":
-        c.shift_left(ids[name], op[2])
-        if model is not None:
-            model[name] = [[a[op[2]:] for a in kv] for kv in model[name]]
-    elif kind == "free":
-        c.free(ids.pop(name))
-        if model is not None:
-            del model[name]
-
+# ------------------------------------------------------------------ the plan replayed in RAM
 
 def replay(config: str, steps, upto: int):
     """An in-RAM cache (and numpy model) after steps 0..upto, flushing after each like the writer."""
@@ -136,69 +67,13 @@ def snapshot(c) -> dict:
     return out
 
 
-# ------------------------------------------------------------------ the writer (this file as a script)
-
-def _install_kill_hook(spec: str, current: list) -> None:
-    """SIGKILL this process on the n-th call of ``point`` made while operation ``op`` runs."""
-    from kvmmap import pagetable
-    from kvmmap.codecs import quant
-
-    op, point, n = spec.split(":")
-    n, hits = int(n), [0]
-
-    def check(p):
-        if current[0] == op and p == point:
-            hits[0] += 1
-            if hits[0] == n:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    def after(obj, attr, p):
-        real = getattr(obj, attr)
-
-        def wrapped(*a, **kw):
-            r = real(*a, **kw)
-            check(p)
-            return r
-        setattr(obj, attr, wrapped)
-
-    after(os, "ftruncate", "ftruncate")            # the file just grew; not yet mapped
-    after(os, "pwrite", "pwrite")                  # in flush: slot payload, then slot header
-    after(pagetable.PageAllocator, "incref", "incref")
-    after(pagetable.PageAllocator, "decref", "decref")
-    after(quant, "quantize_into", "quantize_into")
-    real_fsync = os.fsync
-
-    def fsync(fd):                                 # before the data pages are synced
-        check("fsync")
-        real_fsync(fd)
-    os.fsync = fsync
-
-
-def writer(path: str, config: str, seed: int, kill: str) -> None:
-    current = ["create"]
-    if kill != "-":
-        _install_kill_hook(kill, current)
-    kf, vf = CONFIGS[config]
-    c = km.PagedKVCache.create(path, **GEOMETRY, k_format=kf, v_format=vf)
-    ids = {}
-    for step, ops in enumerate(plan(seed)):
-        for op in ops:
-            current[0] = op[0]
-            apply_op(c, op, ids)
-        current[0] = "flush"
-        c.flush()
-        print(step, flush=True)
-    if kill != "-":
-        sys.exit(3)                                # the kill point was never reached
-    sys.stdin.read()                               # wait here for the test's SIGKILL
-
-
 # ------------------------------------------------------------------ the test side
 
 def run_writer(path, config, seed, kill="-", stop_at=None) -> int:
     """Start a writer, let it die (or kill it on reading step ``stop_at``); last step it reported."""
-    proc = subprocess.Popen([sys.executable, __file__, str(path), config, str(seed), kill],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(WORKERS / "crash_writer.py"), str(path), config, str(seed), kill],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=path.parent)
     reported = -1
     if stop_at is not None:
         for line in proc.stdout:
@@ -306,93 +181,25 @@ def test_plan_exercises_every_kill_point():
 # its output: appends and forks into the new cache, os.pwrite, os.ftruncate, os.fsync,
 # os.replace. A trace run prints them; a killed run SIGKILLs itself at the n-th, or prints
 # them and is killed by the test when it has read the n-th from the pipe. Each run is a
-# child forked by a server process (this file as a script) that has imported kvmmap
+# child forked by a server process (tests/workers/compress_server.py) that has imported kvmmap
 # already, so that a kill costs a fork, not an interpreter start.
 
 COMPRESS_ARGS = {"formats": ["--k-format", "int8", "--v-format", "int4"],
                  "lowrank": ["--method", "lowrank", "--rank", "4"]}
 SOURCE_STEPS = 15                  # plan(1) steps 0..15 in the source: 10 sequences, forks, shifts
-WAIT_FOR_KILL = -1                 # kill_at for a run that the test kills
-
-
-def report(line: str) -> None:
-    """One whole line to stdout in one write(2): a SIGKILL cannot cut it in half."""
-    os.write(1, f"{line}\n".encode())
-
-
-def _install_compress_hooks(kill_at: int) -> None:
-    from kvmmap import cache
-
-    count = [0]
-
-    def event(name):
-        count[0] += 1
-        if count[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        report(f"event {name}")
-
-    def hook(obj, attr, before=None, after=None):
-        real = getattr(obj, attr)
-
-        def wrapped(*a, **kw):
-            if before:
-                event(before)
-            r = real(*a, **kw)
-            if after:
-                event(after)
-            return r
-        setattr(obj, attr, wrapped)
-
-    hook(cache.PagedKVCache, "append", after="append")
-    hook(cache.PagedKVCache, "fork", after="fork")
-    hook(os, "pwrite", after="pwrite")
-    hook(os, "ftruncate", after="ftruncate")
-    hook(os, "fsync", before="fsync")
-    hook(os, "replace", before="replace", after="replaced")
-
-
-def compress_server() -> None:
-    """Per line of stdin ``[src, dst, kill_at, args]``: fork a child that runs `kvmmap
-    compress` with the hooks, wait for it, print ``exit <status>`` (-9: SIGKILL)."""
-    import traceback
-
-    from kvmmap import cli, compress, fileinfo  # noqa: F401  (imported once, before forking)
-    from kvmmap.tools import rewrite  # noqa: F401
-
-    for line in sys.stdin:
-        src, dst, kill_at, args = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            code = 4
-            try:
-                sys.stdout = open(os.devnull, "w")     # the CLI's report: not part of the protocol
-                report(f"pid {os.getpid()}")
-                _install_compress_hooks(kill_at)
-                rc = cli.main(["compress", src, dst, "--no-progress", *args])
-                report(f"done {rc}")
-                if kill_at == WAIT_FOR_KILL and rc == 0:
-                    while True:
-                        signal.pause()
-                code = rc or (3 if kill_at else 0)     # 3: the kill point was never reached
-            except BaseException:
-                traceback.print_exc()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        report(f"exit {-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)}")
 
 
 class CompressRunner:
-    """The test's end of :func:`compress_server`."""
+    """The test's end of tests/workers/compress_server.py."""
 
     def __init__(self, stderr_path):
         self.stderr_path = stderr_path
         self.stderr = open(stderr_path, "w")
         # one BLAS thread: lowrank's small eigh calls are ~20x slower with threads on a busy machine
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, __file__, "compress-server"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+        self.proc = subprocess.Popen([sys.executable, str(WORKERS / "compress_server.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env,
+                                     cwd=os.path.dirname(stderr_path))
 
     def run(self, src, dst, args, kill_at=0, stop_after=None) -> list[str]:
         """Run `kvmmap compress` in a child that kills itself at event ``kill_at``, is killed
@@ -584,9 +391,3 @@ def test_stale_partials_are_removed_but_not_a_live_one(tmp_path):
     live.close()
     assert km.core.fileio.remove_stale_partials(dst) and partials(dst) == []
 
-
-if __name__ == "__main__":
-    if sys.argv[1] == "compress-server":
-        compress_server()
-    else:
-        writer(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

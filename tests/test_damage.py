@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvmmap as km
-from kvmmap.fileinfo import verify_cache
+from kvmmap.tools.verify import verify_cache
 
 GEO = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4, k_format="int8", v_format="int4")
 SLOT = 12288

@@ -19,6 +19,8 @@ import pytest
 import kvmmap as km
 from kvmmap import parallel
 
+from helpers import WORKERS
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is not available")
 
 DEADLINE_S = 60
@@ -198,39 +200,10 @@ def test_torch_openmp_in_parent():
         km.set_num_threads(before)
 
 
-CHILD_OF_SINGLE_THREADED = r"""
-import os, sys, time
-import numpy as np
-import kvmmap as km
-assert len(os.listdir("/proc/self/task")) == 1, os.listdir("/proc/self/task")
-x = np.random.default_rng(0).standard_normal((4, 256, 128), dtype=np.float32)
-pid = os.fork()
-if pid == 0:
-    try:
-        km.set_num_threads(2)
-        y = km.dequantize(km.quantize(x, "fp16"))
-        ok = np.array_equal(y, x.astype(np.float16).astype(np.float32))
-        os._exit(0 if ok and len(os.listdir("/proc/self/task")) > 1 else 3)
-    finally:
-        os._exit(4)
-end = time.monotonic() + 60
-while time.monotonic() < end:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        sys.exit(os.waitstatus_to_exitcode(status))
-    time.sleep(0.02)
-os.kill(pid, 9)
-sys.exit(5)
-"""
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux procfs")
 def test_child_of_single_threaded_parent_keeps_threads():
     """No thread besides the forking one means no OpenMP pool: the child may use more."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(km.__file__)))
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    # cwd="/": from the repository root, "-c" would import the source folder (no compiled kernels)
-    run = subprocess.run([sys.executable, "-c", CHILD_OF_SINGLE_THREADED], env=env, cwd="/",
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(WORKERS / "fork_single_threaded.py")], env=env, cwd="/",
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, (run.returncode, run.stderr)

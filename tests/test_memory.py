@@ -1,8 +1,8 @@
 """Caches larger than the memory a process may use: page data lives in the file mapping.
 
-Two jails bound a worker process, which writes a cache several times the bound, then
-reopens it and reads every token back, comparing against numpy (the data are regenerated
-per chunk from a seed, never kept):
+Two jails bound a worker process (tests/workers/memory_worker.py), which writes a cache
+several times the bound, then reopens it and reads every token back, comparing against
+numpy (the data are regenerated per chunk from a seed, never kept):
 
 * ``RLIMIT_DATA``: on Linux >= 4.7 it caps private writable mappings (heap, anonymous
   mmap, thread stacks) but not shared file mappings. It is what bounds "Python-side"
@@ -29,84 +29,18 @@ import pytest
 
 import kvmmap as km
 
+from helpers import WORKERS
+
 H, D, L, P, CHUNK = 4, 64, 2, 16, 1024
 TOKEN_LAYER_BYTES = H * D * (4 + 2)          # K fp32 + V fp16 on disk
 
-WORKER = r"""
-import json, os, resource, sys
-import numpy as np
-import kvmmap as km
-
-path, target, rlimit_headroom = sys.argv[1], sys.argv[2], int(sys.argv[3])
-H, D, L, P, CHUNK = 4, 64, 2, 16, 1024
-
-def chunk(layer, i):
-    # deterministic per (layer, chunk): regenerated for the check instead of kept
-    r = np.random.default_rng([layer, i]).random((2, CHUNK, H, D), dtype=np.float32)
-    return r[0] * 8 - 4, r[1] * 2 - 1
-
-def vmdata():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmData:"):
-            return int(line.split()[1]) * 1024
-
-# warm up every code path (imports, kernel threads) before any limit is set
-warm = km.PagedKVCache.create(path + ".warm", num_layers=1, num_kv_heads=H, head_dim=D,
-                              k_format="fp32", v_format="fp16")
-s = warm.new_sequence("x")
-warm.append(s, 0, *chunk(0, 0))
-warm.read(s, 0)
-warm.flush(); warm.verify(); warm.close()
-os.unlink(path + ".warm")
-
-limit = None
-if rlimit_headroom:
-    limit = vmdata() + rlimit_headroom
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    try:                        # the limit bites: twice the headroom cannot be had privately
-        np.ones(2 * rlimit_headroom, np.uint8)
-        sys.exit("RLIMIT_DATA did not stop a private allocation past the limit")
-    except MemoryError:
-        pass
-
-# target: bytes, or "<n>x": n times the RLIMIT_DATA cap
-target = int(target[:-1]) * limit if target.endswith("x") else int(target)
-nchunks = -(-target // (CHUNK * L * H * D * 6))
-c = km.PagedKVCache.create(path, num_layers=L, num_kv_heads=H, head_dim=D, page_size=P,
-                           k_format="fp32", v_format="fp16")
-s = c.new_sequence("big")
-for i in range(nchunks):
-    for layer in range(L):
-        c.append(s, layer, *chunk(layer, i))
-    if i % 32 == 31:
-        c.flush()
-c.flush()
-c.close()
-
-c = km.PagedKVCache.open(path, mode="r")
-s = c.find_sequence("big")
-assert c.seq_len(s) == nchunks * CHUNK
-for i in range(nchunks):
-    for layer in range(L):
-        k, v = c.read(s, layer, i * CHUNK, (i + 1) * CHUNK)
-        xk, xv = chunk(layer, i)
-        if not (np.array_equal(k, xk) and np.array_equal(v, xv.astype(np.float16).astype(np.float32))):
-            sys.exit(f"chunk {i} layer {layer} reads back wrong")
-bad = c.verify()
-assert bad == [], bad
-print(json.dumps({"disk": os.stat(path).st_blocks * 512, "pages": c.stats()["pages_used"],
-                  "rlimit_data": limit, "vmdata": vmdata(),
-                  "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-c.close()
-"""
-
 
 def run_worker(tmp_path, target, rlimit_headroom=0, prefix=()):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    """tests/workers/memory_worker.py writing ``target`` bytes into tmp_path/big.kvm; its JSON report."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", KVMMAP_NUM_THREADS="1")
-    r = subprocess.run([*prefix, sys.executable, str(script), str(tmp_path / "big.kvm"), str(target),
-                        str(rlimit_headroom)], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([*prefix, sys.executable, str(WORKERS / "memory_worker.py"), str(tmp_path / "big.kvm"),
+                        str(target), str(rlimit_headroom)], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tmp_path)
     assert r.returncode == 0, f"worker failed ({r.returncode}): {r.stderr[-3000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -16,11 +16,10 @@ from tqdm import tqdm
 
 from ..cache import PagedKVCache
 from ..compress import KVCacheCompressor, decompress_kv
+from ..core.fileio import fsync_dir, lock_existing, partial_path, remove_stale_partials
 from ..errors import CacheFileError
-from ..fileinfo import ChangedByWriterError, check_pages, check_regular_file, disk_usage, layer_tables, open_read_only
 from ..formats import get_format
-from ..core.fileio import lock_existing, partial_path, remove_stale_partials
-from ..core.metaslot import newest_generation
+from .common import ChangedByWriterError, check_pages, check_regular_file, disk_usage, layer_tables, open_read_only
 
 
 def meta_slot_bytes_for(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, k_format: str,
@@ -182,11 +181,7 @@ def _compress_into(src: str, dst: str, k_format, v_format, compressor, progress)
             # renamed while still open: its writer lock marks the complete partial file as
             # live, so a concurrent call's cleanup leaves it alone
             os.replace(tmp, dst)
-            dfd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
-            try:                        # the new name survives a power loss too
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(dst)              # the new name survives a power loss too
             d.close()
         except BaseException:
             d.close()
@@ -245,7 +240,7 @@ def _copy_layer(s: PagedKVCache, d: PagedKVCache, src: str, sid: int, out: int, 
     except CacheFileError:
         # read() refuses pages that fail their checksum once a newer
         # commit exists: reused by the writer (they passed above)
-        if newest_generation(s._fd, s._sb) != s._generation:
+        if not s.commit_is_newest():
             raise _changed(src, f"sequence {sid} layer {layer} changed") from None
         raise
     k2, v2 = k, v

@@ -29,11 +29,11 @@ import zipfile
 import numpy as np
 from tqdm import tqdm
 
-from .cache import PagedKVCache
-from .errors import CacheFileError, DTypeError, KVMmapError, ShapeError, describe
-from .fileinfo import check_regular_file, disk_usage
-from .core.fileio import lock_existing, partial_path, remove_stale_partials
-from .tools.rewrite import meta_slot_bytes_for
+from ..cache import PagedKVCache
+from ..core.fileio import fsync_dir, lock_existing, partial_path, remove_stale_partials
+from ..errors import CacheFileError, DTypeError, KVMmapError, ShapeError, describe
+from .common import check_regular_file, disk_usage
+from .rewrite import meta_slot_bytes_for
 
 _PER_LAYER = re.compile(r"^layers\.(\d+)\.(key|value)$")
 _MAX_DEFLATE_RATIO = 1032      # deflate's largest expansion (258-byte matches in 2-bit codes)
@@ -307,7 +307,7 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
                 # as live, so a concurrent call's cleanup leaves it alone
                 os.replace(dst, final)
                 dst = final
-                _fsync_dir(final)
+                fsync_dir(final)
             cache.close()
         except BaseException:
             cache.close()     # without flush: nothing of this call is committed
@@ -323,15 +323,6 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
             os.close(old_fd)
     return {"src": src, "dst": dst, "layers": num_layers, "heads": heads, "head_dim": head_dim, "tokens": seq,
             "sequences": names, **result, **disk_usage(dst), "source_bytes": os.path.getsize(src)}
-
-
-def _fsync_dir(path: str) -> None:
-    """Make the directory entry of ``path`` durable (it survives a power loss)."""
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _tokens_first(x: np.ndarray) -> np.ndarray:

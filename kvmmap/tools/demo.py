@@ -15,7 +15,9 @@ import time
 
 import numpy as np
 
-from . import FORMATS, PagedKVCache, dequantize, quantize
+from ..cache import PagedKVCache
+from ..formats import FORMATS
+from ..codecs.quant import dequantize, quantize
 
 LAYERS, HEADS, HEAD_DIM, PROMPT, STEPS = 4, 8, 128, 1000, 24
 
@@ -44,7 +46,7 @@ for backend in backends:
     out = c.decode_attention(s, layer, q, backend=backend)
     dt = time.perf_counter() - t0
     err = np.abs(out - want).max() / np.abs(want).max()
-    where = opencl._pick_device().name.strip() if backend == "opencl" else f"{km.get_num_threads()} threads"
+    where = opencl.context()[0].devices[0].name.strip() if backend == "opencl" else f"{km.get_num_threads()} threads"
     print(f"   [new process] decode_attention(backend={backend!r}, {where}): 32 query heads over "
           f"{c.seq_len(s)} tokens in {dt * 1e3:.2f} ms, relative error vs numpy {err:.1e}")
     if err > 2e-3:
