@@ -15,7 +15,8 @@ import signal
 import sys
 
 import kvmmap as km
-from kvmmap import pagetable, quant
+from kvmmap import pagetable
+from kvmmap.codecs import quant
 
 from crash_plan import CONFIGS, GEOMETRY, apply_op, plan
 
