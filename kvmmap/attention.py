@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from .codecs import quant
+from ._validate import check_layer
 from .errors import ConfigError, DTypeError, NonFiniteError, SequenceError, ShapeError, describe
 from .parallel import get_num_threads
 
@@ -35,66 +35,20 @@ EXACT_TOKENS = 4096   # exact_decode: tokens read per step
 FLT_MIN, FLT_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
-class PagedBatch:
-    """The page-table view of a batch of sequences of one layer, as the kernels take it.
-
-    Follows the rules of :mod:`kvmmap.pagetable`: sequence ``b`` owns sealed pages
-    ``page_indices[page_indptr[b]:page_indptr[b+1]]`` (logical page ``i`` holds positions
-    ``i * P .. i * P + P - 1``); positions at or past ``num_sealed[b] * P`` are in its tail
-    page ``tail_k[b]`` / ``tail_v[b]``. Visible positions are ``start[b] .. end[b] - 1``.
-
-    Attributes
-    ----------
-    page_indptr : int64 [B + 1]
-    page_indices : int32 [nnz]
-    start, end : int64 [B]
-    tail_k, tail_v : float32 [B, H, P, D]
-        The tails, dequantized (int4 tails are already float32).
-    """
-
-    def __init__(self, cache, layer: int, seqs, window: int | None):
-        B = len(seqs)
-        H, P, D = cache.num_kv_heads, cache.page_size, cache.head_dim
-        states = [cache._seq(s).layers[layer] for s in seqs]
-        counts = np.array([len(st.bt) for st in states], np.int64)
-        self.page_indptr = np.zeros(B + 1, np.int64)
-        np.cumsum(counts, out=self.page_indptr[1:])
-        self.page_indices = (np.concatenate([st.bt.pages for st in states]).astype(np.int32, copy=False)
-                             if B else np.zeros(0, np.int32))
-        self.end = np.array([st.n_pos for st in states], np.int64)
-        self.start = np.array([st.first for st in states], np.int64)
-        if window is not None:
-            self.start = np.maximum(self.start, self.end - window)
-        self.tail_k = np.zeros((B, H, P, D), np.float32)
-        self.tail_v = np.zeros((B, H, P, D), np.float32)
-        for b, st in enumerate(states):
-            n_tail = st.n_pos - len(st.bt) * P
-            if n_tail:
-                quant.dequantize(cache._tail_q("k", st.tail, 0, n_tail), out=self.tail_k[b, :, :n_tail])
-                quant.dequantize(cache._tail_q("v", st.tail, 0, n_tail), out=self.tail_v[b, :, :n_tail])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.end - self.start
-
-
 def check_query(cache, layer, seqs, q, scale, window):
     """Validate the arguments of a batched decode.
 
     Returns (layer, seqs, q float32, scale float, window int or None); a window at least as
     long as every sequence is None (any positive int is accepted: 2**70 means no limit).
     """
-    from .cache import PagedKVCache
-
-    if not isinstance(cache, PagedKVCache):
+    if not callable(getattr(cache, "paged_batch", None)):       # the view every kernel reads
         raise ConfigError(f"cache must be a PagedKVCache, found {type(cache).__name__}")
-    cache._check_open()
-    layer = cache._check_layer(layer)
+    layer = check_layer(layer, cache.num_layers)
+    cache.paged_batch(layer, [])                                # refuses a closed cache
     if isinstance(seqs, (int, np.integer)):
         raise SequenceError("seqs must be a sequence of sequence ids (use decode_attention for one)")
     seqs = [int(s) if isinstance(s, np.integer) else s for s in seqs]
-    for s in seqs:
-        cache._seq(s)
+    lengths = [cache.seq_len(s, layer) for s in seqs]          # refuses unknown ids
     if not isinstance(q, np.ndarray):
         if not hasattr(q, "__array__"):
             raise DTypeError(f"q must be a numpy array, found {type(q).__name__}")
@@ -118,7 +72,6 @@ def check_query(cache, layer, seqs, q, scale, window):
     elif (not isinstance(scale, (int, float, np.integer, np.floating)) or isinstance(scale, bool)
           or not math.isfinite(scale) or scale <= 0):
         raise ShapeError(f"scale must be a positive finite number, found {scale!r}")
-    lengths = [cache.seq_len(s, layer) for s in seqs]
     for s, n in zip(seqs, lengths):
         if n == 0:
             raise SequenceError(f"sequence {s} has no tokens in layer {layer}: nothing to attend over")
@@ -128,7 +81,7 @@ def check_query(cache, layer, seqs, q, scale, window):
             None if window is None else int(window))
 
 
-def _items(batch: PagedBatch, block: int, nthreads: int) -> np.ndarray:
+def _items(batch, block: int, nthreads: int) -> np.ndarray:
     """Work items (b, t0, t1): long contexts are split so every thread has work."""
     lengths = batch.lengths
     total = int(lengths.sum())
@@ -151,15 +104,15 @@ def cpu_decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> 
     P, D = cache.page_size, cache.head_dim
     B, Hq = q.shape[0], q.shape[1]
     block = max(1, BLOCK_TOKENS // P) * P
-    batch = PagedBatch(cache, layer, seqs, window)
+    batch = cache.paged_batch(layer, seqs, window)
     nthreads = get_num_threads()
     items = _items(batch, block, nthreads)
     m = np.empty((len(items), Hq), np.float32)
     l = np.empty((len(items), Hq), np.float32)
     acc = np.empty((len(items), Hq, D), np.float32)
-    arena = cache._arena if cache._arena.size else np.zeros(1, np.uint8)
+    arena = cache.arena.data if cache.arena.data.size else np.zeros(1, np.uint8)
     _attention.attend(
-        arena, cache._sb.page_bytes, *cache.layout.side_offsets("k"), *cache.layout.side_offsets("v"),
+        arena, cache.arena.page_bytes, *cache.layout.side_offsets("k"), *cache.layout.side_offsets("v"),
         cache.layout.group_size["v"],
         batch.page_indptr, batch.page_indices, batch.tail_k, batch.tail_v,
         items, q, scale, block, m, l, acc, nthreads,
@@ -261,8 +214,7 @@ def paged_decode_attention(cache, layer: int, seqs, q, *, scale: float | None = 
     if not finite.all():
         for b in np.flatnonzero(~finite.all(axis=(1, 2))):
             out[b] = exact_decode(cache, layer, seqs[b], q[b], scale, window)
-    if not cache.writable and cache.path is not None:
+    if seqs:
         # a read-only view: refuse the result if a writer has since reused pages it read
-        cache._check_pages_current(np.unique(np.concatenate(
-            [cache._seq(s).layers[layer].bt.pages for s in seqs])))
+        cache.check_pages_current(np.unique(np.concatenate([cache.page_table(s, layer)[0] for s in seqs])))
     return out

@@ -30,7 +30,9 @@ from .core.arena import Arena
 from .core.commits import Commits
 from .core.fileio import fsync_dir, lock_existing, lock_writer, open_regular, partial_path, pwrite_all, same_file
 from .core.layout import PageLayout
-from .core.sequences import SequenceTable, is_int
+from ._validate import check_layer, is_int
+from .core.batch import PagedBatch
+from .core.sequences import SequenceTable
 from .core.superblock import SUPERBLOCK_BYTES, Superblock, geometry_superblock
 from .errors import CacheFileError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
 from .pagetable import PageAllocator, slot_mapping
@@ -354,7 +356,29 @@ class PagedKVCache:
         st = self._seq(seq).layers[self._check_layer(layer)]
         return st.bt.pages.copy(), int(st.n_pos), int(st.first)
 
-    # read by modules written against the old internals (attention, opencl)
+    def paged_batch(self, layer: int, seqs, window: int | None = None) -> PagedBatch:
+        """The paged view of ``seqs`` in ``layer`` that attention kernels read.
+
+        Parameters
+        ----------
+        layer : int
+        seqs : sequence of int
+            Sequence ids (checked).
+        window : int, optional
+            Only the last ``window`` tokens of each sequence are visible.
+
+        Returns
+        -------
+        PagedBatch
+            CSR page table, visible ranges and the open pages (float32), per sequence.
+        """
+        self._check_open()
+        layer = self._check_layer(layer)
+        for s in seqs:
+            self._seq(s)
+        return PagedBatch(self._table, layer, list(seqs), window)
+
+    # read by tests written against the old internals
     _arena = property(lambda self: self._pool.data)
     _views = property(lambda self: self._pool.views)
     _page_crc = property(lambda self: self._pool.page_crc)
@@ -398,9 +422,7 @@ class PagedKVCache:
         return s
 
     def _check_layer(self, layer) -> int:
-        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
-            raise ShapeError(f"layer must be an integer in 0..{self.num_layers - 1}, found {layer!r}")
-        return int(layer)
+        return check_layer(layer, self.num_layers)
 
     def _check_kv(self, x, name: str) -> np.ndarray:
         if not isinstance(x, np.ndarray):
@@ -616,7 +638,7 @@ class PagedKVCache:
         self._table.append_all([(st, x)])
 
     @_locked
-    def _append_rows(self, seqs, layer: int, k: np.ndarray, v: np.ndarray, read_back: bool = False):
+    def append_rows(self, seqs, layer: int, k: np.ndarray, v: np.ndarray, read_back: bool = False):
         """:meth:`append` to one layer of several sequences, all or none, unchecked.
 
         For callers that checked their input (``KVMmapCache``).
@@ -675,7 +697,7 @@ class PagedKVCache:
             return start, None, None
         shape = (len(seqs), self.num_kv_heads, sts[0].length - start, self.head_dim)
         k_stored, v_stored = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        self._read_rows(seqs, layer, start, sts[0].length, k_stored, v_stored)
+        self.read_rows(seqs, layer, start, sts[0].length, k_stored, v_stored)
         return start, k_stored, v_stored
 
     def read(self, seq: int, layer: int, start: int = 0, stop: int | None = None):
@@ -726,10 +748,10 @@ class PagedKVCache:
                                  out=out[side][sealed:].transpose(1, 0, 2))
         first_page, last_page = (st.first + start) // P, min((st.first + stop - 1) // P, nbt - 1)
         if not self.writable and self.path is not None and n and first_page <= last_page:
-            self._check_pages_current(st.bt.pages[first_page:last_page + 1])
+            self.check_pages_current(st.bt.pages[first_page:last_page + 1])
         return out["k"], out["v"]
 
-    def _read_rows(self, seqs, layer: int, start: int, stop: int, k_out: np.ndarray, v_out: np.ndarray) -> None:
+    def read_rows(self, seqs, layer: int, start: int, stop: int, k_out: np.ndarray, v_out: np.ndarray) -> None:
         """Dequantized K and V of tokens ``start .. stop - 1`` of several sequences, head-major.
 
         For callers that checked their arguments (``KVMmapCache``): tokens still in the
@@ -757,14 +779,25 @@ class PagedKVCache:
                 k_out[b] = k.transpose(1, 0, 2)
                 v_out[b] = v.transpose(1, 0, 2)
 
-    def _check_pages_current(self, pages) -> None:
+    def check_pages_current(self, pages) -> None:
         """Read-only views: refuse data just read from pages a writer may have reused.
 
-        A page of the commit this view was opened at is rewritten only after a newer commit
-        dropped it. While that commit is still the newest on disk nothing was; otherwise
-        the pages just read must still match their checksums. Call after copying.
+        A page of the commit this view was opened at is rewritten only after newer commits
+        dropped it. While the newest commit on disk is the one that was newest at open,
+        nothing was; otherwise the pages just read must still match their checksums. Call
+        after copying. Does nothing for writers and RAM caches.
+
+        Parameters
+        ----------
+        pages : iterable of int
+            Page ids just read (e.g. :meth:`PagedBatch.pages`).
+
+        Raises
+        ------
+        CacheFileError
+            Some of them changed since the view was opened: reopen to read the current state.
         """
-        if self._commits.is_current():
+        if self.writable or self.path is None or self._commits.is_current():
             return
         changed = [int(p) for p in pages if self._page_crc_of(int(p)) != int(self._page_crc[p])]
         if changed:

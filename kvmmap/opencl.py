@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import numpy as np
 
@@ -183,7 +184,7 @@ class DevicePool:
     def __init__(self, cache):
         self.ctx, self.queue = context()
         dev = _pick_device()
-        self.page_bytes = cache._sb.page_bytes
+        self.page_bytes = cache.arena.page_bytes
         env = os.environ.get("KVMMAP_OPENCL_SHARD_BYTES", "").strip()
         try:
             limit = int(env) if env else 0
@@ -222,11 +223,11 @@ class DevicePool:
 
     def sync(self, cache) -> list:
         """Upload the pages sealed since the last sync; returns the host arrays in flight."""
-        hw = cache._alloc.high_water
+        hw = cache.high_water
         self._ensure(max(hw, 1))
-        stamps = cache._page_stamp[:hw]
+        stamps = cache.arena.page_stamp[:hw]
         dirty = np.flatnonzero(stamps > self.synced)
-        self.synced = cache._stamp
+        self.synced = cache.arena.stamp
         if not len(dirty):
             return []
         pps, pb = self.pages_per_shard, self.page_bytes
@@ -236,7 +237,7 @@ class DevicePool:
         for run in np.split(dirty, breaks):
             p0, p1 = int(run[0]), int(run[-1]) + 1
             shard = p0 // pps
-            host = cache._arena[p0 * pb:p1 * pb]
+            host = cache.arena.data[p0 * pb:p1 * pb]
             cl.enqueue_copy(self.queue, self.shards[shard][0], host, dst_offset=(p0 - shard * pps) * pb,
                             is_blocking=False)
             held.append(host)
@@ -250,10 +251,14 @@ class DevicePool:
 
 def device_pool(cache) -> DevicePool:
     """The cache's device copy, created on first use."""
-    pool = getattr(cache, "_device_pool", None)
+    pool = _POOLS.get(cache)
     if pool is None or pool.ctx is not context()[0]:
-        pool = cache._device_pool = DevicePool(cache)
+        pool = _POOLS[cache] = DevicePool(cache)
     return pool
+
+
+# each cache's device copy, for as long as the cache lives
+_POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,7 +287,6 @@ def decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> np.n
 
     q: float32 [B, H * G, D]. Returns float32 [B, H * G, D].
     """
-    from .attention import PagedBatch
 
     ctx, queue = context()
     H, P, D = cache.num_kv_heads, cache.page_size, cache.head_dim
@@ -294,7 +298,7 @@ def decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> np.n
     split_kernel, merge_kernel = _attention_kernels(cache, G, split)
     pool = device_pool(cache)
     held = pool.sync(cache)
-    batch = PagedBatch(cache, layer, seqs, window)
+    batch = cache.paged_batch(layer, seqs, window)
     num_splits = int(-(-batch.lengths.max() // split))
     mf = cl.mem_flags
 

@@ -207,7 +207,7 @@ def quantize(x, fmt: str, *, grouping: str = "token", group_size: int | None = N
     scales = np.empty(side, np.float32) if side is not None else None
     zeros = np.empty(side, np.float32) if f.zero_point else None
     q = QTensor(codes, scales, zeros, f.name, tuple(x.shape), grouping, group_size)
-    _quantize_unchecked(x, q)
+    quantize_into_checked_shapes(x, q)
     return q
 
 
@@ -248,7 +248,7 @@ def quantize_into(x, out: QTensor) -> None:
         _check_out(out.scales, "scales", np.float32, side)
     if f.zero_point:
         _check_out(out.zeros, "zeros", np.float32, side)
-    _quantize_unchecked(x, out)
+    quantize_into_checked_shapes(x, out)
 
 
 def _side(f: Format, a: np.ndarray | None, name: str) -> np.ndarray:
@@ -259,7 +259,10 @@ def _side(f: Format, a: np.ndarray | None, name: str) -> np.ndarray:
     return _as_3d(a, name) if f.grouped else _as_2d(a, name)[:, :, None]
 
 
-def _quantize_unchecked(x: np.ndarray, q: QTensor) -> None:
+def quantize_into_checked_shapes(x: np.ndarray, q: QTensor) -> None:
+    """:func:`quantize_into` for a caller that knows ``x`` and ``q`` agree in shape and
+    dtype (float32, last axis contiguous): only the values are checked (NonFiniteError
+    for what the format cannot store, with nothing written)."""
     if x.size == 0:
         return
     f = get_format(q.format)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..codecs import quant
+from .._validate import is_int
 from ..errors import SequenceError
 from ..pagetable import BlockTable, PageAllocator
 from .arena import Arena
@@ -29,10 +30,6 @@ from .tail import SIDES, copy_tail, make_tail, seal_into, tail_q, write_rows
 
 MAX_SEQUENCE_ID = 0xFFFFFFFE               # ids are 32-bit in the file; the next id must fit too
 
-
-def is_int(v) -> bool:
-    """An integer, numpy's included, and not a bool."""
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 class LayerState:

@@ -11,8 +11,8 @@ import struct
 from dataclasses import dataclass
 
 import crc32c
-import numpy as np
 
+from .._validate import is_int
 from ..errors import CacheFileError, ConfigError, FormatError, ShapeError
 from ..formats import Format, format_by_id, get_format
 from .layout import PageLayout
@@ -30,9 +30,6 @@ MAX_INT4_K_PAGE_SIZE = (1 << 16) - 1        # int4 keys: page_size is stored in 
 DEFAULT_META_SLOT_BYTES = 64 << 20
 MAX_META_SLOT_BYTES = (1 << 62) - 4096      # keeps arena_offset = 4096 + 2S a valid file offset (< 2**63)
 
-
-def is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,8 @@ def write_rows(layout: PageLayout, tail: dict, row: int, k: np.ndarray, v: np.nd
             quant.check_storable(x, "int4")
     stop = row + k.shape[1]
     qk, qv = tail_q(layout, "k", tail, row, stop), tail_q(layout, "v", tail, row, stop)
-    quant._quantize_unchecked(k, qk)
-    quant._quantize_unchecked(v, qv)
+    quant.quantize_into_checked_shapes(k, qk)
+    quant.quantize_into_checked_shapes(v, qv)
     return qk, qv
 
 

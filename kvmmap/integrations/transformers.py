@@ -226,7 +226,7 @@ class KVMmapLayer(CacheLayerMixin):
         exact = store.k_format in exact and store.v_format in exact    # the input is what the file holds
         old = self._length
         # all rows or none; returns the dequantized stored values of the tokens it changed
-        start, k_stored, v_stored = store._append_rows(rows, self.layer_idx, k, v, read_back=keep and not exact)
+        start, k_stored, v_stored = store.append_rows(rows, self.layer_idx, k, v, read_back=keep and not exact)
         self._length = new = old + n
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -252,13 +252,13 @@ class KVMmapLayer(CacheLayerMixin):
         store = self._owner.store
         shape = (len(rows), store.num_kv_heads, stop - start, store.head_dim)
         k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        store._read_rows(rows, self.layer_idx, start, stop, k, v)
+        store.read_rows(rows, self.layer_idx, start, stop, k, v)
         return torch.from_numpy(k).to(device, dtype), torch.from_numpy(v).to(device, dtype)
 
     def _fill(self, start, stop, rows):
         """Dequantize tokens [start, stop) of every row from the file into the copy."""
         if self._knp is not None:     # float32 on the CPU: straight into the copy
-            self._owner.store._read_rows(rows, self.layer_idx, start, stop,
+            self._owner.store.read_rows(rows, self.layer_idx, start, stop,
                                          self._knp[:, :, start:stop], self._vnp[:, :, start:stop])
         else:
             k, v = self._read(rows, start, stop, self._kbuf.dtype, self._kbuf.device)
