@@ -688,9 +688,10 @@ class PagedKVCache:
             return start, k_stored, v_stored
         quant.check_storable(k, self.k_format)      # one read each; refuses before any change
         quant.check_storable(v, self.v_format)
-        int4 = "int4" in (self.k_format, self.v_format)
+        # a grouped format (int4) quantizes its open page as a whole when it fills
+        grouped = any(f.grouped for f in self.layout.formats.values())
         for st in sts:
-            if int4 and st.n_pos % P + n >= P:      # seals the open tail page
+            if grouped and st.n_pos % P + n >= P:   # seals the open page
                 start = min(start, max(0, st.length - st.n_pos % P))
         self._table.append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
         if not read_back:

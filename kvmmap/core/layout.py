@@ -46,8 +46,8 @@ class PageLayout:
     def __init__(self, num_kv_heads, head_dim, page_size, k_format, v_format, v_group_size):
         self.num_kv_heads, self.head_dim, self.page_size = num_kv_heads, head_dim, page_size
         self.formats = {"k": get_format(k_format), "v": get_format(v_format)}
-        self.group_size = {"k": page_size if self.formats["k"].name == "int4" else 0,
-                           "v": v_group_size if self.formats["v"].name == "int4" else 0}
+        self.group_size = {"k": page_size if self.formats["k"].grouped else 0,
+                           "v": v_group_size if self.formats["v"].grouped else 0}
         self.regions: dict[str, dict[str, Region]] = {}
         off = 0
         H, P, D = num_kv_heads, page_size, head_dim
@@ -56,7 +56,7 @@ class PageLayout:
             regs = {"codes": Region(off, f.code_dtype, (H, P, f.code_width(D)))}
             off = _align(off + regs["codes"].nbytes)
             if f.scaled:
-                if f.name != "int4":
+                if not f.grouped:
                     side_shape = (H, P)
                 elif side == "k":
                     side_shape = (H, 1, D)
@@ -74,14 +74,14 @@ class PageLayout:
         unpadded, or float32 [H, P, D] for an int4 side (docs/FORMAT.md, Payload)."""
         n = 0
         for side, regs in self.regions.items():
-            if self.formats[side].name == "int4":
+            if self.formats[side].grouped:
                 n += self.num_kv_heads * self.page_size * self.head_dim * 4
             else:
                 n += sum(r.nbytes for r in regs.values())
         return n
 
     def grouping(self, side: str) -> str:
-        return "channel" if side == "k" and self.formats["k"].name == "int4" else "token"
+        return "channel" if side == "k" and self.formats["k"].grouped else "token"
 
     def arena_views(self, arena: np.ndarray, num_pages: int) -> dict[str, dict[str, np.ndarray]]:
         """Arrays ``[num_pages, *region.shape]`` over a flat uint8 arena, one per region."""

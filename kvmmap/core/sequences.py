@@ -169,7 +169,7 @@ class SequenceTable:
         tail = copy_tail(self.tail_proto)
         for side in SIDES:
             src = self.arena.page_q(side, page, 0, rows)
-            if self.layout.formats[side].name == "int4":
+            if self.layout.formats[side].grouped:
                 quant.dequantize(src, out=tail[side]["codes"][:, :rows])
             else:
                 for name, arr in tail[side].items():

@@ -100,7 +100,7 @@ class Superblock:
             hi = LIMITS[name]
             if not 1 <= v <= hi:
                 bad(f"{name}={v} is outside 1..{hi}")
-        k4, v4 = self.k_format.name == "int4", self.v_format.name == "int4"
+        k4, v4 = self.k_format.grouped, self.v_format.grouped
         if (k4 or v4) and self.head_dim % 2:
             bad(f"head_dim={self.head_dim} is odd, but int4 packs two codes a byte and needs an even head_dim")
         if self.k_group_size != (self.page_size if k4 else 0):
@@ -154,12 +154,12 @@ def geometry_superblock(num_layers, num_kv_heads, head_dim, page_size, k_format,
             raise ShapeError(f"{name} must be an integer in 1..{hi} (docs/FORMAT.md), found {v!r}")
     kf, vf = get_format(k_format), get_format(v_format)
     for f in (kf, vf):
-        if f.name == "int4" and head_dim % 2:
+        if f.grouped and head_dim % 2:
             raise ShapeError(f"int4 needs an even head_dim, found {head_dim}")
-    if kf.name == "int4" and page_size > MAX_INT4_K_PAGE_SIZE:
+    if kf.grouped and page_size > MAX_INT4_K_PAGE_SIZE:
         raise ShapeError(f"int4 keys are grouped over a page and the group size field is 16 bits: page_size "
                          f"must be at most {MAX_INT4_K_PAGE_SIZE}, found {page_size}")
-    if vf.name == "int4":
+    if vf.grouped:
         if v_group_size is None:
             v_group_size = 32 if head_dim % 32 == 0 else head_dim
         if not is_int(v_group_size):
@@ -191,7 +191,7 @@ def geometry_superblock(num_layers, num_kv_heads, head_dim, page_size, k_format,
         raise ShapeError(f"meta_slot_bytes={meta_slot_bytes} cannot hold one sequence tail of this "
                          f"geometry ({layout.tail_bytes} bytes); pass a larger meta_slot_bytes")
     sb = Superblock(int(num_layers), int(num_kv_heads), int(head_dim), int(page_size), kf, vf,
-                    int(page_size) if kf.name == "int4" else 0, v_group_size, layout.page_bytes,
+                    int(page_size) if kf.grouped else 0, v_group_size, layout.page_bytes,
                     SUPERBLOCK_BYTES, meta_slot_bytes, SUPERBLOCK_BYTES + 2 * meta_slot_bytes, bytes(fingerprint))
     sb.validate("<new cache>")
     return sb

@@ -22,7 +22,7 @@ def make_tail(layout: PageLayout) -> dict:
     tail = {}
     H, P, D = layout.num_kv_heads, layout.page_size, layout.head_dim
     for side in SIDES:
-        if layout.formats[side].name == "int4":
+        if layout.formats[side].grouped:
             tail[side] = {"codes": np.zeros((H, P, D), np.float32)}
         else:
             tail[side] = {n: np.zeros(r.shape, r.dtype) for n, r in layout.regions[side].items()}
@@ -38,7 +38,7 @@ def tail_q(layout: PageLayout, side: str, tail: dict, a: int, b: int) -> QTensor
     f = layout.formats[side]
     t = tail[side]
     shape = (layout.num_kv_heads, b - a, layout.head_dim)
-    if f.name == "int4":
+    if f.grouped:
         return QTensor(t["codes"][:, a:b], None, None, "fp32", shape)
     return QTensor(t["codes"][:, a:b], t["scales"][:, a:b] if f.scaled else None, None, f.name, shape)
 
@@ -52,8 +52,8 @@ def write_rows(layout: PageLayout, tail: dict, row: int, k: np.ndarray, v: np.nd
     is float32. Returns the rows written to.
     """
     for x, side in ((k, "k"), (v, "v")):
-        if layout.formats[side].name == "int4":
-            quant.check_storable(x, "int4")
+        if layout.formats[side].grouped:
+            quant.check_storable(x, layout.formats[side].name)
     stop = row + k.shape[1]
     qk, qv = tail_q(layout, "k", tail, row, stop), tail_q(layout, "v", tail, row, stop)
     quant.quantize_into_checked_shapes(k, qk)
@@ -65,7 +65,7 @@ def seal_into(layout: PageLayout, tail: dict, page_q) -> None:
     """Write a full open page into an arena page; ``page_q(side)`` gives its QTensor."""
     for side in SIDES:
         dst = page_q(side)
-        if layout.formats[side].name == "int4":
+        if layout.formats[side].grouped:
             quant.quantize_into(tail[side]["codes"], dst)
         else:
             for name, arr in tail[side].items():

@@ -33,7 +33,7 @@ def _format_summary(cache: PagedKVCache, pages_used: int) -> list[dict]:
         side_bytes = sum(r.nbytes for r in regions.values())
         if not f.scaled:
             scales = "none"
-        elif f.name != "int4":
+        elif not f.grouped:
             scales = "scale per token per head"
         elif side == "k":
             scales = f"scale + zero per channel over the {P} tokens of a page"

@@ -41,7 +41,7 @@ def meta_slot_bytes_for(num_layers: int, num_kv_heads: int, head_dim: int, page_
     tail = 0
     for fmt in (k_format, v_format):
         f = get_format(fmt)
-        if f.name == "int4":
+        if f.grouped:
             tail += num_kv_heads * page_size * head_dim * 4
         else:
             tail += num_kv_heads * page_size * f.row_nbytes(head_dim) + (num_kv_heads * page_size * 4 if f.scaled else 0)
