@@ -671,34 +671,12 @@ class PagedKVCache:
         """
         self._check_open(write=True)
         sts = [self._seq(s).layers[layer] for s in seqs]
-        P, n = self.page_size, k.shape[2]
-        start = sts[0].length
-        if all(0 < n < P - st.n_pos % P for st in sts):
-            # Decode steps, as in append(): the lengths move only after every row succeeded.
-            k_stored = v_stored = None
-            if read_back:
-                k_stored, v_stored = np.empty(k.shape, np.float32), np.empty(v.shape, np.float32)
-            for b, st in enumerate(sts):
-                qk, qv = self._table.write_tail(st, k[b], v[b])
-                if read_back:
-                    quant.dequantize(qk, out=k_stored[b])
-                    quant.dequantize(qv, out=v_stored[b])
-            for st in sts:
-                st.n_pos += n
-            return start, k_stored, v_stored
-        quant.check_storable(k, self.k_format)      # one read each; refuses before any change
-        quant.check_storable(v, self.v_format)
-        # a grouped format (int4) quantizes its open page as a whole when it fills
-        grouped = any(f.grouped for f in self.layout.formats.values())
-        for st in sts:
-            if grouped and st.n_pos % P + n >= P:   # seals the open page
-                start = min(start, max(0, st.length - st.n_pos % P))
-        self._table.append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
+        start = self._table.append_rows(sts, k, v)
         if not read_back:
             return start, None, None
         shape = (len(seqs), self.num_kv_heads, sts[0].length - start, self.head_dim)
         k_stored, v_stored = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        self.read_rows(seqs, layer, start, sts[0].length, k_stored, v_stored)
+        self._table.read_rows(sts, start, sts[0].length, k_stored, v_stored)
         return start, k_stored, v_stored
 
     def read(self, seq: int, layer: int, start: int = 0, stop: int | None = None):
@@ -733,23 +711,9 @@ class PagedKVCache:
         stop = st.length if stop is None else stop
         if not (is_int(start) and is_int(stop) and 0 <= start <= stop <= st.length):
             raise ShapeError(f"need 0 <= start <= stop <= {st.length}, found start={start!r}, stop={stop!r}")
-        n = stop - start
-        out = {side: np.empty((n, self.num_kv_heads, self.head_dim), np.float32) for side in _SIDES}
-        P, pos, end = self.page_size, st.first + start, st.first + stop
-        nbt = len(st.bt)
-        sealed = max(0, min(end, nbt * P) - pos)      # positions in sealed pages, then the tail
-        if sealed:
-            self._pool.will_need(st.bt.pages[pos // P:(pos + sealed - 1) // P + 1])
-            for side in _SIDES:
-                self._pool.read_rows(side, st.bt.pages, pos, out[side][:sealed])
-        if sealed < n:
-            a = pos + sealed - nbt * P
-            for side in _SIDES:
-                quant.dequantize(self._tail_q(side, st.tail, a, a + n - sealed),
-                                 out=out[side][sealed:].transpose(1, 0, 2))
-        first_page, last_page = (st.first + start) // P, min((st.first + stop - 1) // P, nbt - 1)
-        if not self.writable and self.path is not None and n and first_page <= last_page:
-            self.check_pages_current(st.bt.pages[first_page:last_page + 1])
+        out = self._table.read(st, start, stop)
+        if not self.writable and self.path is not None:
+            self.check_pages_current(self._table.pages_read(st, start, stop))
         return out["k"], out["v"]
 
     def read_rows(self, seqs, layer: int, start: int, stop: int, k_out: np.ndarray, v_out: np.ndarray) -> None:
@@ -768,17 +732,7 @@ class PagedKVCache:
         k_out, v_out : numpy.ndarray, float32, shape ``[len(seqs), num_kv_heads, stop - start, head_dim]``
             Written; the last axis contiguous (views into the caller's buffers will do).
         """
-        P = self.page_size
-        for b, seq in enumerate(seqs):
-            st = self._seq(seq).layers[layer]
-            tail = st.length - st.n_pos % P             # the position of the tail's slot 0
-            if start >= tail:
-                for side, out in (("k", k_out), ("v", v_out)):
-                    quant.dequantize(self._tail_q(side, st.tail, start - tail, stop - tail), out=out[b])
-            else:
-                k, v = self.read(seq, layer, start, stop)
-                k_out[b] = k.transpose(1, 0, 2)
-                v_out[b] = v.transpose(1, 0, 2)
+        self._table.read_rows([self._seq(s).layers[layer] for s in seqs], start, stop, k_out, v_out)
 
     def check_pages_current(self, pages) -> None:
         """Read-only views: refuse data just read from pages a writer may have reused.

@@ -266,6 +266,72 @@ class SequenceTable:
             st.n_pos += take
             i += take
 
+    def append_rows(self, sts: list, k: np.ndarray, v: np.ndarray) -> int:
+        """Append head-major ``k``, ``v`` ``[B, H, tokens, D]`` to ``B`` (sequence, layer)
+        states of equal length, all or none; returns the first position whose stored value
+        changed (the old length, or for a grouped format the first row of a page this call
+        sealed: those rows are quantized again, as a whole)."""
+        P, n = self.page_size, k.shape[2]
+        start = sts[0].length
+        if all(0 < n < P - st.n_pos % P for st in sts):
+            # decode steps: the lengths move only after every row succeeded
+            for b, st in enumerate(sts):
+                self.write_tail(st, k[b], v[b])
+            for st in sts:
+                st.n_pos += n
+            return start
+        for side, x in (("k", k), ("v", v)):       # one read each; refuses before any change
+            quant.check_storable(x, self.layout.formats[side].name)
+        if any(f.grouped for f in self.layout.formats.values()):
+            for st in sts:
+                if st.n_pos % P + n >= P:
+                    start = min(start, max(0, st.length - st.n_pos % P))
+        self.append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
+        return start
+
+    def read(self, st: LayerState, start: int, stop: int) -> dict:
+        """Dequantized ``{side: float32 [stop - start, H, D]}`` of visible tokens
+        ``start .. stop - 1`` (checked by the caller): sealed pages decoded in place, then the
+        open page."""
+        lay = self.layout
+        n = stop - start
+        out = {side: np.empty((n, lay.num_kv_heads, lay.head_dim), np.float32) for side in SIDES}
+        P, pos, end = self.page_size, st.first + start, st.first + stop
+        nbt = len(st.bt)
+        sealed = max(0, min(end, nbt * P) - pos)      # positions in sealed pages, then the open page
+        if sealed:
+            self.arena.will_need(st.bt.pages[pos // P:(pos + sealed - 1) // P + 1])
+            for side in SIDES:
+                self.arena.read_rows(side, st.bt.pages, pos, out[side][:sealed])
+        if sealed < n:
+            a = pos + sealed - nbt * P
+            for side in SIDES:
+                quant.dequantize(self.tail_q(side, st.tail, a, a + n - sealed),
+                                 out=out[side][sealed:].transpose(1, 0, 2))
+        return out
+
+    def pages_read(self, st: LayerState, start: int, stop: int) -> np.ndarray:
+        """The sealed pages holding visible tokens ``start .. stop - 1``."""
+        P = self.page_size
+        if stop <= start:
+            return st.bt.pages[:0]
+        first, last = (st.first + start) // P, min((st.first + stop - 1) // P, len(st.bt) - 1)
+        return st.bt.pages[first:last + 1]
+
+    def read_rows(self, sts: list, start: int, stop: int, k_out: np.ndarray, v_out: np.ndarray) -> None:
+        """Head-major ``read`` of several states into ``[B, H, stop - start, D]`` outputs; rows
+        of the open page (a decode step's) are decoded from it straight into the output."""
+        P = self.page_size
+        for b, st in enumerate(sts):
+            row0 = st.length - st.n_pos % P             # the position of the open page's row 0
+            if start >= row0:
+                for side, out in (("k", k_out), ("v", v_out)):
+                    quant.dequantize(self.tail_q(side, st.tail, start - row0, stop - row0), out=out[b])
+            else:
+                got = self.read(st, start, stop)
+                k_out[b] = got["k"].transpose(1, 0, 2)
+                v_out[b] = got["v"].transpose(1, 0, 2)
+
     # ------------------------------------------------------------------ whole-table views
 
     def listed_pages(self) -> list[int]:
