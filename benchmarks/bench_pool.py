@@ -2,21 +2,29 @@
 
     python benchmarks/bench_pool.py [--layers 4] [--heads 8] [--head-dim 128]
                                     [--prefill-tokens 4096] [--chunk 512] [--decode-tokens 256]
-                                    [--large-gb 2] [--opens 200] [--dir DIR] [--threads N]
+                                    [--large-gb 2] [--opens 200] [--dir DIR] [--threads N] [--json]
 
 1. Append. A "token" is one position appended to every layer; GB/s counts the float32 K and
    V handed to ``append``. Baselines run the same loop (same chunks, same layer order)
    writing into a preallocated float32 numpy array (touched beforehand, so it is the
    best case: a memcpy) and into a preallocated, freshly created np.memmap (sparse, like a
-   new cache file, so it pays the same first-touch page faults).
-2. open(). Median over ``--opens`` open+close calls of a small cache and of a multi-GB
-   one (int8/int8, built here by appending); the target is 10 ms whatever the size.
+   new cache file, so it pays the same first-touch page faults). Each writer is made
+   fresh (untimed) for every call; the figure is the median of ``--repeat`` calls after
+   a warm-up call (benchmarks/_timing.py).
+2. open(). Median of ``--opens`` open+close calls, after a warm-up call, of a small
+   cache and of a multi-GB one (int8/int8, built here by appending); the file is in the
+   page cache; the target is 10 ms whatever the size.
 3. Cold read. The large cache is fsynced, its page cache dropped with
    ``posix_fadvise(DONTNEED)`` (checked with mincore), and every K/V of every layer is read
    back with ``PagedKVCache.read``, in the order it was written. The baseline reads a
    plain file of the same size, also cold, with ``readinto`` in 16 MiB blocks, like dd.
+   A cold read is ONE timed call, not a median: a warm-up would fill the page cache it
+   measures without, and each repeat re-reads the whole file from disk. The warm rows
+   that follow are the median of ``--repeat`` calls (the cold read was their warm-up).
 
 Everything is written under ``--dir`` (default: the system temp dir) and deleted at exit.
+``--json`` prints the figures as one JSON object (baselines, rows with their ratios, and
+``"timing"`` on the one-shot rows) instead of the table.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import time
 import numpy as np
 
 import kvmmap as km
-from _timing import median_time
+from _timing import ONE_SHOT, STATISTIC, add_json_option, emit_json, median_time
 
 APPEND_FORMATS = [("int8", "int8"), ("fp16", "fp16"), ("int8", "int4")]
 BLOCK = 16 << 20
@@ -87,15 +95,13 @@ def schedule(total: int, chunk: int):
 
 # ---------------------------------------------------------------- 1. append
 
-def run_appends(write, k, v, layers: int, spans) -> float:
-    t0 = time.perf_counter()
+def run_appends(write, k, v, layers: int, spans) -> None:
     for a, b in spans:
         for layer in range(layers):
             write(layer, a, b, k[a:b], v[a:b])
-    return time.perf_counter() - t0
 
 
-def bench_append(args, workdir: str) -> None:
+def bench_append(args, workdir: str, show, rows: list, baseline: dict) -> None:
     L, H, D = args.layers, args.heads, args.head_dim
     T = args.prefill_tokens
     rng = np.random.default_rng(0)
@@ -104,17 +110,14 @@ def bench_append(args, workdir: str) -> None:
     bytes_per_token = 2 * L * H * D * 4
     modes = {"prefill": schedule(T, args.chunk), "decode": schedule(min(args.decode_tokens, T), 1)}
 
-    print(f"\n== 1. append: {L} layers x {H} kv heads x head_dim {D}; prefill {T} tokens in chunks of "
-          f"{args.chunk}, decode {min(args.decode_tokens, T)} single-token steps; best of {args.repeat}")
-    print(f"{'what':<34}{'tokens/s':>12}{'GB/s in':>10}{'vs numpy':>10}{'vs memmap':>11}")
+    show(f"\n== 1. append: {L} layers x {H} kv heads x head_dim {D}; prefill {T} tokens in chunks of "
+         f"{args.chunk}, decode {min(args.decode_tokens, T)} single-token steps; {STATISTIC} (repeat={args.repeat})")
+    show(f"{'what':<34}{'tokens/s':>12}{'GB/s in':>10}{'vs numpy':>10}{'vs memmap':>11}")
 
-    def best(make_writer, spans):
-        times = []
-        for _ in range(args.repeat):
-            write, done = make_writer()
-            times.append(run_appends(write, k, v, L, spans))
-            done()
-        return min(times)
+    def timed(make_writer, spans):
+        """Median time of the append loop; each call gets a fresh writer, made and discarded untimed."""
+        return median_time(lambda writer: run_appends(writer[0], k, v, L, spans), args.repeat,
+                           setup=make_writer, teardown=lambda writer: writer[1]())
 
     def numpy_writer():
         dk = np.empty((L, T, H, D), np.float32)
@@ -158,17 +161,20 @@ def bench_append(args, workdir: str) -> None:
 
     for mode, spans in modes.items():
         n = spans[-1][1]
-        t_np = best(numpy_writer, spans)
-        t_mm = best(memmap_writer, spans)
+        t_np = timed(numpy_writer, spans)
+        t_mm = timed(memmap_writer, spans)
+        baseline[f"append {mode}"] = {"numpy_tokens_s": n / t_np, "memmap_tokens_s": n / t_mm}
 
         def row(label, t):
-            print(f"{label:<34}{n / t:>12,.0f}{n * bytes_per_token / t / 1e9:>10.2f}"
-                  f"{t_np / t:>9.2f}x{t_mm / t:>10.2f}x")
+            rows.append({"section": "append", "what": label, "tokens_s": n / t,
+                         "gb_s_in": n * bytes_per_token / t / 1e9, "vs_numpy": t_np / t, "vs_memmap": t_mm / t})
+            show(f"{label:<34}{n / t:>12,.0f}{n * bytes_per_token / t / 1e9:>10.2f}"
+                 f"{t_np / t:>9.2f}x{t_mm / t:>10.2f}x")
         row(f"{mode}: numpy float32 array", t_np)
         row(f"{mode}: np.memmap float32", t_mm)
         for kf, vf in APPEND_FORMATS:
-            row(f"{mode}: kvmmap {kf}/{vf}", best(lambda: kvmmap_writer(kf, vf), spans))
-    print("(vs numpy / vs memmap: kvmmap throughput over the baseline's, >1x is faster)")
+            row(f"{mode}: kvmmap {kf}/{vf}", timed(lambda: kvmmap_writer(kf, vf), spans))
+    show("(vs numpy / vs memmap: kvmmap throughput over the baseline's, >1x is faster)")
 
 
 # ---------------------------------------------------------------- 2. open
@@ -188,25 +194,29 @@ def build_cache(path: str, args, target_bytes: int, x: np.ndarray) -> tuple[int,
         return tokens, c.stats()["bytes_pages"]
 
 
-def bench_open(args, small: str, large: str, sizes) -> None:
-    print(f"\n== 2. open(): median of {args.opens} open+close calls (target: under 10 ms, independent of size)")
-    print(f"{'cache':<34}{'on disk':>12}{'mode':>6}{'open ms':>10}{'vs 10 ms':>10}")
+def bench_open(args, small: str, large: str, sizes, show, rows: list, baseline: dict) -> None:
+    show(f"\n== 2. open(): median of {args.opens} open+close calls after a warm-up call "
+         f"(target: under 10 ms, independent of size)")
+    show(f"{'cache':<34}{'on disk':>12}{'mode':>6}{'open ms':>10}{'vs 10 ms':>10}")
+    baseline["open target ms"] = 10.0
     med = {}
     for label, path in (("small", small), ("large", large)):
         for mode in ("r", "r+"):
-            def once():
-                km.PagedKVCache.open(path, mode=mode).close()
-            once()
-            med[label, mode] = median_time(once, args.opens, warmup=False)
-            print(f"{label + ' ' + sizes[label]:<34}{os.stat(path).st_blocks * 512 / 2**20:>9.0f} MiB"
-                  f"{mode:>6}{med[label, mode] * 1e3:>10.3f}{med[label, mode] / 0.010:>9.2f}x")
+            med[label, mode] = median_time(lambda: km.PagedKVCache.open(path, mode=mode).close(), args.opens)
+            disk = os.stat(path).st_blocks * 512
+            rows.append({"section": "open", "what": f"{label} {sizes[label]}", "mode": mode, "bytes_on_disk": disk,
+                         "open_ms": med[label, mode] * 1e3, "vs_10ms": med[label, mode] / 0.010,
+                         "vs_small": med[label, mode] / med["small", mode]})
+            show(f"{label + ' ' + sizes[label]:<34}{disk / 2**20:>9.0f} MiB"
+                 f"{mode:>6}{med[label, mode] * 1e3:>10.3f}{med[label, mode] / 0.010:>9.2f}x")
     for mode in ("r", "r+"):
-        print(f"large/small open time, mode {mode}: {med['large', mode] / med['small', mode]:.2f}x")
+        show(f"large/small open time, mode {mode}: {med['large', mode] / med['small', mode]:.2f}x")
+    show("(vs 10 ms: open time over the 10 ms target, <1x is within it)")
 
 
 # ---------------------------------------------------------------- 3. cold read
 
-def bench_cold_read(args, large: str, tokens: int, workdir: str) -> None:
+def bench_cold_read(args, large: str, tokens: int, workdir: str, show, rows: list, baseline: dict) -> None:
     L, H, D = args.layers, args.heads, args.head_dim
     disk = os.stat(large).st_blocks * 512
     plain = os.path.join(workdir, "plain.bin")
@@ -228,21 +238,34 @@ def bench_cold_read(args, large: str, tokens: int, workdir: str) -> None:
                 for layer in range(L):
                     c.read(s, layer, a, b)
 
-    print(f"\n== 3. read all K/V of {L} layers x {tokens} tokens (int8/int8 cache, {disk / 2**20:.0f} MiB on "
-          f"disk) vs dd-style readinto of a {disk / 2**20:.0f} MiB file in 16 MiB blocks")
-    print(f"{'what':<30}{'s':>8}{'disk GB/s':>11}{'f32 out GB/s':>14}{'vs dd':>8}  page cache")
+    show(f"\n== 3. read all K/V of {L} layers x {tokens} tokens (int8/int8 cache, {disk / 2**20:.0f} MiB on "
+         f"disk) vs dd-style readinto of a {disk / 2**20:.0f} MiB file in 16 MiB blocks")
+    show(f"cold: {ONE_SHOT}, right after dropping the page cache; warm: median of {args.repeat} calls "
+         f"(the cold read was the warm-up)")
+    show(f"{'what':<30}{'s':>8}{'disk GB/s':>11}{'f32 out GB/s':>14}{'vs dd':>8}  page cache")
     t = {}
     for label, path, fn in (("dd", plain, dd), ("kvmmap read", large, read_cache)):
         for state in ("cold", "warm"):
-            note = drop_page_cache(path) if state == "cold" else "warm (just read)"
-            t0 = time.perf_counter()
-            fn()
-            t[label, state] = time.perf_counter() - t0
-            out = "" if label == "dd" else f"{tokens * L * H * D * 8 / t[label, state] / 1e9:.2f}"
-            print(f"{label + ', ' + state:<30}{t[label, state]:>8.2f}{disk / t[label, state] / 1e9:>11.2f}"
-                  f"{out:>14}{t['dd', state] / t[label, state]:>7.2f}x  {note}")
+            if state == "cold":
+                note = drop_page_cache(path)
+                t0 = time.perf_counter()
+                fn()
+                t[label, state] = time.perf_counter() - t0
+            else:
+                note = "warm (just read)"
+                t[label, state] = median_time(fn, args.repeat, warmup=False)
+            if label == "dd":
+                baseline[f"dd {state}"] = {"seconds": t[label, state], "disk_gb_s": disk / t[label, state] / 1e9}
+            f32_out = None if label == "dd" else tokens * L * H * D * 8 / t[label, state] / 1e9
+            rows.append({"section": "read", "what": f"{label}, {state}", "seconds": t[label, state],
+                         "disk_gb_s": disk / t[label, state] / 1e9, "f32_out_gb_s": f32_out,
+                         "vs_dd": t["dd", state] / t[label, state], "page_cache": note,
+                         "timing": ONE_SHOT if state == "cold" else STATISTIC})
+            out = "" if f32_out is None else f"{f32_out:.2f}"
+            show(f"{label + ', ' + state:<30}{t[label, state]:>8.2f}{disk / t[label, state] / 1e9:>11.2f}"
+                 f"{out:>14}{t['dd', state] / t[label, state]:>7.2f}x  {note}")
     os.unlink(plain)
-    print("(vs dd: kvmmap's disk bytes/s over dd's on the same size, >1x is faster)")
+    show("(vs dd: kvmmap's disk bytes/s over dd's on the same size, >1x is faster)")
 
 
 # ---------------------------------------------------------------- main
@@ -261,39 +284,53 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to put the temporary files")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: append,open,read")
     ap.add_argument("--threads", type=int, default=None, help="kvmmap kernel threads (default: kvmmap's)")
+    add_json_option(ap)
     args = ap.parse_args()
     if args.threads:
         km.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
 
+    show = (lambda *a: None) if args.json else print
+    rows, baseline = [], {}
+    config = {"kvmmap": km.__version__, "threads": km.get_num_threads()}
     workdir = tempfile.mkdtemp(prefix="bench_pool-", dir=args.dir)
     try:
-        print(f"kvmmap {km.__version__}, threads={km.get_num_threads()}, files under {workdir}")
+        show(f"kvmmap {km.__version__}, threads={km.get_num_threads()}, files under {workdir}")
         if "append" not in skip:
-            bench_append(args, workdir)
-        if {"open", "read"} <= skip:
-            return
-        x = np.random.default_rng(2).standard_normal((args.chunk, args.heads, args.head_dim), dtype=np.float32)
-        free = shutil.disk_usage(workdir).free
-        want = int(args.large_gb * 1e9)
-        room = int((free - (1 << 30)) / 2.2)          # the cache and the dd file, plus slack
-        if want > room:
-            print(f"\nonly {free / 1e9:.1f} GB free under {workdir}: large cache scaled down from "
-                  f"{want / 1e9:.1f} GB to {max(room, 0) / 1e9:.2f} GB")
-            want = max(room, 64 << 20)
-        small, large = os.path.join(workdir, "small.kvm"), os.path.join(workdir, "large.kvm")
-        small_tokens, _ = build_cache(small, args, 1, x[:64])
-        t0 = time.perf_counter()
-        large_tokens, large_bytes = build_cache(large, args, want, x)
-        print(f"\nbuilt the large cache: {large_tokens} tokens x {args.layers} layers, "
-              f"{large_bytes / 1e9:.2f} GB of pages, in {time.perf_counter() - t0:.1f} s")
-        sizes = {"small": f"({small_tokens} tok)", "large": f"({large_tokens} tok)"}
-        if "open" not in skip:
-            bench_open(args, small, large, sizes)
-        if "read" not in skip:
-            bench_cold_read(args, large, large_tokens, workdir)
+            bench_append(args, workdir, show, rows, baseline)
+        if not {"open", "read"} <= skip:
+            bench_large(args, workdir, skip, show, rows, baseline, config)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        emit_json("bench_pool", args, baseline, rows, config)
+
+
+def bench_large(args, workdir: str, skip: set, show, rows: list, baseline: dict, config: dict) -> None:
+    """Sections 2 and 3, on a small cache and a large one built here."""
+    x = np.random.default_rng(2).standard_normal((args.chunk, args.heads, args.head_dim), dtype=np.float32)
+    free = shutil.disk_usage(workdir).free
+    want = int(args.large_gb * 1e9)
+    room = int((free - (1 << 30)) / 2.2)          # the cache and the dd file, plus slack
+    if want > room:
+        note = (f"only {free / 1e9:.1f} GB free under {workdir}: large cache scaled down from "
+                f"{want / 1e9:.1f} GB to {max(room, 0) / 1e9:.2f} GB")
+        config["note"] = note
+        show(f"\n{note}")
+        want = max(room, 64 << 20)
+    small, large = os.path.join(workdir, "small.kvm"), os.path.join(workdir, "large.kvm")
+    small_tokens, _ = build_cache(small, args, 1, x[:64])
+    t0 = time.perf_counter()
+    large_tokens, large_bytes = build_cache(large, args, want, x)
+    config.update(large_cache_tokens=large_tokens, large_cache_bytes_pages=large_bytes,
+                  small_cache_tokens=small_tokens)
+    show(f"\nbuilt the large cache: {large_tokens} tokens x {args.layers} layers, "
+         f"{large_bytes / 1e9:.2f} GB of pages, in {time.perf_counter() - t0:.1f} s")
+    sizes = {"small": f"({small_tokens} tok)", "large": f"({large_tokens} tok)"}
+    if "open" not in skip:
+        bench_open(args, small, large, sizes, show, rows, baseline)
+    if "read" not in skip:
+        bench_cold_read(args, large, large_tokens, workdir, show, rows, baseline)
 
 
 if __name__ == "__main__":
