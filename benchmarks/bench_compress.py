@@ -1,6 +1,7 @@
 """Compression ratio and error of KVCacheCompressor vs. plain quantization, in one run.
 
     python benchmarks/bench_compress.py [--tokens 512] [--layers 4] [--seed 0] [--synthetic]
+                                        [--repeat 3] [--json]
 
 K/V come from a small random-weight ``LlamaForCausalLM`` (``LlamaConfig``, seeded with
 ``torch.manual_seed``), captured in a ``DynamicCache`` after one forward pass over a
@@ -21,17 +22,22 @@ Every row is measured on the same K/V of an *evaluation* prompt:
   (what each further prompt costs).
 
 Ratios are float32 bytes / stored bytes; ``vs int8`` is int8's stored bytes / the row's.
-Errors are ``||x - x'|| / ||x||`` over all layers.
+Errors are ``||x - x'|| / ||x||`` over all layers. ``secs`` is the time to compress (for
+``self``, fitting included; ``calib`` is fitted beforehand, untimed), summed over layers,
+each layer's the median of ``--repeat`` calls after a warm-up call (benchmarks/_timing.py);
+``t/int8`` is that time over int8 quantization's, measured the same way in the same run.
+Bytes and errors come from one further call (the methods are seeded, so every call gives
+the same result). ``--json`` prints the figures as one JSON object instead of the tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import kvmmap as km
+from _timing import add_json_option, emit_json, median_time
 from kvmmap.compress import KVCacheCompressor
 
 
@@ -89,27 +95,30 @@ class Tally:
         return (num / den) ** 0.5
 
 
-def quant_baseline(kv, fmt: str, kivi: bool = False) -> Tally:
+def quant_baseline(kv, fmt: str, repeat: int, kivi: bool = False) -> Tally:
     t = Tally()
     for k, v in kv:
-        t0 = time.perf_counter()
-        qk = km.quantize(k, fmt, grouping="channel", group_size=32) if kivi else km.quantize(k, fmt)
-        qv = km.quantize(v, fmt)
-        t.seconds += time.perf_counter() - t0
+        def quantize(k=k, v=v):
+            qk = km.quantize(k, fmt, grouping="channel", group_size=32) if kivi else km.quantize(k, fmt)
+            return qk, km.quantize(v, fmt)
+        t.seconds += median_time(quantize, repeat)
+        qk, qv = quantize()
         t.stored += qk.nbytes + qv.nbytes
         t.add_error("k", k, km.dequantize(qk))
         t.add_error("v", v, km.dequantize(qv))
     return t
 
 
-def method_run(kv, calib, make) -> tuple[Tally, Tally]:
-    """(fitted on kv itself, fitted on calib and applied to kv), summed over layers."""
+def method_run(kv, calib, make, repeat: int) -> tuple[Tally, Tally]:
+    """(fitted on kv itself, fitted on calib and applied to kv), summed over layers.
+
+    An unfitted compressor fits each call's K/V afresh, so every ``self`` call pays the fit.
+    """
     own, cal = Tally(), Tally()
     for (k, v), (ck, cv) in zip(kv, calib):
         for tally, comp in ((own, make()), (cal, make().fit(ck, cv))):
-            t0 = time.perf_counter()
+            tally.seconds += median_time(lambda: comp.compress_kv(k, v), repeat)
             c = comp.compress_kv(k, v)
-            tally.seconds += time.perf_counter() - t0
             k2, v2 = comp.decompress_kv(c)
             tally.stored += c.report["bytes_out"]
             tally.shared += c.report["bytes_shared"]
@@ -124,31 +133,46 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--synthetic", action="store_true", help="use synthetic K/V instead of the Llama model's")
+    ap.add_argument("--repeat", type=int, default=3, help="timed calls per layer (median), after a warm-up call")
+    add_json_option(ap)
     args = ap.parse_args()
+    show = (lambda *a: None) if args.json else print
     if args.synthetic:
         (evaluation, calib), what = synthetic(args.tokens, args.layers, args.seed, "--synthetic")
     else:
         try:
             (evaluation, calib), what = capture_llama(args.tokens, args.layers, args.seed)
         except ImportError as e:
-            print(f"note: {e}; falling back to synthetic data")
+            show(f"note: {e}; falling back to synthetic data")
             (evaluation, calib), what = synthetic(args.tokens, args.layers, args.seed,
                                                   "torch/transformers not installed")
     fp32 = sum(k.nbytes + v.nbytes for k, v in evaluation)
     b, h, s, d = evaluation[0][0].shape
-    print(f"K/V: {what}")
-    print(f"evaluation prompt: {len(evaluation)} layers x [batch {b}, kv heads {h}, tokens {s}, head_dim {d}], "
-          f"{fp32 / 2**20:.2f} MiB as float32; calibration prompt: another {s} tokens\n")
+    show(f"K/V: {what}")
+    show(f"evaluation prompt: {len(evaluation)} layers x [batch {b}, kv heads {h}, tokens {s}, head_dim {d}], "
+         f"{fp32 / 2**20:.2f} MiB as float32; calibration prompt: another {s} tokens")
+    show(f"secs: compress time summed over layers, each the median of {args.repeat} calls after a warm-up call\n")
+    config = {"data": what, "layers": len(evaluation), "batch": b, "kv_heads": h, "tokens": s, "head_dim": d,
+              "float32_bytes": fp32}
 
-    base = {"fp16": quant_baseline(evaluation, "fp16"), "int8": quant_baseline(evaluation, "int8"),
-            "int4": quant_baseline(evaluation, "int4"), "int4 KIVI": quant_baseline(evaluation, "int4", kivi=True)}
-    int8_bytes = base["int8"].stored
-    head = f"{'method':<34}{'ratio':>7}{'vs int8':>8}{'K err':>9}{'V err':>9}{'secs':>7}"
-    print("baselines (kvmmap.quantize, same K/V)")
-    print(head)
+    base = {"fp16": quant_baseline(evaluation, "fp16", args.repeat),
+            "int8": quant_baseline(evaluation, "int8", args.repeat),
+            "int4": quant_baseline(evaluation, "int4", args.repeat),
+            "int4 KIVI": quant_baseline(evaluation, "int4", args.repeat, kivi=True)}
+    int8_bytes, int8_secs = base["int8"].stored, base["int8"].seconds
+
+    def figures(t: Tally, stored: int) -> dict:
+        return {"ratio": fp32 / stored, "vs_int8": int8_bytes / stored, "k_err": t.err("k"), "v_err": t.err("v")}
+
+    baseline = {name: {"stored_bytes": t.stored, **figures(t, t.stored), "seconds": t.seconds,
+                       "time_vs_int8": t.seconds / int8_secs} for name, t in base.items()}
+    rows = []
+    head = f"{'method':<34}{'ratio':>7}{'vs int8':>8}{'K err':>9}{'V err':>9}{'secs':>8}{'t/int8':>8}"
+    show("baselines (kvmmap.quantize, same K/V)")
+    show(head)
     for name, t in base.items():
-        print(f"{name:<34}{fp32 / t.stored:>6.2f}x{int8_bytes / t.stored:>7.2f}x{t.err('k'):>9.4f}{t.err('v'):>9.4f}"
-              f"{t.seconds:>7.2f}")
+        show(f"{name:<34}{fp32 / t.stored:>6.2f}x{int8_bytes / t.stored:>7.2f}x{t.err('k'):>9.4f}{t.err('v'):>9.4f}"
+             f"{t.seconds:>8.3f}{t.seconds / int8_secs:>7.1f}x")
 
     methods = {
         "lowrank energy 0.99": lambda: KVCacheCompressor("lowrank", energy=0.99),
@@ -163,16 +187,26 @@ def main() -> None:
         "hybrid energy 0.99 + int4": lambda: KVCacheCompressor("hybrid", energy=0.99, quant_bits=4),
         f"hybrid rank {d // 2} + int4": lambda: KVCacheCompressor("hybrid", rank=d // 2, quant_bits=4),
     }
-    print("\nKVCacheCompressor: self = fitted on this prompt (all bytes counted); "
-          "calib = fitted on the other prompt (basis/codebooks shared, not counted)")
-    print(f"{'method':<34}{'ratio':>7}{'vs int8':>8}{'K err':>9}{'V err':>9}{'secs':>7}   | calib:"
-          f"{'ratio':>7}{'vs int8':>8}{'K err':>9}{'V err':>9}")
+    show("\nKVCacheCompressor: self = fitted on this prompt (all bytes counted); "
+         "calib = fitted on the other prompt (basis/codebooks shared, not counted)")
+    show(f"{'method':<34}{'ratio':>7}{'vs int8':>8}{'K err':>9}{'V err':>9}{'secs':>8}{'t/int8':>8}   | calib:"
+         f"{'ratio':>7}{'vs int8':>8}{'K err':>9}{'V err':>9}{'secs':>8}{'t/int8':>8}")
     for name, make in methods.items():
-        own, cal = method_run(evaluation, calib, make)
+        own, cal = method_run(evaluation, calib, make, args.repeat)
         payload = cal.stored - cal.shared
-        print(f"{name:<34}{fp32 / own.stored:>6.2f}x{int8_bytes / own.stored:>7.2f}x{own.err('k'):>9.4f}"
-              f"{own.err('v'):>9.4f}{own.seconds:>7.2f}   |       {fp32 / payload:>6.2f}x{int8_bytes / payload:>7.2f}x"
-              f"{cal.err('k'):>9.4f}{cal.err('v'):>9.4f}")
+        rows.append({"method": name,
+                     "self": {"stored_bytes": own.stored, **figures(own, own.stored), "seconds": own.seconds,
+                              "time_vs_int8": own.seconds / int8_secs},
+                     "calib": {"stored_bytes": payload, "shared_bytes": cal.shared, **figures(cal, payload),
+                               "seconds": cal.seconds, "time_vs_int8": cal.seconds / int8_secs}})
+        show(f"{name:<34}{fp32 / own.stored:>6.2f}x{int8_bytes / own.stored:>7.2f}x{own.err('k'):>9.4f}"
+             f"{own.err('v'):>9.4f}{own.seconds:>8.3f}{own.seconds / int8_secs:>7.1f}x   |       "
+             f"{fp32 / payload:>6.2f}x{int8_bytes / payload:>7.2f}x{cal.err('k'):>9.4f}{cal.err('v'):>9.4f}"
+             f"{cal.seconds:>8.3f}{cal.seconds / int8_secs:>7.1f}x")
+    show("(ratio: float32 bytes / stored; vs int8: int8's stored bytes / the row's, >1x is smaller; "
+         "t/int8: compress time / int8 quantize time, >1x is slower)")
+    if args.json:
+        emit_json("bench_compress", args, baseline, rows, config)
 
 
 if __name__ == "__main__":
