@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py [--prompt 512] [--new 64] [--batch 1] [--layers 4]
                                         [--hidden 512] [--heads 8] [--kv-heads 2] [--repeat 5] [--ttft-repeat 6]
+                                        [--json]
 
 A random-weight Llama built from a LlamaConfig (no download), fp32 on the CPU.
 
@@ -14,24 +15,35 @@ run here is reported with the reason.
 Part 2: time to first token when a stored prompt is reopened from its file
 (``KVMmapCache.open`` + ``reuse_prefix``, then ``generate``, which computes only the last
 prompt token) vs. recomputing the prompt with DynamicCache; with the file in the OS page
-cache, and after dropping it from there (posix_fadvise DONTNEED).
+cache, and after dropping it from there (fsync, then posix_fadvise DONTNEED, before
+every call: each timed call of a "dropped" row starts cold, not only the first).
 
-Contenders run round-robin, ``--repeat`` (part 2: ``--ttft-repeat``) rounds after one
-warm-up round, and each figure is the best of its rounds: on a shared machine the drift
-then hits all of them alike.
+Timing: the statistic of benchmarks/_timing.py, the median of ``--repeat`` (part 2:
+``--ttft-repeat``) timed calls after one warm-up call, but taken round-robin: every
+contender runs once per round, in an order rotated from round to round, so drift on a
+shared machine hits all of them alike (``_timing.median_time`` times one contender's calls
+back to back, so it is not called here). Every call builds its own cache, so calls repeat
+in this process; none of the figures is a one-shot. ``--json`` prints the figures as one
+JSON object instead of the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
 
+from _timing import STATISTIC, add_json_option, emit_json
 from kvmmap.integrations.transformers import KVMmapCache
+
+
+class Unavailable(Exception):
+    """A contender that cannot run here (e.g. a QuantizedCache backend that is not installed)."""
 
 
 def tensor_bytes(obj, seen=None) -> int:
@@ -60,7 +72,7 @@ def kv_bytes(cache) -> tuple[int, int]:
     """(bytes of the K/V as the cache stores them, bytes of a dequantized copy beside them)."""
     if isinstance(cache, KVMmapCache):
         store = cache.store
-        tails = len(store.sequences()) * store.num_layers * store._tail_bytes     # open pages, in RAM
+        tails = len(store.sequences()) * store.num_layers * store.superblock.layout().tail_bytes  # open pages, in RAM
         s = cache.stats()
         return s["bytes_pages"] + tails, s["bytes_dequantized"]
     return sum(tensor_bytes(layer) for layer in cache.layers), 0
@@ -80,23 +92,27 @@ def round_robin(contenders: dict, repeat: int) -> dict:
     The order rotates from round to round, so that load arriving from elsewhere during a
     round does not always fall on the same contenders.
 
-    ``contenders[name]()`` returns ``(seconds, result)``. Returns ``{name: (best seconds,
-    last result)}``, or ``{name: exception}`` for a contender that raised.
+    ``contenders[name]()`` returns ``(seconds, result)``. Returns ``{name: (median seconds
+    of the timed rounds, last result)}``, or ``{name: Unavailable}`` for a contender that
+    raised it (any other exception is a bug of the benchmark and propagates).
     """
-    best = {name: (float("inf"), None) for name in contenders}
+    times = {name: [] for name in contenders}
+    out = {}
     names = list(contenders)
     for r in range(repeat + 1):
         for name in names[r % len(names):] + names[:r % len(names)]:    # rotated: no contender always first
-            run = contenders[name]
-            if isinstance(best[name], Exception):
+            if isinstance(out.get(name), Unavailable):
                 continue
             try:
-                t, result = run()
-            except Exception as e:          # e.g. a QuantizedCache backend that is not installed
-                best[name] = e
+                t, result = contenders[name]()
+            except Unavailable as e:
+                out[name] = e
                 continue
-            best[name] = (min(best[name][0], t) if r else float("inf"), result)
-    return best
+            if r:
+                times[name].append(t)
+            out[name] = (None, result)
+    return {name: res if isinstance(res, Unavailable) else (statistics.median(times[name]), res[1])
+            for name, res in out.items()}
 
 
 def fmt_bytes(n: int) -> str:
@@ -106,6 +122,7 @@ def fmt_bytes(n: int) -> str:
 def drop_page_cache(path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)        # DONTNEED leaves dirty pages in the cache
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
@@ -125,7 +142,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds of part 1")
     ap.add_argument("--ttft-repeat", type=int, default=6, help="timed rounds of part 2 (short runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_json_option(ap)
     args = ap.parse_args()
+    show = (lambda *a: None) if args.json else print
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -137,11 +156,15 @@ def main() -> None:
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(1, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     P = args.page_size
-    print(f"model: random Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} heads / "
-          f"{args.kv_heads} KV heads (head_dim {args.hidden // args.heads}), fp32 weights, CPU, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"generate(): batch {args.batch}, prompt {args.prompt} tokens, {args.new} new tokens (greedy); "
-          f"best of {args.repeat} rounds, round-robin\n")
+    config = {"model": "random-weight LlamaForCausalLM, fp32, CPU", "head_dim": args.hidden // args.heads,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "timing": f"{STATISTIC}, taken round-robin over the contenders"}
+    baseline, rows = {}, []
+    show(f"model: random Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} heads / "
+         f"{args.kv_heads} KV heads (head_dim {args.hidden // args.heads}), fp32 weights, CPU, "
+         f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    show(f"generate(): batch {args.batch}, prompt {args.prompt} tokens, {args.new} new tokens (greedy); "
+         f"median of {args.repeat} rounds after a warm-up round, round-robin\n")
 
     with tempfile.TemporaryDirectory() as tmp:
         def kvmmap(fmt, **kw):
@@ -159,8 +182,11 @@ def main() -> None:
 
         def run_with(make):
             def run():
-                cache = make()
-                t, out = generate_once(model, ids, cache, args.new)
+                try:
+                    cache = make()
+                    t, out = generate_once(model, ids, cache, args.new)
+                except Exception as e:      # the backends raise what they like; the reason is printed
+                    raise Unavailable(f"{type(e).__name__}: {e}") from e
                 stored, copy = kv_bytes(cache)
                 if isinstance(cache, KVMmapCache):
                     cache.close()
@@ -168,18 +194,24 @@ def main() -> None:
             return run
 
         results = round_robin({name: run_with(make) for name, make in makers.items()}, args.repeat)
-        print(f"{'cache':32s} {'tokens/s':>9s} {'ratio':>6s} {'K/V stored':>13s} {'dequant copy':>13s} "
-              f"{'same tokens':>12s}")
-        base_time, (base_out, _, _) = results["DynamicCache (baseline)"]
+        show(f"{'cache':32s} {'tokens/s':>9s} {'ratio':>6s} {'K/V stored':>13s} {'dequant copy':>13s} "
+             f"{'same tokens':>12s}")
+        base_time, (base_out, base_stored, _) = results["DynamicCache (baseline)"]
+        baseline["generate"] = {"cache": "DynamicCache", "seconds": base_time,
+                                "tokens_s": args.batch * args.new / base_time, "kv_stored_bytes": base_stored}
         for name, res in results.items():
-            if isinstance(res, Exception):
+            if isinstance(res, Unavailable):
                 reason = (str(res).strip().splitlines() or [""])[0]
-                print(f"{name:32s} not available here: {type(res).__name__}: {reason[:100]}")
+                rows.append({"part": "generate", "cache": name, "unavailable": reason})
+                show(f"{name:32s} not available here: {reason[:120]}")
                 continue
             t, (out, stored, copy) = res
             same = (out[:, args.prompt:] == base_out[:, args.prompt:]).float().mean().item()
-            print(f"{name:32s} {args.batch * args.new / t:9.1f} {base_time / t:6.2f} {fmt_bytes(stored)} "
-                  f"{fmt_bytes(copy)} {100 * same:11.0f}%")
+            rows.append({"part": "generate", "cache": name, "seconds": t, "tokens_s": args.batch * args.new / t,
+                         "vs_dynamic_cache": base_time / t, "kv_stored_bytes": stored,
+                         "dequantized_copy_bytes": copy, "same_tokens": same})
+            show(f"{name:32s} {args.batch * args.new / t:9.1f} {base_time / t:6.2f} {fmt_bytes(stored)} "
+                 f"{fmt_bytes(copy)} {100 * same:11.0f}%")
 
         # ---------------------------------------------------------------- time to first token
         files = {}
@@ -211,21 +243,27 @@ def main() -> None:
             for label, cold in (("page cache warm", False), ("page cache dropped", True)):
                 contenders[f"reopen {fmt} file, {label}"] = reopen(path, cold)
         results = round_robin(contenders, args.ttft_repeat)
-        print(f"\ntime to first token, prompt of {args.prompt} tokens, batch {args.batch} "
-              f"(reopen = KVMmapCache.open + reuse_prefix + generate computing the last token), "
-              f"best of {args.ttft_repeat}:")
+        show(f"\ntime to first token, prompt of {args.prompt} tokens, batch {args.batch} "
+             f"(reopen = KVMmapCache.open + reuse_prefix + generate computing the last token), "
+             f"median of {args.ttft_repeat} rounds after a warm-up round:")
         base = results["recompute the prompt (DynamicCache)"][0]
+        baseline["time to first token"] = {"what": "recompute the prompt (DynamicCache)", "seconds": base}
         for name, (t, reused) in results.items():
+            row = {"part": "time to first token", "what": name, "seconds": t, "vs_dynamic_cache": base / t}
             extra = ""
             if name.startswith("reopen"):
                 size = os.stat(files[name.split()[1]]).st_blocks * 512
+                row.update(tokens_reused=reused, file_bytes_on_disk=size)
                 extra = f"   {reused} tokens reused, file {size / 2**20:.2f} MiB on disk"
-            print(f"{name:38s} {1e3 * t:8.1f} ms {base / t:6.2f}{extra}")
+            rows.append(row)
+            show(f"{name:38s} {1e3 * t:8.1f} ms {base / t:6.2f}{extra}")
 
-    print("\nratio: DynamicCache's time / this time (higher is faster). K/V stored: DynamicCache's "
-          "tensors;\nKVMmapCache's sealed pages and open tails; QuantizedCache's quantized and residual "
-          "tensors.\ndequant copy: KVMmapCache's per-layer dequantized K/V (keep_dequantized=True; "
-          "read-through keeps none).")
+    show("\nratio: DynamicCache's time / this time (higher is faster). K/V stored: DynamicCache's "
+         "tensors;\nKVMmapCache's sealed pages and open tails; QuantizedCache's quantized and residual "
+         "tensors.\ndequant copy: KVMmapCache's per-layer dequantized K/V (keep_dequantized=True; "
+         "read-through keeps none).")
+    if args.json:
+        emit_json("bench_generate", args, baseline, rows, config)
 
 
 if __name__ == "__main__":
