@@ -4,7 +4,7 @@
 
 Throughput is float32 bytes processed per second (the input of quantize, the output of
 dequantize), so every row compares like with like against a memcpy of those same bytes.
-Each figure is the best of ``--repeat`` runs.
+Each figure is the median of ``--repeat`` calls after a warm-up call (benchmarks/_timing.py).
 """
 
 from __future__ import annotations
