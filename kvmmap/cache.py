@@ -28,7 +28,9 @@ from .codecs import quant
 from .core import payload
 from .core.arena import Arena
 from .core.commits import Commits
-from .core.fileio import fsync_dir, lock_existing, lock_writer, open_regular, partial_path, pwrite_all, same_file
+from .core.fileio import (fsync_dir, lock_existing, lock_writer, open_regular, partial_path, punch_hole, pwrite_all,
+                          same_file)
+from .core.metaslot import payload_length
 from .core.layout import PageLayout
 from ._validate import check_layer, is_int
 from .core.batch import PagedBatch
@@ -1068,6 +1070,58 @@ class PagedKVCache:
             return
         self._commits.write(payload.serialize(self._table, self._pool.page_crc))
         self._alloc.release_pending()
+
+    @_locked
+    def compact(self) -> dict:
+        """Give the space of dropped pages back to the file system (or to RAM).
+
+        Commits twice, so that pages dropped until now are listed by neither commit on disk
+        and become free; then punches holes where free pages lie in the file (Linux
+        ``fallocate(PUNCH_HOLE)``; the file keeps its length, its blocks go) and in the
+        unused end of both metadata slots. A RAM cache shrinks its arena to the pages in
+        use. Crash-safe: only bytes no commit refers to are given back. Readers opened at
+        older commits that read such a page get the stale-view error of :meth:`read`.
+
+        Returns
+        -------
+        dict
+            ``bytes_on_disk_before``, ``bytes_on_disk_after`` (file blocks; RAM: arena
+            bytes), ``bytes_given_back``, ``pages_free``.
+
+        Raises
+        ------
+        ReadOnlyError
+            The cache was opened with ``mode="r"``.
+        CacheFileError, OSError
+            As :meth:`flush`.
+        """
+        self._check_open(write=True)
+        before = self._space()
+        self.flush()
+        self.flush()            # dropped pages: pending, retired, now free
+        alloc = self._table.alloc
+        if self.path is None:
+            given = self._pool.give_back(alloc.free_pages(), alloc.shrink())
+        else:
+            given = self._pool.give_back(alloc.free_pages(), alloc.high_water)
+            given += self._give_back_metadata()
+        return {"bytes_on_disk_before": before, "bytes_on_disk_after": self._space(),
+                "bytes_given_back": int(given), "pages_free": alloc.num_free}
+
+    def _space(self) -> int:
+        return self._pool.data.nbytes if self.path is None else os.fstat(self._fd).st_blocks * 512
+
+    def _give_back_metadata(self) -> int:
+        """Punch the unused end of both metadata slots (beyond each slot's own payload)."""
+        sb, given = self._sb, 0
+        for i in (0, 1):
+            length = payload_length(self._fd, sb, i)
+            start = -(-(64 + (length or 0)) // 4096) * 4096
+            if start < sb.meta_slot_bytes and punch_hole(self._fd, sb.meta_offset + i * sb.meta_slot_bytes + start,
+                                                         sb.meta_slot_bytes - start):
+                given += sb.meta_slot_bytes - start
+        self._commits.meta_reserved = 0
+        return given
 
     @_locked
     def verify(self) -> list[int]:

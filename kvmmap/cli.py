@@ -1,5 +1,5 @@
 """The ``kvmmap`` console script (also ``python -m kvmmap``): ``inspect``, ``verify``,
-``compress``, ``convert``, ``demo``, each a thin front end over :mod:`kvmmap.tools`.
+``compact``, ``compress``, ``convert``, ``demo``, each a thin front end over :mod:`kvmmap.tools`.
 
 Exit status: 0 on success; 1 when ``verify`` finds damage or a command fails (a missing
 or damaged file, bad input, too little memory: one line on stderr, never a traceback); 2
@@ -46,6 +46,21 @@ def _cmd_verify(args) -> int:
     res = verify_cache(args.file, progress=_progress(args), commit="previous" if args.previous else "newest")
     print(json.dumps(res, indent=2) if args.json else format_verify(res))
     return {"ok": 0, "changed": EXIT_CHANGED}.get(res["outcome"], 1)
+
+
+def _cmd_compact(args) -> int:
+    from .cache import PagedKVCache
+    from .tools.common import check_regular_file, human_bytes
+
+    check_regular_file(args.file)
+    with PagedKVCache.open(args.file, mode="r+") as c:
+        res = c.compact()
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{args.file}: {human_bytes(res['bytes_on_disk_before'])} on disk before, "
+              f"{human_bytes(res['bytes_on_disk_after'])} after ({res['pages_free']} free pages given back)")
+    return 0
 
 
 def _cmd_compress(args) -> int:
@@ -138,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the commit before the newest (the other metadata slot), e.g. before recovering it "
                         "with PagedKVCache.open(path, commit='previous')")
     output_opts(p)
+
+    p = command("compact", "give the disk blocks of dropped pages back to the file system (commits twice first)",
+                _cmd_compact)
+    p.add_argument("file")
+    output_opts(p, progress=False)
 
     p = command("compress", "re-encode a cache file into other formats, optionally through a compressor", _cmd_compress)
     p.add_argument("input")

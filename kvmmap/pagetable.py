@@ -130,6 +130,23 @@ class PageAllocator:
         self._free.extend(sorted(pages, reverse=True))
         self._free.sort(reverse=True)
 
+    def free_pages(self) -> np.ndarray:
+        """Ids of the free pages (no commit on disk lists them), increasing."""
+        return np.array(sorted(self._free), np.int64)
+
+    def shrink(self) -> int:
+        """Forget free pages at the top of the id range (a RAM arena that gives memory
+        back); returns the new high-water mark."""
+        free = set(self._free)
+        hw = self._high_water
+        while hw > 0 and (hw - 1) in free:
+            hw -= 1
+        if hw < self._high_water:
+            self._free = [p for p in self._free if p < hw]
+            self._refcounts[hw:self._high_water] = 0
+            self._high_water = hw
+        return hw
+
     def release_pending(self) -> None:
         """A commit happened: pages dropped before the previous commit become free, and
         those dropped since are retired (the commit before this one still lists them)."""

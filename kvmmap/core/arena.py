@@ -16,7 +16,7 @@ import numpy as np
 
 from ..codecs import _pages
 from ..parallel import get_num_threads
-from .fileio import reserve
+from .fileio import punch_hole, reserve
 from .layout import PageLayout
 from .superblock import Superblock
 
@@ -158,6 +158,33 @@ class Arena:
         starts, ends = p[np.r_[0, cuts]], p[np.r_[cuts - 1, len(p) - 1]] + 1
         for a, b in zip(starts.tolist(), ends.tolist()):
             os.posix_fadvise(self.fd, base + a * pb, (b - a) * pb, os.POSIX_FADV_WILLNEED)
+
+    def give_back(self, free: np.ndarray, high_water: int) -> int:
+        """Return the space of free pages: punch holes in a file (runs of consecutive free
+        pages), or, in RAM, shrink the arena to ``high_water`` pages. Returns the bytes
+        given back (punched or freed). Free pages are listed by no commit on disk, so their
+        bytes may go; their blocks are reserved again before they are handed out."""
+        pb = self.page_bytes
+        if self.path is None:
+            if high_water >= self.capacity:
+                return 0
+            gone = (self.capacity - high_water) * pb
+            data = np.zeros(high_water * pb, np.uint8)
+            data[:] = self.data[: high_water * pb]
+            self.data, self.capacity = data, high_water
+            self.views = self.layout.arena_views(data, high_water)
+            return gone
+        if not len(free):
+            return 0
+        cuts = np.flatnonzero(np.diff(free) != 1) + 1
+        starts, ends = free[np.r_[0, cuts]], free[np.r_[cuts - 1, len(free) - 1]] + 1
+        done = 0
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            if not punch_hole(self.fd, self.sb.arena_offset + a * pb, (b - a) * pb):
+                break
+            done += (b - a) * pb
+        self.reserved = 0           # holes now: the next pages handed out reserve [0, need) again
+        return done
 
     def close(self) -> None:
         self.data = np.zeros(0, np.uint8)

@@ -8,6 +8,8 @@ into place.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -180,3 +182,31 @@ def lock_existing(path: str):
         raise CacheFileError(f"{path} is open for writing in another process (its writer lock is "
                              "held); it cannot be overwritten") from None
     return fd
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Give the blocks of a byte range back to the file system; it then reads as zeros.
+
+    Linux ``fallocate(PUNCH_HOLE | KEEP_SIZE)``: the file keeps its length. Returns False
+    where the file system (or the platform) cannot punch holes; nothing is changed then.
+    """
+    global _libc
+    if length <= 0:
+        return True
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        _libc = ctypes.CDLL(name, use_errno=True) if name else False
+    fallocate = getattr(_libc, "fallocate", None) if _libc else None
+    if fallocate is None:
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))

@@ -104,3 +104,9 @@ def write_slot(fd: int, sb: Superblock, index: int, generation: int, payload: by
     pwrite_all(fd, payload, off + SLOT_HEADER_BYTES)
     pwrite_all(fd, head.ljust(SLOT_HEADER_BYTES, b"\0"), off)
     (sync or os.fsync)(fd)
+
+
+def payload_length(fd: int, sb: Superblock, index: int) -> int | None:
+    """Payload length a valid slot header announces (the payload is not read), or None."""
+    got = _slot_header(os.pread(fd, SLOT_HEADER_BYTES, sb.meta_offset + index * sb.meta_slot_bytes))
+    return None if got is None else got[1]
