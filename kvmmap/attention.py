@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from ._validate import check_layer
-from .errors import ConfigError, DTypeError, NonFiniteError, SequenceError, ShapeError, describe
+from ._validate import as_float_array, check_layer
+from .errors import ConfigError, NonFiniteError, SequenceError, ShapeError, describe
 from .parallel import get_num_threads
 
 BACKENDS = ("cpu", "opencl", "auto")
@@ -49,12 +49,7 @@ def check_query(cache, layer, seqs, q, scale, window):
         raise SequenceError("seqs must be a sequence of sequence ids (use decode_attention for one)")
     seqs = [int(s) if isinstance(s, np.integer) else s for s in seqs]
     lengths = [cache.seq_len(s, layer) for s in seqs]          # refuses unknown ids
-    if not isinstance(q, np.ndarray):
-        if not hasattr(q, "__array__"):
-            raise DTypeError(f"q must be a numpy array, found {type(q).__name__}")
-        q = np.asarray(q)        # e.g. a CPU torch tensor
-    if q.dtype not in (np.float32, np.float16):
-        raise DTypeError(f"q must be float32 or float16, found {q.dtype}")
+    q = as_float_array(q, "q")      # float64 and torch tensors of any float dtype are converted
     H, D = cache.num_kv_heads, cache.head_dim
     if q.ndim != 3 or q.shape[0] != len(seqs) or q.shape[2] != D or q.shape[1] % H or q.shape[1] == 0:
         raise ShapeError(

@@ -32,11 +32,11 @@ from .core.fileio import (fsync_dir, lock_existing, lock_writer, open_regular, p
                           same_file)
 from .core.metaslot import payload_length
 from .core.layout import PageLayout
-from ._validate import check_layer, is_int
+from ._validate import as_float_array, check_layer, is_int
 from .core.batch import PagedBatch
 from .core.sequences import SequenceTable
 from .core.superblock import SUPERBLOCK_BYTES, Superblock, geometry_superblock
-from .errors import CacheFileError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
+from .errors import CacheFileError, ConfigError, ReadOnlyError, SequenceError, ShapeError, describe
 from .pagetable import PageAllocator, slot_mapping
 
 _SIDES = ("k", "v")
@@ -427,13 +427,7 @@ class PagedKVCache:
         return check_layer(layer, self.num_layers)
 
     def _check_kv(self, x, name: str) -> np.ndarray:
-        if not isinstance(x, np.ndarray):
-            if hasattr(x, "__array__"):
-                x = np.asarray(x)
-            else:
-                raise DTypeError(f"{name} must be a numpy array, found {type(x).__name__}")
-        if x.dtype not in (np.float32, np.float16):
-            raise DTypeError(f"{name} must be float32 or float16, found {x.dtype}")
+        x = as_float_array(x, name)
         want = (self.num_kv_heads, self.head_dim)
         if x.ndim != 3 or x.shape[1:] != want:
             raise ShapeError(f"{name} must be [tokens, {want[0]}, {want[1]}], found {describe(x)}")
@@ -949,9 +943,8 @@ class PagedKVCache:
         """
         from .attention import paged_decode_attention
 
-        if not isinstance(q, np.ndarray) and hasattr(q, "__array__"):
-            q = np.asarray(q)
-        if not isinstance(q, np.ndarray) or q.ndim != 2:
+        q = as_float_array(q, "q")
+        if q.ndim != 2:
             raise ShapeError(f"q must be [num_q_heads, head_dim={self.head_dim}], found {describe(q)}")
         return paged_decode_attention(self, layer, [seq], q[None], scale=scale, window=window,
                                       backend=backend)[0]

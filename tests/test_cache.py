@@ -182,7 +182,7 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path):
     bad_nan[3, 1, 2] = np.nan
     cases = [
         ((s, 0, x[:, :2], x[:, :2]), km.ShapeError, r"\[tokens, 4, 64\]"),
-        ((s, 0, x.astype(np.float64), x), km.DTypeError, "float64"),
+        ((s, 0, x.astype(np.int32), x), km.DTypeError, "int32"),
         ((s, 2, x, x), km.ShapeError, "layer"),
         ((7, 0, x, x), km.SequenceError, "unknown sequence"),
         ((s, 0, x, x[:3]), km.ShapeError, "same number"),

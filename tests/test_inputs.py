@@ -1,0 +1,58 @@
+"""Inputs as numpy users expect: float64 and torch tensors of any float dtype are converted.
+
+append() and decode attention take float64 arrays and torch CPU tensors (float32, float16,
+bfloat16, float64) and store or use exactly what the same values as float32 give; integer
+input, values beyond float32's range, NaN/inf and wrong shapes are refused, changing nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kvmmap as km
+
+GEO = dict(num_layers=1, num_kv_heads=2, head_dim=16, page_size=4, k_format="fp32", v_format="fp32")
+
+
+def tokens(n, seed):
+    return np.random.default_rng(seed).standard_normal((n, 2, 16), dtype=np.float32)
+
+
+def test_float64_is_stored_as_its_float32_values():
+    c = km.PagedKVCache.create(None, **GEO)
+    s = c.new_sequence()
+    x = np.random.default_rng(0).standard_normal((9, 2, 16))          # float64
+    c.append(s, 0, x, x)
+    np.testing.assert_array_equal(c.read(s, 0)[0], x.astype(np.float32))
+    q = np.random.default_rng(1).standard_normal((4, 16))
+    np.testing.assert_array_equal(c.decode_attention(s, 0, q), c.decode_attention(s, 0, q.astype(np.float32)))
+
+
+def test_refused_inputs_change_nothing():
+    c = km.PagedKVCache.create(None, **GEO)
+    s = c.new_sequence()
+    c.append(s, 0, tokens(3, 1), tokens(3, 1))
+    before = c.read(s, 0)[0].copy()
+    cases = [(np.ones((2, 2, 16), np.int64), km.DTypeError), (np.full((2, 2, 16), 1e300), km.NonFiniteError),
+             (np.full((2, 2, 16), np.nan), km.NonFiniteError), (np.ones((2, 2, 15)), km.ShapeError)]
+    for x, err in cases:
+        with pytest.raises(err):
+            c.append(s, 0, x, x)
+    assert c.seq_len(s) == 3
+    np.testing.assert_array_equal(c.read(s, 0)[0], before)
+
+
+def test_torch_tensors_of_every_float_dtype():
+    torch = pytest.importorskip("torch", reason="needs torch (the [transformers] extra)")
+    c = km.PagedKVCache.create(None, **GEO)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        s = c.new_sequence()
+        t = torch.from_numpy(tokens(6, 3)).to(dtype)
+        c.append(s, 0, t, t)
+        np.testing.assert_array_equal(c.read(s, 0)[0], t.float().numpy())
+        q = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 16), dtype=np.float32)).to(dtype)
+        np.testing.assert_allclose(c.decode_attention(s, 0, q), c.decode_attention(s, 0, q.float().numpy()),
+                                   rtol=1e-6)
+    with pytest.raises(km.DTypeError):
+        c.append(s, 0, torch.ones((2, 2, 16), dtype=torch.int32), torch.ones((2, 2, 16), dtype=torch.int32))
