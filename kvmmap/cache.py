@@ -36,7 +36,7 @@ from ._validate import as_float_array, check_layer, is_int
 from .core.batch import PagedBatch
 from .core.sequences import SequenceTable
 from .core.superblock import SUPERBLOCK_BYTES, Superblock, geometry_superblock
-from .errors import CacheFileError, ConfigError, ReadOnlyError, SequenceError, ShapeError, describe
+from .errors import CacheFileError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
 from .pagetable import PageAllocator, slot_mapping
 
 _SIDES = ("k", "v")
@@ -675,7 +675,7 @@ class PagedKVCache:
         self._table.read_rows(sts, start, sts[0].length, k_stored, v_stored)
         return start, k_stored, v_stored
 
-    def read(self, seq: int, layer: int, start: int = 0, stop: int | None = None):
+    def read(self, seq: int, layer: int, start: int = 0, stop: int | None = None, *, out=None):
         """Dequantized K and V of tokens ``start .. stop - 1`` of one layer.
 
         Parameters
@@ -686,11 +686,15 @@ class PagedKVCache:
         start, stop : int, optional
             ``0 <= start <= stop <= seq_len(seq, layer)``; ``stop`` defaults to the
             sequence's length in this layer.
+        out : (numpy.ndarray, numpy.ndarray), optional
+            Buffers to fill instead of allocating: float32, C-contiguous,
+            ``[stop - start, num_kv_heads, head_dim]`` each (e.g. numpy views of torch
+            tensors from ``tensor.numpy()``).
 
         Returns
         -------
         k, v : numpy.ndarray, float32, shape ``[stop - start, num_kv_heads, head_dim]``
-            New arrays (nothing refers to the file).
+            New arrays (nothing refers to the file), or the ``out`` buffers.
 
         Raises
         ------
@@ -707,10 +711,26 @@ class PagedKVCache:
         stop = st.length if stop is None else stop
         if not (is_int(start) and is_int(stop) and 0 <= start <= stop <= st.length):
             raise ShapeError(f"need 0 <= start <= stop <= {st.length}, found start={start!r}, stop={stop!r}")
-        out = self._table.read(st, start, stop)
+        if out is not None:
+            out = self._check_out(out, stop - start)
+        got = self._table.read(st, start, stop, out)
         if not self.writable and self.path is not None:
             self.check_pages_current(self._table.pages_read(st, start, stop))
-        return out["k"], out["v"]
+        return got["k"], got["v"]
+
+    def _check_out(self, out, n: int) -> dict:
+        want = (n, self.num_kv_heads, self.head_dim)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ShapeError(f"out must be a pair (k_out, v_out), found {type(out).__name__}")
+        for name, a in zip("kv", out):
+            if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+                raise DTypeError(f"out {name} must be a float32 numpy array, found {describe(a)}")
+            if a.shape != want or not a.flags.c_contiguous or not a.flags.writeable:
+                raise ShapeError(f"out {name} must be a writable C-contiguous float32{list(want)}, found "
+                                 f"{describe(a)}" + ("" if a.flags.c_contiguous else " (not contiguous)"))
+        if np.shares_memory(out[0], out[1]):
+            raise ShapeError("out k and v must not overlap")
+        return {"k": out[0], "v": out[1]}
 
     def read_rows(self, seqs, layer: int, start: int, stop: int, k_out: np.ndarray, v_out: np.ndarray) -> None:
         """Dequantized K and V of tokens ``start .. stop - 1`` of several sequences, head-major.

@@ -56,3 +56,20 @@ def test_torch_tensors_of_every_float_dtype():
                                    rtol=1e-6)
     with pytest.raises(km.DTypeError):
         c.append(s, 0, torch.ones((2, 2, 16), dtype=torch.int32), torch.ones((2, 2, 16), dtype=torch.int32))
+
+
+def test_read_into_caller_buffers():
+    c = km.PagedKVCache.create(None, **GEO)
+    s = c.new_sequence()
+    k, v = tokens(11, 5), tokens(11, 6)
+    c.append(s, 0, k, v)
+    ko, vo = np.full((7, 2, 16), np.nan, np.float32), np.full((7, 2, 16), np.nan, np.float32)
+    got = c.read(s, 0, 2, 9, out=(ko, vo))
+    assert got[0] is ko and got[1] is vo
+    np.testing.assert_array_equal(ko, k[2:9])
+    np.testing.assert_array_equal(vo, v[2:9])
+    bad = [(np.zeros((6, 2, 16), np.float32), vo), (ko.astype(np.float64), vo), (ko, ko),
+           (np.zeros((7, 16, 2), np.float32).transpose(0, 2, 1), vo), ko]
+    for out in bad:
+        with pytest.raises((km.ShapeError, km.DTypeError)):
+            c.read(s, 0, 2, 9, out=out)

@@ -289,13 +289,14 @@ class SequenceTable:
         self.append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
         return start
 
-    def read(self, st: LayerState, start: int, stop: int) -> dict:
+    def read(self, st: LayerState, start: int, stop: int, out: dict | None = None) -> dict:
         """Dequantized ``{side: float32 [stop - start, H, D]}`` of visible tokens
         ``start .. stop - 1`` (checked by the caller): sealed pages decoded in place, then the
-        open page."""
+        open page; into ``out`` (checked buffers) when given."""
         lay = self.layout
         n = stop - start
-        out = {side: np.empty((n, lay.num_kv_heads, lay.head_dim), np.float32) for side in SIDES}
+        if out is None:
+            out = {side: np.empty((n, lay.num_kv_heads, lay.head_dim), np.float32) for side in SIDES}
         P, pos, end = self.page_size, st.first + start, st.first + stop
         nbt = len(st.bt)
         sealed = max(0, min(end, nbt * P) - pos)      # positions in sealed pages, then the open page
