@@ -71,3 +71,14 @@ def test_bench_generate(tmp_path):
     assert rows["generate", "DynamicCache (baseline)"]["vs_dynamic_cache"] == 1.0
     ttft = [r for r in out["rows"] if r["part"] == "time to first token"]
     assert len(ttft) == 7 and all(r["vs_dynamic_cache"] > 0 for r in ttft)
+
+
+def test_bench_commit(tmp_path):
+    out = run_json("bench_commit.py", tmp_path, "--sequences", "1", "3", "--layers", "2", "--repeat", "1",
+                   "--dir", str(tmp_path))
+    commits = [r for r in out["rows"] if r["part"] == "commit"]
+    assert [r["sequences"] for r in commits] == [1, 3] and commits[0]["vs_1_sequence"] == 1.0
+    bits = {r["format"]: r["bits_per_element"] for r in out["rows"] if r["part"] == "bits"}
+    # side data counted: exact formats cost their width, scaled formats a little more
+    assert bits["fp32"] == 32 and bits["fp16"] == bits["bf16"] == 16
+    assert 8 < bits["int8"] < 9 and 4 < bits["int4"] < 8
