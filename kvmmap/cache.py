@@ -24,7 +24,6 @@ import threading
 
 import numpy as np
 
-from .codecs import quant
 from .core import payload
 from .core.arena import Arena
 from .core.commits import Commits
@@ -619,19 +618,8 @@ class PagedKVCache:
         k, v = self._check_kv(k, "k"), self._check_kv(v, "v")
         if k.shape[0] != v.shape[0]:
             raise ShapeError(f"k and v must hold the same number of tokens, found {k.shape[0]} and {v.shape[0]}")
-        st = s.layers[layer]
-        P, n = self.page_size, k.shape[0]
-        x = {"k": k.transpose(1, 0, 2), "v": v.transpose(1, 0, 2)}      # [H, tokens, D] views
-        if 0 < n < P - st.n_pos % P:
-            # Decode steps: the tokens stay in the open page. They go straight into its free
-            # rows, which refuses bad input; the length moves only after both sides
-            # succeeded, so a refusal changes nothing visible.
-            self._table.write_tail(st, x["k"], x["v"])
-            st.n_pos += n
-            return
-        quant.check_storable(k, self.k_format)      # one read each; refuses before any change
-        quant.check_storable(v, self.v_format)
-        self._table.append_all([(st, x)])
+        # head-major [1, H, tokens, D] views: one sequence through the batch path
+        self._table.append_rows([s.layers[layer]], k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
 
     @_locked
     def append_rows(self, seqs, layer: int, k: np.ndarray, v: np.ndarray, read_back: bool = False):
@@ -770,7 +758,7 @@ class PagedKVCache:
         """
         if self.writable or self.path is None or self._commits.is_current():
             return
-        changed = [int(p) for p in pages if self._page_crc_of(int(p)) != int(self._page_crc[p])]
+        changed = self._pool.mismatched(pages)
         if changed:
             raise CacheFileError(
                 f"{self.path}: pages {changed[:8]} changed since this read-only view was opened at "
@@ -1152,8 +1140,7 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open()
-        pool = self._pool
-        return [p for p in self._table.listed_pages() if pool.crc_of(p) != int(pool.page_crc[p])]
+        return self._pool.mismatched(self._table.listed_pages())
 
     @_locked
     def close(self) -> None:

@@ -75,8 +75,7 @@ def check_pages(cache: PagedKVCache, pages, progress: bool | None = False) -> tu
     """
     arena = cache.arena
     pages = [int(p) for p in pages]
-    bad = [p for p in tqdm(pages, desc="verify", unit="page", disable=None if progress is None else not progress)
-           if arena.crc_of(p) != int(arena.page_crc[p])]
+    bad = arena.mismatched(tqdm(pages, desc="verify", unit="page", disable=None if progress is None else not progress))
     # checked after reading, as PagedKVCache.read does: a page is rewritten only after a
     # newer commit dropped it, and the writer writes that commit first
     if not bad or cache.commit_is_newest():
