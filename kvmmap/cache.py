@@ -324,6 +324,36 @@ class PagedKVCache:
         and device copies of the pool; change the cache through its methods only."""
         return self._pool
 
+    def pool_views(self) -> dict:
+        """Zero-copy, read-only arrays over the page arena, for other kernels.
+
+        Returns
+        -------
+        dict
+            ``{"k": {region: array}, "v": {region: array}}`` with the regions of
+            :attr:`layout` (``codes``, and ``scales`` / ``zeros`` where the format has
+            them), each ``[high_water, *region.shape]``: codes ``[pages, num_kv_heads,
+            page_size, code width]`` in the format's code dtype (float32, float16, uint16
+            for bf16, int8, uint8 for fp8 and packed int4); scales/zeros float32, ``[pages,
+            num_kv_heads, page_size]`` per token, ``[pages, num_kv_heads, 1, head_dim]`` for
+            int4 keys (per channel over the page), ``[pages, num_kv_heads, page_size,
+            head_dim / v_group_size]`` for int4 values. Page ids are those of
+            :meth:`block_table` / :meth:`paged_batch`; open pages are not in the arena in
+            format 1.0 (see ``paged_batch().tail_k``). Valid until the arena grows (an
+            append), :meth:`compact` or :meth:`close`; ``torch.from_numpy`` shares them
+            without a copy.
+        """
+        self._check_open()
+        hw = self.high_water
+        out = {}
+        for side, regions in self._pool.views.items():
+            out[side] = {}
+            for name, a in regions.items():
+                view = a[:hw]
+                view.flags.writeable = False
+                out[side][name] = view
+        return out
+
     @property
     def superblock(self) -> Superblock:
         """The file's geometry and formats (:class:`kvmmap.core.superblock.Superblock`)."""

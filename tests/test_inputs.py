@@ -73,3 +73,24 @@ def test_read_into_caller_buffers():
     for out in bad:
         with pytest.raises((km.ShapeError, km.DTypeError)):
             c.read(s, 0, 2, 9, out=out)
+
+
+def test_pool_views_are_the_stored_pages_without_a_copy(tmp_path):
+    c = km.PagedKVCache.create(tmp_path / "v.kvm", num_layers=1, num_kv_heads=2, head_dim=16, page_size=4,
+                               k_format="fp32", v_format="int8")
+    s = c.new_sequence()
+    k, v = tokens(10, 1), tokens(10, 2)
+    c.append(s, 0, k, v)
+    views = c.pool_views()
+    assert set(views["k"]) == {"codes"} and set(views["v"]) == {"codes", "scales"}
+    pages = c.block_table(s, 0)
+    kc = views["k"]["codes"]
+    assert kc.shape == (c.high_water, 2, 4, 16) and kc.dtype == np.float32 and not kc.flags.writeable
+    got = np.concatenate([kc[p].transpose(1, 0, 2) for p in pages])        # [tokens, H, D]
+    np.testing.assert_array_equal(got, k[:8])                            # sealed pages hold tokens 0..7
+    vc, vs = views["v"]["codes"], views["v"]["scales"]
+    assert vc.dtype == np.int8 and vs.shape == (c.high_water, 2, 4)
+    v_pages = np.concatenate([(vc[p] * vs[p][..., None]).transpose(1, 0, 2) for p in pages])
+    np.testing.assert_array_equal(v_pages, c.read(s, 0, 0, 8)[1])
+    assert np.shares_memory(kc, c.arena.data)
+    c.close()
