@@ -354,3 +354,37 @@ def test_rolling_back_never_overwrites_the_newer_commit_before_committing(tmp_pa
     with km.PagedKVCache.open(path, mode="r") as n:
         assert n.verify() == []
         assert {name: [x.tobytes() for x in n.read(sid, 0)] for sid, name in n.sequences().items()} == newest
+
+
+_POOL_CACHE = None          # the parent's writer, inherited by the fork pool's workers
+
+
+def _child_tries_to_write(seq):
+    c = _POOL_CACHE
+    got = c.read(seq, 0)[0].sum()
+    try:
+        c.append(seq, 0, tokens(1, 5), tokens(1, 5))
+        return float(got), "allowed"
+    except km.ReadOnlyError as e:
+        return float(got), "refused" if "forked child" in str(e) else str(e)
+
+
+def test_fork_pool_workers_of_a_writer_read_but_do_not_write(tmp_path):
+    import multiprocessing
+
+    global _POOL_CACHE
+    path = tmp_path / "pool.kvm"
+    c = _POOL_CACHE = make(path, n=10)
+    s = c.find_sequence("s")
+    want = float(c.read(s, 0)[0].sum())
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            results = pool.map_async(_child_tries_to_write, [s] * 4).get(timeout=60)
+    finally:
+        _POOL_CACHE = None
+    assert results == [(want, "refused")] * 4
+    c.append(s, 0, tokens(1, 6), tokens(1, 6))     # the parent still writes
+    c.flush()
+    c.close()
+    with km.PagedKVCache.open(path, mode="r") as r:
+        assert r.seq_len(r.find_sequence("s"), 0) == 11
