@@ -241,11 +241,12 @@ def sbits(sdt):
     return 32 if sdt == "fp32" else 16
 
 
-def k_candidates():
+def byte_candidates():
+    """One byte per element (int8, fp8) for K and V alike: kvmmap's own and the numpy
+    candidates with a float32 or float16 scale per row (or per token over all heads)."""
     c = {
         "kvmmap int8": (lambda x: km_roundtrip(x, "int8"), lambda D, H: 8 + 32 / D),
         "kvmmap fp8_e4m3": (lambda x: km_roundtrip(x, "fp8_e4m3"), lambda D, H: 8 + 32 / D),
-        "kvmmap int4 K ch G16": (lambda x: km_roundtrip(x, "int4", True, 16), lambda D, H: 4 + 64 / 16),
     }
     for kind in ("int8", "fp8"):
         for sdt in ("fp32", "fp16"):
@@ -253,6 +254,12 @@ def k_candidates():
                                       lambda D, H, s=sdt: 8 + sbits(s) / D)
         c[f"{kind} token(all heads) fp16"] = (lambda x, k=kind: q_rowscaled(x, k, "fp16", True),
                                               lambda D, H: 8 + 16 / (D * H))
+    return c
+
+
+def k_candidates():
+    c = byte_candidates()
+    c["kvmmap int4 K ch G16"] = (lambda x: km_roundtrip(x, "int4", True, 16), lambda D, H: 4 + 64 / 16)
     for G in (16, 32, 64, 128):
         for sdt in ("fp32", "fp16"):
             c[f"int4 K ch G{G} {sdt}"] = (lambda x, G=G, s=sdt: q_int4_channel(x, G, s),
@@ -261,17 +268,8 @@ def k_candidates():
 
 
 def v_candidates():
-    c = {
-        "kvmmap int8": (lambda x: km_roundtrip(x, "int8"), lambda D, H: 8 + 32 / D),
-        "kvmmap fp8_e4m3": (lambda x: km_roundtrip(x, "fp8_e4m3"), lambda D, H: 8 + 32 / D),
-        "kvmmap int4 V g32": (lambda x: km_roundtrip(x, "int4", False, 32), lambda D, H: 4 + 64 / 32),
-    }
-    for kind in ("int8", "fp8"):
-        for sdt in ("fp32", "fp16"):
-            c[f"{kind} row {sdt}"] = (lambda x, k=kind, s=sdt: q_rowscaled(x, k, s),
-                                      lambda D, H, s=sdt: 8 + sbits(s) / D)
-        c[f"{kind} token(all heads) fp16"] = (lambda x, k=kind: q_rowscaled(x, k, "fp16", True),
-                                              lambda D, H: 8 + 16 / (D * H))
+    c = byte_candidates()
+    c["kvmmap int4 V g32"] = (lambda x: km_roundtrip(x, "int4", False, 32), lambda D, H: 4 + 64 / 32)
     for sdt in ("fp32", "fp16"):
         c[f"int4 V g32 asym {sdt}"] = (lambda x, s=sdt: q_int4_rows(x, 32, s),
                                        lambda D, H, s=sdt: 4 + 2 * sbits(s) / 32)
