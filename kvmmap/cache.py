@@ -313,7 +313,7 @@ class PagedKVCache:
         where = self.path or "RAM"
         return (f"PagedKVCache({where!r}, layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, page_size={self.page_size}, k={self.k_format}, "
-                f"v={self.v_format}, sequences={len(self._seqs)})")
+                f"v={self.v_format}, sequences={len(self._table.seqs)})")
 
     # ------------------------------------------------------------------ the pool, for kvmmap's kernels
 
@@ -408,24 +408,6 @@ class PagedKVCache:
         for s in seqs:
             self._seq(s)
         return PagedBatch(self._table, layer, list(seqs), window)
-
-    # read by tests written against the old internals
-    _arena = property(lambda self: self._pool.data)
-    _views = property(lambda self: self._pool.views)
-    _page_crc = property(lambda self: self._pool.page_crc)
-    _page_stamp = property(lambda self: self._pool.page_stamp)
-    _stamp = property(lambda self: self._pool.stamp)
-    _alloc = property(lambda self: self._table.alloc)
-    _seqs = property(lambda self: self._table.seqs)
-
-    def _page_crc_of(self, page: int) -> int:
-        return self._pool.crc_of(page)
-
-    def _page_q(self, side: str, page: int, a: int, b: int):
-        return self._pool.page_q(side, page, a, b)
-
-    def _tail_q(self, side: str, tail: dict, a: int, b: int):
-        return self._table.tail_q(side, tail, a, b)
 
     # ------------------------------------------------------------------ checks
 
@@ -1010,23 +992,23 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open()
-        used = self._alloc.high_water - self._alloc.num_free - self._alloc.num_pending
-        tails = len(self._seqs) * self.num_layers * self._table.tail_bytes
+        used = self._table.alloc.high_water - self._table.alloc.num_free - self._table.alloc.num_pending
+        tails = len(self._table.seqs) * self.num_layers * self._table.tail_bytes
         disk = 0
         if self.path is not None and self._fd is not None:
             st = os.fstat(self._fd)
             disk = st.st_blocks * 512
         return {
-            "sequences": len(self._seqs),
+            "sequences": len(self._table.seqs),
             "pages_used": used,
-            "pages_free": self._alloc.num_free,
-            "pages_pending": self._alloc.num_pending,
+            "pages_free": self._table.alloc.num_free,
+            "pages_pending": self._table.alloc.num_pending,
             "pages_capacity": self._pool.capacity,
             "page_bytes": self._sb.page_bytes,
             "bytes_pages": used * self._sb.page_bytes,
             "bytes_on_disk": disk,
-            "bytes_in_ram": tails + self._page_crc.nbytes + self._alloc.refcounts.nbytes
-            + (self._arena.nbytes if self.path is None else 0),
+            "bytes_in_ram": tails + self._pool.page_crc.nbytes + self._table.alloc.refcounts.nbytes
+            + (self._pool.data.nbytes if self.path is None else 0),
             "tokens": self._table.tokens(),
         }
 
@@ -1097,10 +1079,10 @@ class PagedKVCache:
             return
         self._check_open(write=True)        # a forked child of the writer is refused
         if self.path is None:
-            self._alloc.release_pending()
+            self._table.alloc.release_pending()
             return
         self._commits.write(payload.serialize(self._table, self._pool.page_crc))
-        self._alloc.release_pending()
+        self._table.alloc.release_pending()
 
     @_locked
     def compact(self) -> dict:
