@@ -44,11 +44,12 @@ def check_query(cache, layer, seqs, q, scale, window):
     if not callable(getattr(cache, "paged_batch", None)):       # the view every kernel reads
         raise ConfigError(f"cache must be a PagedKVCache, found {type(cache).__name__}")
     layer = check_layer(layer, cache.num_layers)
-    cache.paged_batch(layer, [])                                # refuses a closed cache
     if isinstance(seqs, (int, np.integer)):
         raise SequenceError("seqs must be a sequence of sequence ids (use decode_attention for one)")
     seqs = [int(s) if isinstance(s, np.integer) else s for s in seqs]
-    lengths = [cache.seq_len(s, layer) for s in seqs]          # refuses unknown ids
+    lengths = [cache.seq_len(s, layer) for s in seqs]          # refuses unknown ids and a closed cache
+    if not seqs:
+        cache.paged_batch(layer, [])                            # an empty batch: still refuse a closed cache
     q = as_float_array(q, "q")      # float64 and torch tensors of any float dtype are converted
     H, D = cache.num_kv_heads, cache.head_dim
     if q.ndim != 3 or q.shape[0] != len(seqs) or q.shape[2] != D or q.shape[1] % H or q.shape[1] == 0:

@@ -126,21 +126,22 @@ def base_state(c, model):
     c.flush()
 
 
+def append_every_layer(c, m, name, n, seed):
+    """``n`` tokens to every layer of sequence ``name``; the model follows each append that returned."""
+    sid = c.find_sequence(name)
+    for layer in range(c.num_layers):
+        k, v = tokens(n, seed + layer), tokens(n, seed + 100 + layer)
+        c.append(sid, layer, k, v)
+        m[name][layer] = [np.concatenate([m[name][layer][0], k]), np.concatenate([m[name][layer][1], v])]
+
+
 def op_append_growth(c, m):
     """A prompt of 300 tokens a layer: crosses the open page, seals ~75 pages, grows the arena."""
-    sid = c.find_sequence("a")
-    for layer in range(c.num_layers):
-        k, v = tokens(300, 100 + layer), tokens(300, 200 + layer)
-        c.append(sid, layer, k, v)
-        m["a"][layer] = [np.concatenate([m["a"][layer][0], k]), np.concatenate([m["a"][layer][1], v])]
+    append_every_layer(c, m, "a", 300, 100)
 
 
 def op_decode(c, m):
-    sid = c.find_sequence("e")
-    for layer in range(c.num_layers):
-        k, v = tokens(1, 300 + layer), tokens(1, 400 + layer)
-        c.append(sid, layer, k, v)
-        m["e"][layer] = [np.concatenate([m["e"][layer][0], k]), np.concatenate([m["e"][layer][1], v])]
+    append_every_layer(c, m, "e", 1, 300)
 
 
 def op_fork(c, m):
@@ -164,12 +165,9 @@ def op_free(c, m):
 
 
 def op_new(c, m):
-    sid = c.new_sequence("n")
+    c.new_sequence("n")
     m["n"] = [[np.zeros((0, H, D), np.float32)] * 2 for _ in range(c.num_layers)]
-    for layer in range(c.num_layers):
-        k, v = tokens(5, 500 + layer), tokens(5, 600 + layer)
-        c.append(sid, layer, k, v)
-        m["n"][layer] = [k, v]
+    append_every_layer(c, m, "n", 5, 500)
 
 
 OPS = {f.__name__[3:]: f for f in (op_append_growth, op_decode, op_fork, op_truncate, op_shift_left,

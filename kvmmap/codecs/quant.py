@@ -101,32 +101,26 @@ def _as_3d(a: np.ndarray, name: str) -> np.ndarray:
         raise ShapeError(f"{name} must have at least one axis, found a scalar")
     if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
         raise LayoutError(f"{name}: the last axis must be contiguous, found strides {a.strides}")
-    if a.ndim == 3:
+    return _merge_leading(a, 3, name)
+
+
+def _merge_leading(a: np.ndarray, ndim: int, name: str) -> np.ndarray:
+    """View ``a`` with ``ndim`` axes: leading axes merged into one, or ones prepended; no copy."""
+    if a.ndim == ndim:
         return a
-    if a.ndim < 3:
-        return a.reshape((1,) * (3 - a.ndim) + a.shape)
+    if a.ndim < ndim:
+        return a.reshape((1,) * (ndim - a.ndim) + a.shape)
     v = a.view()
     try:
-        v.shape = (-1,) + a.shape[-2:]
+        v.shape = (-1,) + a.shape[a.ndim - ndim + 1:]
     except AttributeError:
-        raise LayoutError(
-            f"{name}: the leading axes of {describe(a)} cannot be merged without a copy"
-        ) from None
+        raise LayoutError(f"{name}: the leading axes of {describe(a)} cannot be merged without a copy") from None
     return v
 
 
 def _as_2d(a: np.ndarray, name: str) -> np.ndarray:
     """View per-row scales [..., T] as [A, T] without copying."""
-    if a.ndim == 2:
-        return a
-    if a.ndim < 2:
-        return a.reshape((1,) * (2 - a.ndim) + a.shape)
-    v = a.view()
-    try:
-        v.shape = (-1, a.shape[-1])
-    except AttributeError:
-        raise LayoutError(f"{name}: the leading axes of {describe(a)} cannot be merged without a copy") from None
-    return v
+    return _merge_leading(a, 2, name)
 
 
 def _check_out(a, name: str, dtype, shape: tuple) -> np.ndarray:

@@ -160,13 +160,9 @@ def geometry_superblock(num_layers, num_kv_heads, head_dim, page_size, k_format,
         raise ShapeError(f"int4 keys are grouped over a page and the group size field is 16 bits: page_size "
                          f"must be at most {MAX_INT4_K_PAGE_SIZE}, found {page_size}")
     if vf.grouped:
-        if v_group_size is None:
-            v_group_size = 32 if head_dim % 32 == 0 else head_dim
-        if not is_int(v_group_size):
+        if v_group_size is not None and not is_int(v_group_size):
             raise ConfigError(f"v_group_size must be an integer, found {v_group_size!r}")
-        if not (2 <= v_group_size <= 256 and v_group_size % 2 == 0 and head_dim % v_group_size == 0):
-            raise FormatError(f"int4 token group_size must be even, at most 256 and divide head_dim={head_dim}, "
-                              f"found {v_group_size}")
+        _, v_group_size = vf.resolve_grouping((1, head_dim), "token", v_group_size)   # default and limits
     elif v_group_size is not None:
         # the file has no group for such values; ignoring it would hide a mistaken setting
         raise ConfigError(f"v_group_size applies to int4 values only; v_format is {vf.name}, "
