@@ -33,7 +33,7 @@ from .core.metaslot import payload_length
 from .core.layout import PageLayout
 from ._validate import as_float_array, check_layer, is_int
 from .core.batch import PagedBatch
-from .core.sequences import SequenceTable
+from .core.sequences import MAX_SEQUENCE_ID, SequenceTable
 from .core.superblock import SUPERBLOCK_BYTES, Superblock, geometry_superblock
 from .errors import CacheFileError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
 from .pagetable import PageAllocator, slot_mapping
@@ -449,7 +449,8 @@ class PagedKVCache:
     # ------------------------------------------------------------------ sequences
 
     @_locked
-    def new_sequence(self, name: str | None = None) -> int:
+    def new_sequence(self, name: str | None = None, *, max_tokens: int | None = None,
+                     seq_id: int | None = None) -> int:
         """Start an empty sequence.
 
         Parameters
@@ -457,6 +458,12 @@ class PagedKVCache:
         name : str, optional
             Unique, non-empty, under 64 KiB of UTF-8; :meth:`find_sequence` finds the
             sequence by it, in this process or after reopening the file.
+        max_tokens : int, optional
+            The most visible tokens the sequence may hold in each layer (kept in the
+            file); an append past it raises CapacityError. See :meth:`is_full`.
+        seq_id : int, optional
+            For tools that copy caches: take this id instead of the next one. It must be
+            unused and at most 0xFFFFFFFE; later ids continue above it.
 
         Returns
         -------
@@ -466,14 +473,22 @@ class PagedKVCache:
         Raises
         ------
         SequenceError
-            ``name`` is not a non-empty string under 64 KiB, or is taken.
+            ``name`` is not a non-empty string under 64 KiB, or is taken; ``seq_id`` is
+            taken or out of range.
+        ShapeError
+            ``max_tokens`` is not a positive integer.
         ReadOnlyError
             The cache was opened with ``mode="r"``.
         CacheFileError
             The cache is closed.
         """
         self._check_open(write=True)
-        return self._table.new(name)
+        if max_tokens is not None and not (is_int(max_tokens) and 1 <= max_tokens < 1 << 63):
+            raise ShapeError(f"max_tokens must be a positive integer or None, found {max_tokens!r}")
+        if seq_id is not None and not (is_int(seq_id) and 0 <= seq_id <= MAX_SEQUENCE_ID
+                                       and int(seq_id) not in self._table.seqs):
+            raise SequenceError(f"seq_id must be an unused integer in 0..{MAX_SEQUENCE_ID}, found {seq_id!r}")
+        return self._table.new(name, int(max_tokens or 0), seq_id)
 
     def find_sequence(self, name: str) -> int:
         """Id of the sequence called ``name``.

@@ -47,6 +47,12 @@ class SequenceError(KVMmapError, KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
+class CapacityError(KVMmapError, ValueError):
+    """An append would pass a limit: a sequence's ``max_tokens`` or the pool's ``max_bytes``.
+
+    Nothing was changed; ``shift_left``, ``truncate`` or ``free`` make room."""
+
+
 class CacheFileError(KVMmapError, OSError):
     """A cache file is missing, damaged, of an unknown version, or locked by a writer."""
 

@@ -48,10 +48,12 @@ class LayerState:
 
 
 class Sequence:
-    __slots__ = ("seq_id", "name", "layers")
+    """One sequence: id, name (or None), ``max_tokens`` (0: no limit) and its layers."""
 
-    def __init__(self, seq_id: int, name, layers: list):
-        self.seq_id, self.name, self.layers = seq_id, name, layers
+    __slots__ = ("seq_id", "name", "layers", "max_tokens")
+
+    def __init__(self, seq_id: int, name, layers: list, max_tokens: int = 0):
+        self.seq_id, self.name, self.layers, self.max_tokens = seq_id, name, layers, max_tokens
 
 
 class SequenceTable:
@@ -104,15 +106,16 @@ class SequenceTable:
 
     # ------------------------------------------------------------------ sequences
 
-    def new(self, name=None) -> int:
+    def new(self, name=None, max_tokens: int = 0, seq_id=None) -> int:
+        """A new empty sequence (arguments checked by the caller, ``seq_id`` free)."""
         self.check_name(name)
-        if self.next_id > MAX_SEQUENCE_ID:
+        if seq_id is None and self.next_id > MAX_SEQUENCE_ID:
             raise SequenceError(f"this cache has handed out every sequence id (0..{MAX_SEQUENCE_ID}); "
                                 "ids are never reused: copy the sequences to a new cache")
-        sid = self.next_id
+        sid = self.next_id if seq_id is None else int(seq_id)
         layers = [LayerState(BlockTable(), 0, 0, copy_tail(self.tail_proto)) for _ in range(self.num_layers)]
-        self.next_id += 1
-        self.seqs[sid] = Sequence(sid, name, layers)
+        self.next_id = max(self.next_id, sid + 1)
+        self.seqs[sid] = Sequence(sid, name, layers, int(max_tokens or 0))
         if name is not None:
             self.names[name] = sid
         return sid
