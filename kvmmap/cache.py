@@ -1,19 +1,18 @@
 """PagedKVCache: the paged, quantized KV cache of one model, in a file or in RAM.
 
-Tokens of one (sequence, layer) live in *sealed pages* listed by its block table, plus
-an open *tail* of fewer than ``page_size`` tokens kept in RAM and saved with each commit.
-Sealed pages are immutable, which gives the rest for free:
+Every token of one (sequence, layer) lives in a page of the arena listed by its block
+table: full pages, then perhaps a partly filled last page (FlashInfer's
+``last_page_len``). One rule makes the rest work (:mod:`kvmmap.core.sequences`): bytes
+that a commit on disk may list are never written again, so
 
-* ``fork`` shares sealed pages (reference counts) and copies only the tail;
-* a write that would change a sealed page (``truncate`` into the middle of one) copies
-  the kept part into the tail first and drops the page: copy-on-write;
-* a page's checksum is computed once, when it is sealed;
-* a commit never has to copy pages: the committed state on disk refers only to sealed
-  pages, which nothing overwrites until a later commit has stopped referring to them.
+* the last page grows in place, row by row, while no commit lists those rows and no other
+  sequence shares the page; otherwise it is copied first (copy-on-write: ``fork``,
+  ``truncate`` into a page);
+* a commit writes what changed since the last one: the pages written, one record per
+  changed sequence and a small index (:mod:`kvmmap.core.commits`).
 
-The tail is stored in the side's own format, except for int4, where it stays float32
-until the page fills and is quantized as a whole (keys per channel over the page's
-tokens, KIVI's residual window).
+int4 keys are quantized per channel over a whole page (KIVI); until the page fills, its
+key rows are kept as float16 in residual pages of the same arena.
 """
 
 from __future__ import annotations
@@ -24,18 +23,15 @@ import threading
 
 import numpy as np
 
-from .core import payload
 from .core.arena import Arena
 from .core.commits import Commits
-from .core.fileio import (fsync_dir, lock_existing, lock_writer, open_regular, partial_path, punch_hole, pwrite_all,
-                          same_file)
-from .core.metaslot import payload_length
+from .core.fileio import fsync_dir, lock_existing, lock_writer, open_regular, partial_path, pwrite_all, same_file
 from .core.layout import PageLayout
 from ._validate import as_float_array, check_layer, is_int
 from .core.batch import PagedBatch
 from .core.sequences import MAX_SEQUENCE_ID, SequenceTable
-from .core.superblock import SUPERBLOCK_BYTES, Superblock, geometry_superblock
-from .errors import CacheFileError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
+from .core.superblock import ARENA_OFFSET, SUPERBLOCK_BYTES, Superblock, file_version, geometry_superblock
+from .errors import CacheFileError, CapacityError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
 from .pagetable import PageAllocator, slot_mapping
 
 _SIDES = ("k", "v")
@@ -78,9 +74,9 @@ class PagedKVCache:
         raise TypeError("use PagedKVCache.create(...) or PagedKVCache.open(path)")
 
     @classmethod
-    def create(cls, path, *, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int = 16,
+    def create(cls, path, *, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int | None = None,
                k_format: str = "int8", v_format: str = "int8", v_group_size: int | None = None,
-               fingerprint: bytes | str = b"", meta_slot_bytes: int | None = None,
+               fingerprint: bytes | str = b"", max_bytes: int | None = None,
                overwrite: bool = False) -> "PagedKVCache":
         """Create an empty cache.
 
@@ -91,23 +87,24 @@ class PagedKVCache:
         num_layers, num_kv_heads, head_dim : int
             Model geometry. K and V passed to :meth:`append` are
             ``[tokens, num_kv_heads, head_dim]``.
-        page_size : int
-            Tokens per page (default 16).
+        page_size : int, optional
+            Tokens per page: default 16, or 64 when keys are int4 (they are grouped per
+            channel over a page, and 64 tokens put their float16 scale and zero point at
+            0.5 bit per element).
         k_format, v_format : str
             Storage formats (:data:`kvmmap.FORMATS`); may differ.
         v_group_size : int, optional
-            int4 values: elements per quantization group along head_dim (default 32, or
-            head_dim if 32 does not divide it). int4 keys are always grouped per channel
-            over the tokens of a page.
+            int4 values: elements per quantization group along head_dim (default 64, or
+            the largest even divisor of head_dim below it). int4 keys are always grouped
+            per channel over the tokens of a page.
         fingerprint : bytes or str
             Up to 32 bytes identifying the model (e.g. a hash of its config), stored in the
             header and readable as :attr:`fingerprint`.
-        meta_slot_bytes : int, optional
-            Capacity of each of the two metadata slots; reserved sparsely, so it costs no
-            disk until used. A commit holds every sequence's block tables and open tail
-            page (``num_layers`` tails each), so this bounds how many sequences a cache can
-            commit. Default: room for the tails of 128 sequences, at least 64 MiB and at
-            most 1 GiB (or one tail, if larger).
+        max_bytes : int, optional
+            Pool limit: the most bytes of pages holding tokens (pages in use, and pages
+            dropped but waiting for commits). An append past it raises CapacityError and
+            changes nothing. Metadata pages (a few per commit) come on top. Kept in the
+            file. Default: no limit.
         overwrite : bool
             Replace an existing file instead of refusing. The new file is built under a
             temporary name and renamed over the old one while holding its writer lock.
@@ -122,8 +119,8 @@ class PagedKVCache:
         ShapeError
             A geometry value outside the limits of docs/FORMAT.md (num_layers 1..65536,
             num_kv_heads 1..4096, head_dim 1..16384, page_size 1..65536 and at most 65535
-            for int4 keys), an odd head_dim with int4, a fingerprint over 32 bytes, or a
-            meta_slot_bytes that is not a multiple of 4096 or cannot hold one sequence tail.
+            for int4 keys, at least 4 for them), an odd head_dim with int4, a fingerprint
+            over 32 bytes, or a max_bytes below one page.
         ConfigError
             ``v_group_size`` given for values that are not int4, or not an integer; a
             fingerprint that is neither bytes nor str.
@@ -135,7 +132,7 @@ class PagedKVCache:
             process (with ``overwrite``), or cannot be created. No file is left behind.
         """
         sb = geometry_superblock(num_layers, num_kv_heads, head_dim, page_size, k_format, v_format,
-                                 v_group_size, fingerprint, meta_slot_bytes)
+                                 v_group_size, fingerprint, max_bytes)
         self = object.__new__(cls)
         self._init_common(sb, None if path is None else os.fspath(path), writable=True)
         if self.path is not None:
@@ -164,8 +161,8 @@ class PagedKVCache:
             self._fd = fd
             lock_writer(fd, self.path)
             try:
-                pwrite_all(fd, sb.pack(), 0)
-                os.ftruncate(fd, sb.arena_offset)   # e.g. EFBIG: slots beyond the file system's limit
+                # the superblock and both (empty) root blocks, written: no hole a root lands in
+                pwrite_all(fd, sb.pack().ljust(ARENA_OFFSET, b"\0"), 0)
             except OSError as e:
                 raise CacheFileError(f"cannot create {self.path}: {e.strerror}") from None
             self.flush()
@@ -260,16 +257,20 @@ class PagedKVCache:
         raise CacheFileError(f"{path} was replaced by another process each time it was opened; try again")
 
     def _load_commit(self, commit: str) -> None:
-        """Read both metadata slots and load the chosen commit (open's metadata part)."""
-        data, other, invalid = self._commits.choose(commit)
-        try:
-            self._load(data)
-        except CacheFileError as e:
-            raise invalid(e) from None
+        """Read both commit roots and load the chosen commit (open's metadata part)."""
+        other = self._commits.load(self._table, commit)
         if self.writable:
             self._commits.continue_as_writer()
-            # Pages the other slot's commit lists and this one does not stay unused until
-            # the next commit has replaced that slot: it must stay readable until then.
+            hw = self._table.alloc.high_water
+            # Pages below the high-water mark have their blocks, unless the file was copied
+            # with holes made of zero runs: reserve them again (cheap where allocated); if
+            # the disk is full, the next page handed out reserves the whole range and says so.
+            try:
+                self._pool.reserve_upto(hw)
+            except OSError:
+                self._pool.reserved = 0
+            # Pages the other root's commit lists and this one does not stay unused until
+            # the next commit has replaced that root: it must stay readable until then.
             if other is not None:
                 self._retire_other(other)
 
@@ -282,7 +283,7 @@ class PagedKVCache:
         self._mutex = threading.RLock()
         self._pid = os.getpid()     # a forked child must not write through its parent's writer
         self._pool = Arena(sb, self.layout, path, None, writable)
-        self._table = SequenceTable(self.layout, self._pool, sb.num_layers)
+        self._table = SequenceTable(self.layout, self._pool, sb.num_layers, sb.max_pages)
         self._commits = Commits(sb, path)
 
     @property
@@ -380,12 +381,40 @@ class PagedKVCache:
 
     def page_table(self, seq: int, layer: int) -> tuple[np.ndarray, int, int]:
         """``(pages, n_pos, first)`` of one layer of ``seq``: a copy of its block table
-        (uint32, sealed pages in logical order), positions written, positions dropped at the
-        front (< page_size). Visible token ``i`` is position ``first + i``; positions at or
-        past ``len(pages) * page_size`` are in the open page (docs/FORMAT.md)."""
+        (uint32, every page in logical order, all full but perhaps the last, which holds
+        ``n_pos - (len(pages) - 1) * page_size`` rows), positions written, positions dropped
+        at the front (< page_size). Visible token ``i`` is position ``first + i``, in page
+        ``pages[(first + i) // page_size]`` at row ``(first + i) % page_size``
+        (docs/FORMAT.md)."""
         self._check_open()
         st = self._seq(seq).layers[self._check_layer(layer)]
         return st.bt.pages.copy(), int(st.n_pos), int(st.first)
+
+    def paged_layout(self, layer: int, seqs) -> dict:
+        """FlashInfer's paged layout of ``seqs`` in ``layer``, for external kernels.
+
+        Returns
+        -------
+        dict
+            ``indptr`` int32 ``[B + 1]``, ``indices`` int32 ``[nnz]`` (the pages of sequence
+            ``b`` are ``indices[indptr[b]:indptr[b + 1]]``, in logical order),
+            ``last_page_len`` int32 ``[B]`` (rows of each last page, 0 without pages), and
+            ``first`` int32 ``[B]`` (positions dropped in front of page 0 by ``shift_left``:
+            a kernel attends positions ``first[b] ..``). With :meth:`pool_views`, pages hold
+            every token; both stay valid until the next change of these sequences, commit
+            or :meth:`compact`. Rules: :func:`kvmmap.pagetable.check_paged_layout`.
+        """
+        self._check_open()
+        layer = self._check_layer(layer)
+        states = [self._seq(s).layers[layer] for s in seqs]
+        counts = np.array([len(st.bt) for st in states], np.int64)
+        indptr = np.zeros(len(states) + 1, np.int32)
+        np.cumsum(counts, out=indptr[1:])
+        indices = (np.concatenate([st.bt.pages for st in states]).astype(np.int32) if states
+                   else np.zeros(0, np.int32))
+        last = np.array([self._table.last_rows(st) for st in states], np.int32)
+        first = np.array([st.first for st in states], np.int32)
+        return {"indptr": indptr, "indices": indices, "last_page_len": last, "first": first}
 
     def paged_batch(self, layer: int, seqs, window: int | None = None) -> PagedBatch:
         """The paged view of ``seqs`` in ``layer`` that attention kernels read.
@@ -638,6 +667,12 @@ class PagedKVCache:
         ------
         SequenceError, ShapeError, DTypeError, NonFiniteError, ReadOnlyError
             Nothing is changed when the input is refused.
+        CapacityError
+            The sequence's ``max_tokens`` or the pool's ``max_bytes`` would be passed;
+            nothing is changed.
+        OSError
+            No room on disk (ENOSPC, EDQUOT, EFBIG): nothing is changed, the cache stays
+            usable, and the append can be retried once space is freed.
         """
         self._check_open(write=True)
         s = self._seq(seq)
@@ -646,7 +681,7 @@ class PagedKVCache:
         if k.shape[0] != v.shape[0]:
             raise ShapeError(f"k and v must hold the same number of tokens, found {k.shape[0]} and {v.shape[0]}")
         # head-major [1, H, tokens, D] views: one sequence through the batch path
-        self._table.append_rows([s.layers[layer]], k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
+        self._table.append_rows([s], [s.layers[layer]], k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
 
     @_locked
     def append_rows(self, seqs, layer: int, k: np.ndarray, v: np.ndarray, read_back: bool = False):
@@ -681,8 +716,9 @@ class PagedKVCache:
             Input the formats cannot store; nothing is changed.
         """
         self._check_open(write=True)
-        sts = [self._seq(s).layers[layer] for s in seqs]
-        start = self._table.append_rows(sts, k, v)
+        objs = [self._seq(s) for s in seqs]
+        sts = [s.layers[layer] for s in objs]
+        start = self._table.append_rows(objs, sts, k, v)
         if not read_back:
             return start, None, None
         shape = (len(seqs), self.num_kv_heads, sts[0].length - start, self.head_dim)
@@ -1007,52 +1043,69 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open()
-        used = self._table.alloc.high_water - self._table.alloc.num_free - self._table.alloc.num_pending
-        tails = len(self._table.seqs) * self.num_layers * self._table.tail_bytes
+        alloc, table = self._table.alloc, self._table
+        used = alloc.high_water - alloc.num_free - alloc.num_pending
         disk = 0
         if self.path is not None and self._fd is not None:
-            st = os.fstat(self._fd)
-            disk = st.st_blocks * 512
+            disk = os.fstat(self._fd).st_blocks * 512
         return {
-            "sequences": len(self._table.seqs),
+            "sequences": len(table.seqs),
             "pages_used": used,
-            "pages_free": self._table.alloc.num_free,
-            "pages_pending": self._table.alloc.num_pending,
+            "pages_meta": table.meta_pages,
+            "pages_free": alloc.num_free,
+            "pages_pending": alloc.num_pending,
             "pages_capacity": self._pool.capacity,
             "page_bytes": self._sb.page_bytes,
             "bytes_pages": used * self._sb.page_bytes,
             "bytes_on_disk": disk,
-            "bytes_in_ram": tails + self._pool.page_crc.nbytes + self._table.alloc.refcounts.nbytes
+            "bytes_in_ram": self._pool.page_crc.nbytes + self._pool.page_stamp.nbytes + alloc.refcounts.nbytes
             + (self._pool.data.nbytes if self.path is None else 0),
-            "tokens": self._table.tokens(),
+            "tokens": table.tokens(),
         }
+
+    # ------------------------------------------------------------------ capacity
+
+    def remaining_capacity(self, seq: int) -> int | None:
+        """Tokens that can still be appended to every layer of ``seq``, or None without limits.
+
+        The smallest of what the sequence's ``max_tokens`` leaves (in its fullest layer) and
+        what the pool's ``max_bytes`` leaves (free page slots shared by all sequences, so a
+        figure for this sequence alone). Pages dropped but not yet reusable (waiting for two
+        commits) count as used: ``flush`` to get them back.
+
+        Raises
+        ------
+        SequenceError
+            Unknown ``seq``.
+        CacheFileError
+            The cache is closed.
+        """
+        self._check_open()
+        s = self._seq(seq)
+        left = None
+        if s.max_tokens:
+            left = max(0, s.max_tokens - max(st.length for st in s.layers))
+        table = self._table
+        if table.max_pages:
+            alloc, P = table.alloc, self.page_size
+            spare = max(0, table.max_pages - (alloc.high_water - alloc.num_free - table.meta_pages))
+            room = min((P - st.n_pos % P) % P for st in s.layers)      # rows left in the last pages
+            pool = room + (spare // self.num_layers) * P
+            left = pool if left is None else min(left, pool)
+        return left
+
+    def is_full(self, seq: int) -> bool:
+        """Whether no token can be appended to ``seq`` (see :meth:`remaining_capacity`):
+        the streaming pattern is ``if c.is_full(s): c.shift_left(s, n)``."""
+        left = self.remaining_capacity(seq)
+        return left is not None and left <= 0
 
     # ------------------------------------------------------------------ commit
 
-    def _load(self, payload_bytes: bytes) -> None:
-        """Build the state from a slot payload; CacheFileError(reason) if it is invalid
-        (open() says which slot and file)."""
-        hw_pages = self._pool.file_pages()
-        page_crc = payload.load(payload_bytes, self._table, hw_pages)
-        hw = self._table.alloc.high_water
-        # Sized by the committed pages, not by the file: a sparse file's apparent size
-        # (a file extended to 1 TiB) must not decide what is allocated.
-        self._pool.attach(hw, page_crc)
-        if self.writable:
-            # Pages below the high-water mark were written when sealed, so they have their
-            # blocks, unless the file was copied with holes made of zero runs: reserve them
-            # again (cheap where they are allocated); if the disk is full, the next page
-            # handed out reserves the whole range and says so.
-            try:
-                self._pool.reserve_upto(hw)
-            except OSError:
-                self._pool.reserved = 0
-
-    def _retire_other(self, payload_bytes: bytes) -> None:
-        """Keep the pages the other slot's commit lists, and this one does not, out of use
-        until the next commit replaces that slot (it must stay readable until then)."""
-        other_hw, pages = payload.listed_pages(payload_bytes, self.num_layers, self._table.tail_bytes)
-        other_hw = min(other_hw, self._pool.file_pages())     # a hostile count is bounded by the file
+    def _retire_other(self, root) -> None:
+        """Keep the pages the other root's commit lists, and this one does not, out of use
+        until the next commit replaces that root (it must stay readable until then)."""
+        other_hw = min(root.high_water, self._pool.file_pages())     # a hostile count is bounded by the file
         alloc = self._table.alloc
         hw = alloc.high_water
         if other_hw > hw:
@@ -1062,6 +1115,7 @@ class PagedKVCache:
             counts[:hw] = alloc.refcounts
             alloc = self._table.alloc = PageAllocator(counts)
             self._pool.map_exactly(other_hw)                    # within the file: opening grows nothing
+        pages = self._commits.other_pages(self._table, root)
         if len(pages):
             pages = pages[pages < alloc.high_water]
             idle = pages[alloc.refcounts[pages] == 0]
@@ -1071,16 +1125,17 @@ class PagedKVCache:
     def flush(self) -> None:
         """Commit: make every change so far durable. After it returns a crash loses nothing.
 
-        Data pages are synced first; then the metadata goes to the slot not holding the
-        newest commit, with a higher generation and its checksum, and is synced. Pages
-        dropped since the previous commit become reusable only now. Does nothing on a
-        read-only cache; in RAM it only releases the dropped pages.
+        Writes a record for each sequence changed since the last commit and a new index
+        (16 bytes a sequence) into fresh pages, syncs them with the data pages, then writes
+        the root not holding the newest commit, with a higher generation and its checksum,
+        and syncs it: the cost follows what changed. Pages dropped since the previous
+        commit become reusable only now. Does nothing on a read-only cache; in RAM it only
+        releases the dropped pages.
 
         Raises
         ------
         CacheFileError
-            The cache is closed, or the metadata outgrew its slot (create the cache with
-            a larger ``meta_slot_bytes``); the previous commit stays the newest.
+            The cache is closed.
         OSError
             Writing or syncing failed (e.g. the disk is full); the previous commit stays
             the newest. A failed write can be retried (free space, flush again); after a
@@ -1095,9 +1150,9 @@ class PagedKVCache:
         self._check_open(write=True)        # a forked child of the writer is refused
         if self.path is None:
             self._table.alloc.release_pending()
+            self._table.dirty.clear()
             return
-        self._commits.write(payload.serialize(self._table, self._pool.page_crc))
-        self._table.alloc.release_pending()
+        self._commits.save(self._table)
 
     @_locked
     def compact(self) -> dict:
@@ -1132,24 +1187,17 @@ class PagedKVCache:
             given = self._pool.give_back(alloc.free_pages(), alloc.shrink())
         else:
             given = self._pool.give_back(alloc.free_pages(), alloc.high_water)
-            given += self._give_back_metadata()
+            hw = alloc.high_water
+            if alloc.shrink() < hw:
+                # both roots name the lower high-water mark before the file is cut to it
+                self._commits.save(self._table)
+                self._commits.save(self._table)
+                given += self._pool.truncate_to(alloc.high_water)
         return {"bytes_on_disk_before": before, "bytes_on_disk_after": self._space(),
                 "bytes_given_back": int(given), "pages_free": alloc.num_free}
 
     def _space(self) -> int:
         return self._pool.data.nbytes if self.path is None else os.fstat(self._fd).st_blocks * 512
-
-    def _give_back_metadata(self) -> int:
-        """Punch the unused end of both metadata slots (beyond each slot's own payload)."""
-        sb, given = self._sb, 0
-        for i in (0, 1):
-            length = payload_length(self._fd, sb, i)
-            start = -(-(64 + (length or 0)) // 4096) * 4096
-            if start < sb.meta_slot_bytes and punch_hole(self._fd, sb.meta_offset + i * sb.meta_slot_bytes + start,
-                                                         sb.meta_slot_bytes - start):
-                given += sb.meta_slot_bytes - start
-        self._commits.meta_reserved = 0
-        return given
 
     @_locked
     def verify(self) -> list[int]:
@@ -1167,7 +1215,19 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open()
-        return self._pool.mismatched(self._table.listed_pages())
+        bad = set(self._pool.mismatched(self._table.listed_pages()))
+        table = self._table
+        for s in table.seqs.values():
+            for st in s.layers:
+                c = st.committed
+                if c is None or c[2] is None or not len(st.bt) or int(st.bt.pages[-1]) != c[0] \
+                        or table.last_rows(st) < c[1]:
+                    continue
+                now = table.last_page_crc(st, c[1])
+                if now[0] != c[2]:
+                    bad.add(c[0])
+                bad.update(int(p) for p, x, y in zip(st.res.tolist(), now[1], c[3]) if x != y)
+        return sorted(bad)
 
     @_locked
     def close(self) -> None:

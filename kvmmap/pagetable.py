@@ -9,10 +9,10 @@ states its CSR layout. For a batch of ``B`` (sequence, layer) pairs:
 * every index is below the number of physical pages;
 * ``0 < last_page_len[b] <= page_size`` where entry ``b`` has pages, else 0.
 
-Inside kvmmap each (sequence, layer) owns a block table of *sealed* pages: full pages
-that are immutable from then on. The open, partial page of a sequence is its *tail*,
-kept beside the block table (see :mod:`kvmmap.cache`). A page's reference count is the
-number of block tables that list it; ``fork`` shares pages by raising their counts.
+Inside kvmmap each (sequence, layer) owns a block table of every page of its tokens: all
+full but perhaps the last (rules of writing in place: :mod:`kvmmap.core.sequences`). A
+page's reference count is the number of block tables that list it (metadata pages: 1);
+``fork`` shares pages by raising their counts.
 A page whose count drops to 0 is *pending*: it is still listed by the newest commit on
 disk. The next commit *retires* it (only the previous commit, the other metadata slot,
 lists it now) and the commit after that frees it for reuse. So neither of the two commits
@@ -84,6 +84,9 @@ class PageAllocator:
         v = self._refcounts[: self._high_water]
         v.flags.writeable = False
         return v
+
+    def refcount(self, page: int) -> int:
+        return int(self._refcounts[page])
 
     def fresh_needed(self, n: int) -> int:
         """How many new page ids :meth:`alloc` of ``n`` pages would add (beyond the free list)."""
@@ -157,7 +160,7 @@ class PageAllocator:
 
 
 class BlockTable:
-    """The sealed pages of one (sequence, layer), in logical order (a growable uint32 array)."""
+    """The pages of one (sequence, layer), in logical order (a growable uint32 array)."""
 
     __slots__ = ("_pages", "_n")
 
@@ -183,6 +186,10 @@ class BlockTable:
         self._pages[self._n] = page
         self._n += 1
 
+    def set_last(self, page: int) -> None:
+        """Replace the last page (copy-on-write)."""
+        self._pages[self._n - 1] = page
+
     def drop_front(self, n: int) -> np.ndarray:
         """Remove and return the first ``n`` pages."""
         gone = self._pages[:n].copy()
@@ -203,7 +210,6 @@ class BlockTable:
 def slot_mapping(block_table: np.ndarray, first: int, start: int, n: int, page_size: int) -> np.ndarray:
     """Physical slots ``page * page_size + offset`` of visible tokens ``start .. start+n-1``.
 
-    Tokens past the sealed pages (in the open tail) map to -1.
     """
     out = np.empty(n, np.int64)
     _pagetable.slot_mapping(np.ascontiguousarray(block_table, np.uint32), first, start, n, page_size, out)

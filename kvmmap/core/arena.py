@@ -78,10 +78,11 @@ class Arena:
             self._install(self._map(num_pages), num_pages)
 
     def ensure_capacity(self, num_pages: int) -> None:
-        """Grow to hold at least ``num_pages`` pages (doubling; a file never shrinks)."""
+        """Grow to hold at least ``num_pages`` pages, by half again at least: the file's
+        apparent size stays within 1.5x of the pages handed out (their blocks reserved)."""
         if num_pages <= self.capacity:
             return
-        cap = max(num_pages, 2 * self.capacity, 64)
+        cap = max(num_pages, self.capacity + self.capacity // 2, 4)
         pb = self.page_bytes
         if self.path is None:
             data = np.zeros(cap * pb, np.uint8)
@@ -120,6 +121,35 @@ class Arena:
             stamp[: len(self.page_stamp)] = self.page_stamp
             self.page_stamp = stamp
 
+    def copy_page(self, src: int, dst: int) -> None:
+        """Copy page ``src``'s bytes to page ``dst`` (copy-on-write)."""
+        pb = self.page_bytes
+        self.data[dst * pb:(dst + 1) * pb] = self.data[src * pb:(src + 1) * pb]
+
+    def residual_rows(self, page: int, rows_per_page: int) -> np.ndarray:
+        """A residual page as float16 ``[rows_per_page, H, D]`` (token-major key rows)."""
+        H, D = self.layout.num_kv_heads, self.layout.head_dim
+        at = page * self.page_bytes
+        return self.data[at:at + rows_per_page * H * D * 2].view(np.float16).reshape(rows_per_page, H, D)
+
+    def rows_crc(self, page: int, rows: int, skip_k: bool = False) -> int:
+        """CRC-32C of rows ``0 .. rows - 1`` of a partly filled page: each region in page
+        order, head by head (docs/FORMAT.md); ``skip_k``: int4 keys, held in residual pages."""
+        crc = 0
+        for side, regs in self.views.items():
+            if skip_k and side == "k":
+                continue
+            for a in regs.values():
+                block = a[page]
+                for h in range(block.shape[0]):
+                    crc = crc32c.crc32c(block[h, :rows], crc)
+        return crc
+
+    def bytes_crc(self, page: int, nbytes: int) -> int:
+        """CRC-32C of the first ``nbytes`` bytes of a page."""
+        at = page * self.page_bytes
+        return crc32c.crc32c(self.data[at:at + nbytes])
+
     def crc_of(self, page: int) -> int:
         """CRC-32C of the page's bytes as they are now."""
         pb = self.page_bytes
@@ -136,11 +166,11 @@ class Arena:
         self.page_stamp[page] = self.stamp
 
     def page_q(self, side: str, page: int, a: int, b: int):
-        """QTensor over rows ``a .. b - 1`` of a sealed page (head-major ``[H, b - a, D]``)."""
+        """QTensor over rows ``a .. b - 1`` of a page (head-major ``[H, b - a, D]``)."""
         return self.layout.page_qtensor(self.views[side], side, page, a, b)
 
     def read_rows(self, side: str, pages: np.ndarray, pos: int, out: np.ndarray) -> None:
-        """Decode positions ``pos .. pos + len(out) - 1`` of one side of the sealed ``pages``
+        """Decode positions ``pos .. pos + len(out) - 1`` of one side of the ``pages``
         (logical page ``i`` holds positions ``i * P .. i * P + P - 1``) into ``out``
         float32 ``[n, H, D]``, in parallel, reading the pages in place."""
         _pages.read_pages(self.data, self.page_bytes, self.layout.page_size, *self.layout.side_offsets(side),
@@ -189,6 +219,19 @@ class Arena:
             done += (b - a) * pb
         self.reserved = 0           # holes now: the next pages handed out reserve [0, need) again
         return done
+
+    def truncate_to(self, num_pages: int) -> int:
+        """Cut the file after page ``num_pages - 1`` (pages beyond are free and listed by
+        no commit on disk) and map what is left; returns the bytes of blocks given back."""
+        before = os.fstat(self.fd).st_blocks * 512
+        self.data = np.zeros(0, np.uint8)       # unmap before the file shrinks under the map
+        self.views = self.layout.arena_views(self.data, 0)
+        os.ftruncate(self.fd, self.sb.arena_offset + num_pages * self.page_bytes)
+        self.capacity = 0
+        self.reserved = min(self.reserved, num_pages)
+        if num_pages:
+            self._install(self._map(num_pages), num_pages)
+        return max(0, before - os.fstat(self.fd).st_blocks * 512)
 
     def close(self) -> None:
         self.data = np.zeros(0, np.uint8)

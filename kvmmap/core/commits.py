@@ -1,80 +1,176 @@
-"""The two commits of a cache file: choosing one to open, writing the next.
+"""The commits of a cache file: choosing one to open, writing the next.
 
-A file holds two metadata slots (:mod:`kvmmap.core.metaslot`). Opening reads both and
-takes the newest valid one (or, on request, the previous); committing writes the slot not
-holding the commit this process is at, with the next generation. The rules that make this
-crash-safe live here: data pages are synced before the slot is written; after a failed
-sync nothing more is committed (the kernel may have dropped the pages it could not write,
-and a retried sync reports success: PostgreSQL's "fsyncgate"); after each commit both slots
-get disk blocks for commits of about twice its size, so a full disk still lets the next
-commit through.
+A commit is a root (:mod:`kvmmap.core.roots`) naming an index blob, which names one
+record blob per sequence (:mod:`kvmmap.core.records`, :mod:`kvmmap.core.blobs`). A commit
+writes the records of the sequences changed since the last one, a new index, syncs every
+page it lists, then writes its root into the root block not holding the commit this
+process is at, and syncs again: its cost follows what changed, plus 16 bytes of index per
+sequence. Records and index pages replaced by a commit are dropped like data pages: they
+become reusable only once two later commits stopped listing them, so both commits on disk
+stay whole. After a failed sync nothing more is committed (the kernel may have dropped
+pages it could not write and a retried sync reports success: PostgreSQL's "fsyncgate").
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from ..errors import CacheFileError
-from .fileio import reserve
-from .metaslot import newest_generation, read_slot, write_slot
+from ..pagetable import BlockTable, PageAllocator
+from .blobs import NO_PAGE, pages_needed, read_blob, write_blob
+from .records import count_tables, pack_index, pack_record, parse_index, parse_record
+from .roots import Root, read_root, write_root
+from .sequences import LayerState, Sequence, SequenceTable
 from .superblock import Superblock
 
 
 class Commits:
-    """Where a cache stands among its file's commits.
+    """Where a cache stands among its file's commits, and how it writes the next.
 
     Attributes
     ----------
     generation : int
-        The generation the next commit follows (a writer: the newest on disk when opened).
+        The generation of the commit this cache is at (the next commit gets one more).
     active_slot : int
-        The slot of the commit this cache is at; the next commit goes to the other one.
+        The root of the commit this cache is at; the next commit goes to the other one.
     newest_seen : int
         The newest generation on disk when the file was opened (staleness checks).
+    index_pages : list of int
+        Pages of the index blob of the commit this cache is at.
     """
 
     def __init__(self, sb: Superblock, path):
         self.sb, self.path, self.fd = sb, path, None
         self.generation, self.active_slot, self.newest_seen = 0, 1, 0
-        self.meta_reserved = 0      # bytes at the start of each slot with disk blocks
+        self.index_pages: list[int] = []
         self.sync_failed = ""       # why an fsync failed: no commit may follow
 
-    def choose(self, commit: str):
-        """Read both slots: (payload of the chosen commit, the other valid one or None, a
-        function making the error to raise when the chosen payload turns out invalid)."""
+    # ------------------------------------------------------------------ opening
+
+    def _roots(self) -> list:
         for _ in range(3):
-            # A reader racing a writer can find each slot mid-rewrite if the writer
-            # commits twice between the two reads: look again before calling it damage.
-            slots = [read_slot(self.fd, self.sb, i) for i in (0, 1)]
-            valid = sorted((s[0], i, s[1]) for i, s in enumerate(slots) if s is not None)
+            # A reader racing a writer can find each root mid-rewrite if the writer commits
+            # twice between the two reads: look again before calling it damage.
+            roots = [read_root(self.fd, self.sb, i) for i in (0, 1)]
+            valid = sorted((r.generation, i, r) for i, r in enumerate(roots) if r is not None)
             if valid:
-                break
-        if not valid:
-            raise CacheFileError(f"{self.path}: damaged metadata: neither metadata slot holds a valid commit")
+                return valid
+        raise CacheFileError(f"{self.path}: damaged metadata: neither commit root is valid")
+
+    def load(self, table: SequenceTable, commit: str):
+        """Fill an empty ``table`` from the newest (or ``"previous"``) commit and map its
+        pages. Returns the other valid root (or None). Raises CacheFileError."""
+        valid = self._roots()
         if commit == "previous" and len(valid) < 2:
-            raise CacheFileError(f"{self.path}: no previous commit: slot {1 - valid[0][1]} holds no valid commit "
-                                 f"(slot {valid[0][1]} holds the only one, generation {valid[0][0]})")
+            raise CacheFileError(f"{self.path}: no previous commit: root {1 - valid[0][1]} is not valid "
+                                 f"(root {valid[0][1]} holds the only commit, generation {valid[0][0]})")
         chosen = valid[0] if commit == "previous" else valid[-1]
         other = [v for v in valid if v is not chosen]
-        gen, slot, data = chosen
+        gen, slot, root = chosen
         self.generation, self.active_slot, self.newest_seen = gen, slot, valid[-1][0]
-        # Refused if invalid; the other slot is not used in its place. A slot's payload and
-        # header are each checksummed and the header is written last, so a crash leaves a
-        # slot that fails a checksum, never one that holds and is invalid. Such a slot was
-        # written by a bug, forged, or the file was cut short behind it: falling back would
-        # hand out a state its writer had replaced, and the next commit would overwrite the
-        # evidence.
-        age = "a newer" if commit == "previous" else "an older"
-        rest = (f"Slot {1 - slot} holds {age} commit (generation {other[0][0]}), not used"
-                if other else f"Slot {1 - slot} holds no valid commit")
-        which = "previous" if commit == "previous" else "newest"
+        try:
+            self._load(table, root)
+        except CacheFileError as e:
+            # Refused, and the other root is not used in its place: a root is checksummed and
+            # written last, after every page it lists was synced, so a crash leaves a root that
+            # fails its checksum, never a valid root over invalid metadata. Such a commit was
+            # written by a bug, forged, or the file was cut short: falling back would hand out
+            # a state its writer had replaced, and the next commit would destroy the evidence.
+            which = "previous" if commit == "previous" else "newest"
+            age = "a newer" if commit == "previous" else "an older"
+            rest = (f"Root {1 - slot} holds {age} commit (generation {other[0][0]}), not used" if other
+                    else f"Root {1 - slot} holds no valid commit")
+            raise CacheFileError(
+                f"{self.path}: damaged metadata: the {which} commit (root {slot}, generation {gen}) passes its "
+                f"checksum but is invalid: {e}. {rest}: a root whose checksum holds was written after "
+                "everything it lists, so this is a bug, a forged or damaged file or a truncated file, not an "
+                "interrupted write") from None
+        return other[0][2] if other else None
 
-        def invalid(reason) -> CacheFileError:
-            return CacheFileError(
-                f"{self.path}: damaged metadata: the {which} commit (slot {slot}, generation {gen}) passes its "
-                f"checksums but is invalid: {reason}. {rest}: a slot whose checksums hold was written whole, so "
-                "this is a bug, a forged file or a truncated file, not an interrupted write")
-        return data, (other[0][2] if other else None), invalid
+    def _load(self, table: SequenceTable, root: Root) -> None:
+        arena, sb = table.arena, self.sb
+        hw = root.high_water
+        file_pages = arena.file_pages()
+        if hw > file_pages:
+            raise CacheFileError(f"{hw} pages are committed but the file holds only {file_pages}: truncated file")
+        # sized by the committed pages, not by the file: a sparse file's apparent size
+        # (a file extended to 1 TiB) must not decide what is mapped
+        arena.attach(hw, np.zeros(hw, np.uint32))
+        data, pb = arena.data, sb.page_bytes
+        if root.num_sequences:
+            if root.index_page == NO_PAGE:
+                raise CacheFileError(f"{root.num_sequences} sequences but no index")
+            index, self.index_pages = read_blob(data, pb, root.index_page, root.index_bytes, root.index_crc, hw,
+                                                "the index")
+        else:
+            if root.index_page != NO_PAGE or root.index_bytes:
+                raise CacheFileError("an index for no sequences")
+            index, self.index_pages = b"", []
+        entries = parse_index(index, root.num_sequences, root.next_sequence_id)
+        meta = list(self.index_pages)
+        tables, owners = [], []
+        P = table.page_size
+        for e in entries.tolist():
+            sid, page, nbytes, crc = e
+            content, rec_pages = read_blob(data, pb, page, nbytes, crc, hw, f"the record of sequence {sid}")
+            meta += rec_pages
+            rsid, name, max_tokens, layers = parse_record(content, table.num_layers, P, table.res_pages, hw)
+            if rsid != sid or (name is not None and name in table.names):
+                raise CacheFileError(f"the record of sequence {sid} names sequence {rsid} or a repeated name {name!r}")
+            states = []
+            for layer, lr in enumerate(layers):
+                full = lr.n_pos // P
+                arena.page_crc[lr.pages[:full]] = lr.crc[:full]
+                committed = None
+                if len(lr.pages):
+                    rows = lr.n_pos - (len(lr.pages) - 1) * P
+                    partial = rows < P
+                    committed = (int(lr.pages[-1]), rows, int(lr.crc[-1]) if partial else None,
+                                 lr.res_crc.tolist() if partial else None)
+                # guard P: the other commit on disk may list more rows of the last page
+                states.append(LayerState(BlockTable(lr.pages), lr.n_pos, lr.first, lr.res, P, committed))
+                tables.append(np.concatenate([lr.pages, lr.res]))
+                owners.append((sid, layer))
+            table.seqs[sid] = Sequence(sid, name, states, max_tokens, (page, nbytes, crc, rec_pages))
+            if name is not None:
+                table.names[name] = sid
+        table.next_id = root.next_sequence_id
+
+        def bad(msg):
+            raise CacheFileError(msg)
+        counts = count_tables(tables, owners, hw, bad)
+        meta = np.array(meta, np.int64)
+        if len(meta) and (len(np.unique(meta)) != len(meta) or np.any(counts[meta])):
+            bad("a metadata page is listed twice, or also holds tokens")
+        counts[meta] = 1
+        table.alloc = PageAllocator(counts)
+        table.meta_pages = len(meta)
+
+    def other_pages(self, table: SequenceTable, root: Root) -> np.ndarray:
+        """Every page the commit of ``root`` lists, as far as it parses (the other root of a
+        file being opened for writing: those pages stay unused until the next commit)."""
+        found = []
+        data, pb = table.arena.data, self.sb.page_bytes
+        hw = min(root.high_water, table.arena.capacity)
+        mine = {s.seq_id: s.rec for s in table.seqs.values()}
+        try:
+            if root.index_page == NO_PAGE:
+                return np.zeros(0, np.int64)
+            index, pages = read_blob(data, pb, root.index_page, root.index_bytes, root.index_crc, hw, "index")
+            found += pages
+            for sid, page, nbytes, crc in parse_index(index, root.num_sequences, root.next_sequence_id).tolist():
+                rec = mine.get(sid)
+                if rec is not None and rec[:3] == (page, nbytes, crc):
+                    continue                    # the same record: nothing only the other lists
+                content, pages = read_blob(data, pb, page, nbytes, crc, hw, "record")
+                found += pages
+                for lr in parse_record(content, table.num_layers, table.page_size, table.res_pages, hw)[3]:
+                    found += lr.pages.tolist() + lr.res.tolist()
+        except CacheFileError:
+            pass
+        return np.array(found, np.int64)
 
     def continue_as_writer(self) -> None:
         """The next commit follows the newest generation on disk."""
@@ -82,25 +178,69 @@ class Commits:
 
     def is_current(self) -> bool:
         """Whether the newest commit on disk is still the one that was newest at open."""
-        return newest_generation(self.fd, self.sb) == self.newest_seen
+        gens = [r.generation for r in (read_root(self.fd, self.sb, i) for i in (0, 1)) if r is not None]
+        return max(gens, default=-1) == self.newest_seen
 
-    def write(self, data: bytes) -> None:
-        """Commit ``data``: sync the data pages, write the other slot, sync, move on.
+    # ------------------------------------------------------------------ committing
 
-        Raises OSError (nothing moved: the commit this cache is at stays the newest), or
-        CacheFileError after an earlier failed sync or when ``data`` outgrew the slot.
+    def save(self, table: SequenceTable) -> None:
+        """Commit ``table``: records of changed sequences, a new index, sync, root, sync.
+
+        Raises OSError (nothing moved: the commit this cache is at stays the newest and the
+        pages taken for it are free again), or CacheFileError after an earlier failed sync.
         """
         if self.sync_failed:
             raise CacheFileError(
                 f"{self.path}: an earlier flush failed to sync ({self.sync_failed}); changes since the last "
                 "commit may be lost on disk, so this cache commits nothing more: reopen it (it holds the last "
                 "commit) and redo the work since")
-        slot = 1 - self.active_slot
-        self._sync(self.fd)
-        write_slot(self.fd, self.sb, slot, self.generation + 1, data, sync=self._sync)
+        arena, alloc, pb = table.arena, table.alloc, self.sb.page_bytes
+        dirty = sorted(sid for sid in table.dirty if sid in table.seqs)
+        contents = {sid: pack_record(table, table.seqs[sid]) for sid in dirty}
+        nseq = len(table.seqs)
+        index_len = 16 * nseq
+        need = sum(pages_needed(len(c), pb) for c in contents.values()) + (pages_needed(index_len, pb) if nseq else 0)
+        taken: list[int] = []
+        root_written = False
+        try:
+            table.prepare_pages(need)
+            new_rec = {}
+            for sid, c in contents.items():
+                pages = alloc.alloc(pages_needed(len(c), pb))
+                taken += pages.tolist()
+                new_rec[sid] = (int(pages[0]), len(c), write_blob(arena.data, pb, pages, c), pages.tolist())
+            entries = [(sid, *(new_rec.get(sid) or s.rec)[:3]) for sid, s in table.seqs.items()]
+            index = pack_index(entries)
+            index_pages, ipage, icrc = [], NO_PAGE, 0
+            if nseq:
+                pages = alloc.alloc(pages_needed(len(index), pb))
+                taken += pages.tolist()
+                index_pages, ipage = pages.tolist(), int(pages[0])
+                icrc = write_blob(arena.data, pb, pages, index)
+            root = Root(self.generation + 1, alloc.high_water, ipage, len(index), icrc, table.next_id, nseq)
+            slot = 1 - self.active_slot
+            self._sync(self.fd)                 # every page the root lists, durable first
+            root_written = True
+            write_root(self.fd, self.sb, slot, root, sync=self._sync)
+        except BaseException:
+            if not root_written or not self.sync_failed:
+                alloc.unalloc(taken)
+            raise
         self.generation += 1
         self.active_slot = slot
-        self._reserve_ahead(len(data))
+        release = self.index_pages + table.dropped_records
+        for sid, rec in new_rec.items():
+            old = table.seqs[sid].rec
+            if old is not None:
+                release += old[3]
+            table.seqs[sid].rec = rec
+        self.index_pages, table.dropped_records = index_pages, []
+        table.meta_pages += len(taken) - len(release)
+        if release:
+            alloc.decref(np.array(release, np.uint32))
+        alloc.release_pending()
+        table.committed(dirty)
+        table.dirty.clear()
 
     def _sync(self, fd: int) -> None:
         try:
@@ -108,16 +248,3 @@ class Commits:
         except OSError as e:
             self.sync_failed = f"{type(e).__name__}: {e}"
             raise
-
-    def _reserve_ahead(self, payload_bytes: int) -> None:
-        """Disk blocks in both slots for commits up to about twice this one; if that fails
-        the disk is full already and the next commit says so, nothing is lost."""
-        want = min(self.sb.meta_slot_bytes, 64 + 2 * payload_bytes + (16 << 10))
-        if want <= self.meta_reserved:
-            return
-        try:
-            for i in (0, 1):
-                reserve(self.fd, self.sb.meta_offset + i * self.sb.meta_slot_bytes, want)
-        except OSError:
-            return
-        self.meta_reserved = want

@@ -1,19 +1,24 @@
-"""Sequences, their block tables and open pages: every change of a cache's contents.
+"""Sequences, their block tables and pages: every change of a cache's contents.
 
-A sequence holds one :class:`LayerState` per layer: a block table of *sealed* (full,
-immutable) pages and an open page (the tail, :mod:`kvmmap.core.tail`). Sealed pages are
-reference-counted (:class:`~kvmmap.pagetable.PageAllocator`), which gives the rest:
+A sequence holds one :class:`LayerState` per layer: a block table listing every page of
+its tokens in logical order (FlashInfer's layout: all pages full except perhaps the last,
+which holds ``last_page_len`` rows), positions written and dropped in front. Tokens are
+written straight into the pages of the arena. Pages are reference-counted
+(:class:`~kvmmap.pagetable.PageAllocator`); the rule that makes commits cheap and safe:
 
-* ``fork`` shares sealed pages and copies only the open pages;
-* a change that would alter a sealed page (``truncate`` into the middle of one) copies
-  the kept rows into the open page and drops the page: copy-on-write;
-* a page's checksum is computed once, when it is sealed;
-* a commit never copies pages: the commits on disk list sealed pages only, which nothing
-  overwrites until two later commits stopped listing them.
+    **bytes a commit on disk may list are never written again.**
+
+Rows of a page are independent (per-token scales), so the open last page grows in place:
+row ``r`` is written only while no commit lists row ``r`` of that page (``guard``) and no
+other block table lists the page (``fork``). Otherwise the page is copied to a fresh one
+first (copy-on-write). int4 keys are quantized per channel over a whole page (KIVI): until
+the page fills, its key rows live as float16 in *residual pages* (the same arena, token-
+major rows), and the full page is quantized at once when its last row arrives.
 
 :class:`SequenceTable` makes the changes; it does not check its arguments (the
-:class:`~kvmmap.PagedKVCache` facade does) and every change is all-or-nothing: it works
-on copies, or undoes itself when anything raises.
+:class:`~kvmmap.PagedKVCache` facade does), and every change is all-or-nothing: it works
+on copies, or undoes itself when anything raises. Changed sequences are marked dirty for
+the next commit.
 """
 
 from __future__ import annotations
@@ -22,38 +27,67 @@ import numpy as np
 
 from ..codecs import quant
 from .._validate import is_int
-from ..errors import SequenceError
+from ..errors import CapacityError, NonFiniteError, SequenceError
 from ..pagetable import BlockTable, PageAllocator
 from .arena import Arena
 from .layout import PageLayout
-from .tail import SIDES, copy_tail, make_tail, seal_into, tail_q, write_rows
 
 MAX_SEQUENCE_ID = 0xFFFFFFFE               # ids are 32-bit in the file; the next id must fit too
-
+SIDES = ("k", "v")
+_NO_PAGES = np.zeros(0, np.uint32)
+FP16_MAX = 65504.0
 
 
 class LayerState:
-    """One (sequence, layer): ``bt`` (sealed pages), ``n_pos`` (positions written),
-    ``first`` (positions dropped at the front, < page_size), ``tail`` (the open page)."""
+    """One (sequence, layer).
 
-    __slots__ = ("bt", "n_pos", "first", "tail")
+    Attributes
+    ----------
+    bt : BlockTable
+        Pages in logical order; page ``i`` holds positions ``i * P .. i * P + P - 1``.
+        ``len(bt) == ceil(n_pos / P)``.
+    n_pos : int
+        Positions written (the last page holds ``n_pos - (len(bt) - 1) * P`` rows).
+    first : int
+        Positions dropped at the front by ``shift_left`` (< P).
+    res : numpy.ndarray, uint32
+        Residual pages of int4 keys of a partly filled last page (else empty).
+    guard : int
+        Rows of the last page that a commit on disk may list: rows below it are not
+        written in place.
+    committed : tuple or None
+        ``(page, rows, crc, res_crc)`` of the partly filled last page at the commit this
+        cache is at (for ``verify``).
+    """
 
-    def __init__(self, bt: BlockTable, n_pos: int, first: int, tail: dict):
-        self.bt, self.n_pos, self.first, self.tail = bt, n_pos, first, tail
+    __slots__ = ("bt", "n_pos", "first", "res", "guard", "committed")
+
+    def __init__(self, bt: BlockTable, n_pos: int = 0, first: int = 0, res=_NO_PAGES, guard: int = 0,
+                 committed=None):
+        self.bt, self.n_pos, self.first, self.res, self.guard = bt, n_pos, first, res, guard
+        self.committed = committed
 
     @property
     def length(self) -> int:
         """Visible tokens."""
         return self.n_pos - self.first
 
+    def copy(self) -> "LayerState":
+        return LayerState(self.bt.copy(), self.n_pos, self.first, self.res.copy(), self.guard, self.committed)
+
+    def pages_listed(self) -> np.ndarray:
+        """Block table and residual pages."""
+        return np.concatenate([self.bt.pages, self.res]) if len(self.res) else self.bt.pages
+
 
 class Sequence:
-    """One sequence: id, name (or None), ``max_tokens`` (0: no limit) and its layers."""
+    """One sequence: id, name (or None), ``max_tokens`` (0: no limit), its layers, and
+    ``rec``: where its record blob is in the commit this cache is at (None: not yet)."""
 
-    __slots__ = ("seq_id", "name", "layers", "max_tokens")
+    __slots__ = ("seq_id", "name", "layers", "max_tokens", "rec")
 
-    def __init__(self, seq_id: int, name, layers: list, max_tokens: int = 0):
-        self.seq_id, self.name, self.layers, self.max_tokens = seq_id, name, layers, max_tokens
+    def __init__(self, seq_id: int, name, layers: list, max_tokens: int = 0, rec=None):
+        self.seq_id, self.name, self.layers, self.max_tokens, self.rec = seq_id, name, layers, max_tokens, rec
 
 
 class SequenceTable:
@@ -64,17 +98,25 @@ class SequenceTable:
     layout : PageLayout
     arena : Arena
     num_layers : int
+    max_pages : int
+        Pages of tokens the pool may hold (0: no limit).
     """
 
-    def __init__(self, layout: PageLayout, arena: Arena, num_layers: int):
-        self.layout, self.arena, self.num_layers = layout, arena, num_layers
-        self.page_size = layout.page_size
+    def __init__(self, layout: PageLayout, arena: Arena, num_layers: int, max_pages: int = 0):
+        self.layout, self.arena, self.num_layers, self.max_pages = layout, arena, num_layers, max_pages
+        self.page_size = P = layout.page_size
         self.alloc = PageAllocator()
         self.seqs: dict[int, Sequence] = {}
         self.names: dict[str, int] = {}
         self.next_id = 0
-        self.tail_proto = make_tail(layout)
-        self.tail_bytes = sum(a.nbytes for side in SIDES for a in self.tail_proto[side].values())
+        self.dirty: set[int] = set()          # sequences changed since the last commit
+        self.dropped_records: list[int] = []  # record pages of sequences dropped since the last commit
+        self.k4 = layout.formats["k"].grouped
+        H, D = layout.num_kv_heads, layout.head_dim
+        self.res_row_bytes = 2 * H * D
+        self.res_rows_per_page = layout.page_bytes // self.res_row_bytes if self.k4 else 0
+        self.res_pages = -(-P // self.res_rows_per_page) if self.k4 else 0
+        self.meta_pages = 0                   # pages holding the commit's metadata blobs
 
     # ------------------------------------------------------------------ lookups
 
@@ -101,8 +143,13 @@ class SequenceTable:
         if name in self.names:
             raise SequenceError(f"a sequence named {name!r} exists already (id {self.names[name]})")
 
-    def tail_q(self, side: str, tail: dict, a: int, b: int):
-        return tail_q(self.layout, side, tail, a, b)
+    def last_rows(self, st: LayerState) -> int:
+        """Rows of the last page (0 without pages; P when it is full)."""
+        return st.n_pos - (len(st.bt) - 1) * self.page_size if len(st.bt) else 0
+
+    def full_pages(self, st: LayerState) -> int:
+        """Pages of ``st`` that are full."""
+        return st.n_pos // self.page_size
 
     # ------------------------------------------------------------------ sequences
 
@@ -113,71 +160,91 @@ class SequenceTable:
             raise SequenceError(f"this cache has handed out every sequence id (0..{MAX_SEQUENCE_ID}); "
                                 "ids are never reused: copy the sequences to a new cache")
         sid = self.next_id if seq_id is None else int(seq_id)
-        layers = [LayerState(BlockTable(), 0, 0, copy_tail(self.tail_proto)) for _ in range(self.num_layers)]
+        layers = [LayerState(BlockTable()) for _ in range(self.num_layers)]
         self.next_id = max(self.next_id, sid + 1)
         self.seqs[sid] = Sequence(sid, name, layers, int(max_tokens or 0))
         if name is not None:
             self.names[name] = sid
+        self.dirty.add(sid)
         return sid
 
     def drop(self, sid: int) -> None:
         s = self.seqs.pop(sid)
         if s.name is not None:
             del self.names[s.name]
+        if s.rec is not None:
+            self.dropped_records += s.rec[3]
+        self.dirty.add(sid)
 
     def fork(self, seq, name=None) -> int:
         src = self.get(seq)
         self.check_name(name)
-        layers = [LayerState(st.bt.copy(), st.n_pos, st.first, copy_tail(st.tail)) for st in src.layers]
-        shared = np.concatenate([st.bt.pages for st in src.layers])
-        sid = self.new(name)            # built first, so that a failure leaves nothing behind
+        layers = [st.copy() for st in src.layers]
+        shared = np.concatenate([st.pages_listed() for st in src.layers])
+        sid = self.new(name, src.max_tokens)    # built first, so that a failure leaves nothing behind
         try:
             self.alloc.incref(shared)
         except BaseException:
             self.drop(sid)
+            self.dirty.discard(sid)
             raise
         self.seqs[sid].layers = layers
         return sid
 
     def free(self, seq) -> None:
         s = self.get(seq)
-        self.alloc.decref(np.concatenate([st.bt.pages for st in s.layers]))    # one step: all or nothing
+        self.alloc.decref(np.concatenate([st.pages_listed() for st in s.layers]))    # all or nothing
         self.drop(s.seq_id)
 
     def truncate(self, seq, n: int) -> None:
         s = self.get(seq)
         P = self.page_size
         # Worked out on copies first, then swapped in with one release of pages: a failure
-        # on the way (MemoryError) leaves the sequence as it was.
-        new_layers, dropped = [], []
-        for st in s.layers:
-            if n >= st.length:
-                new_layers.append(st)
-                continue
-            new_pos = st.first + n
-            keep, rem = divmod(new_pos, P)
-            bt, tail = st.bt, st.tail
-            if keep < len(st.bt):
-                if rem:   # copy-on-write: the kept rows of a sealed page become the open page
-                    tail = self._reopen_page(int(st.bt.pages[keep]), rem)
-                bt = BlockTable(st.bt.pages[:keep])
+        # on the way (MemoryError, a full disk for a copy) leaves the sequence as it was.
+        new_layers, dropped, taken = [], [], []
+        try:
+            for st in s.layers:
+                if n >= st.length:
+                    new_layers.append(st)
+                    continue
+                new_pos = st.first + n
+                keep = -(-new_pos // P)
+                rows = new_pos - (keep - 1) * P if keep else 0
+                was_full = keep <= self.full_pages(st)       # the new last page was full
+                new = LayerState(BlockTable(st.bt.pages[:keep]), new_pos, st.first, st.res, st.guard, st.committed)
                 dropped.append(st.bt.pages[keep:])
-            new_layers.append(LayerState(bt, new_pos, st.first, tail))
+                if keep < len(st.bt) or not keep:     # the old last page goes, with its residual
+                    dropped.append(st.res)
+                    new.res = _NO_PAGES
+                if keep and rows < P and was_full:
+                    if self.k4:
+                        # its keys are quantized over the whole page: reopen them as residual rows
+                        self._reopen(new, rows, taken, dropped)
+                    else:
+                        new.guard = P                 # commits may list the page whole
+                elif keep:
+                    new.guard = max(st.guard, self.last_rows(st))
+                new_layers.append(new)
+        except BaseException:
+            self.alloc.unalloc(taken)
+            raise
         if dropped:
             self.alloc.decref(np.concatenate(dropped))
         s.layers = new_layers
+        self.dirty.add(s.seq_id)
 
-    def _reopen_page(self, page: int, rows: int) -> dict:
-        """An open page holding rows ``0 .. rows - 1`` of a sealed page."""
-        tail = copy_tail(self.tail_proto)
-        for side in SIDES:
-            src = self.arena.page_q(side, page, 0, rows)
-            if self.layout.formats[side].grouped:
-                quant.dequantize(src, out=tail[side]["codes"][:, :rows])
-            else:
-                for name, arr in tail[side].items():
-                    arr[:, :rows] = getattr(src, name)
-        return tail
+    def _reopen(self, st: LayerState, rows: int, taken: list, release: list) -> None:
+        """Copy the full last page of ``st`` to a fresh page whose key rows ``0 .. rows - 1``
+        are residual float16 rows again (int4 keys)."""
+        old = int(st.bt.pages[-1])
+        k = quant.dequantize(self.arena.page_q("k", old, 0, rows))              # [H, rows, D]
+        (page,) = self.take_pages(1, taken)
+        self.arena.copy_page(old, page)
+        st.bt.set_last(int(page))
+        st.res = self.take_pages(self.res_pages, taken)
+        self._res_write(st.res, 0, k)
+        st.guard = 0
+        release.append(np.array([old], np.uint32))
 
     def shift_left(self, seq, n: int) -> None:
         s = self.get(seq)
@@ -186,13 +253,27 @@ class SequenceTable:
         for st in s.layers:
             first = st.first + min(n, st.length)
             drop = min(first // P, len(st.bt))
+            new = LayerState(BlockTable(st.bt.pages[drop:]), st.n_pos - drop * P, first - drop * P, st.res,
+                             st.guard, st.committed)
             dropped.append(st.bt.pages[:drop])
-            new_layers.append(LayerState(BlockTable(st.bt.pages[drop:]), st.n_pos - drop * P,
-                                         first - drop * P, st.tail))
+            if drop and drop == len(st.bt):
+                dropped.append(st.res)
+                new.res = _NO_PAGES
+            new_layers.append(new)
         self.alloc.decref(np.concatenate(dropped))
         s.layers = new_layers
+        self.dirty.add(s.seq_id)
 
     # ------------------------------------------------------------------ appending
+
+    def check_pool(self, n: int) -> None:
+        """Refuse (CapacityError) ``n`` new pages of tokens past the pool limit."""
+        if self.max_pages and n:
+            in_use = self.alloc.high_water - self.alloc.num_free - self.meta_pages
+            if in_use + n > self.max_pages:
+                raise CapacityError(
+                    f"the pool is full: {in_use} of its {self.max_pages} pages (max_bytes) are in use or waiting "
+                    f"for a commit, and {n} more are needed; free, truncate or shift_left sequences, then flush")
 
     def prepare_pages(self, n: int) -> None:
         """Make sure handing out ``n`` pages cannot fail for lack of room.
@@ -213,134 +294,245 @@ class SequenceTable:
         taken.extend(int(p) for p in pages)
         return pages
 
-    def write_tail(self, st: LayerState, k: np.ndarray, v: np.ndarray):
-        """Decode steps that stay in the open page: rows written, length not moved."""
-        return write_rows(self.layout, st.tail, st.n_pos % self.page_size, k, v)
+    def _pages_for(self, items) -> tuple[int, int]:
+        """(new pages of tokens, most pages in all) appending ``items`` can take: new
+        pages, plus a copy-on-write of the last page and residual pages."""
+        P, new = self.page_size, 0
+        for st, x in items:
+            row = st.n_pos % P
+            new += -(-(row + x["k"].shape[1]) // P) - (1 if row else 0)
+        return new, new + len(items) * (1 + 2 * self.res_pages)
+
+    def check_capacity(self, s: Sequence, st: LayerState, n: int) -> None:
+        if s.max_tokens and st.length + n > s.max_tokens:
+            raise CapacityError(f"sequence {s.seq_id} holds {st.length} of its max_tokens={s.max_tokens} tokens in "
+                                f"this layer; {n} more do not fit (shift_left, truncate, or a new sequence)")
 
     def append_all(self, items) -> None:
         """Append checked tokens to several (sequence, layer) pairs: all of it, or nothing.
 
-        ``items``: ``(layer state, {side: [H, tokens, D]})`` pairs. Room for every page
-        the call seals is made first (:meth:`prepare_pages`); should anything still raise
-        (MemoryError, KeyboardInterrupt), the lengths, block tables and open pages go back
-        to what they were and the pages handed out return to the free list.
+        ``items``: ``(layer state, {side: [H, tokens, D]})`` pairs. Room for every page the
+        call can take is made first (:meth:`prepare_pages`); should anything still raise
+        (MemoryError, KeyboardInterrupt), the lengths, block tables and residual pages go
+        back to what they were and the pages handed out return to the free list.
         """
-        P = self.page_size
-        self.prepare_pages(sum((st.n_pos % P + x["k"].shape[1]) // P for st, x in items))
-        saved = []
-        for st, x in items:
-            row = st.n_pos % P
-            # sealing the open page reuses its rows from 0: keep the rows it holds now
-            tail = copy_tail(st.tail) if row and row + x["k"].shape[1] >= P else None
-            saved.append((st, st.n_pos, len(st.bt), tail))
+        new, most = self._pages_for(items)
+        self.check_pool(new)
+        self.prepare_pages(most)
+        saved = [(st, st.n_pos, len(st.bt), int(st.bt.pages[-1]) if len(st.bt) else -1, st.res, st.guard)
+                 for st, _ in items]
         taken: list[int] = []
+        release: list[int] = []
         try:
             for st, x in items:
-                self._append_tokens(st, x, taken)
+                self._append_tokens(st, x, taken, release)
         except BaseException:
-            for st, n_pos, nbt, tail in saved:
+            for st, n_pos, nbt, last, res, guard in saved:
                 st.bt.drop_back(len(st.bt) - nbt)
-                st.n_pos = n_pos
-                if tail is not None:
-                    st.tail = tail
+                if nbt:
+                    st.bt.set_last(last)
+                st.n_pos, st.res, st.guard = n_pos, res, guard
             self.alloc.unalloc(taken)
             raise
+        fresh = set(taken)
+        gone = [p for p in release if p in fresh]
+        if gone:
+            self.alloc.unalloc(gone)            # handed out and let go within this call
+        old = [p for p in release if p not in fresh]
+        if old:
+            self.alloc.decref(np.array(old, np.uint32))
 
-    def _append_tokens(self, st: LayerState, x: dict, taken: list) -> None:
+    def _own_last(self, st: LayerState, taken: list, release: list) -> None:
+        """Copy-on-write: give ``st`` its own copy of its last page (and residual pages)."""
+        old = int(st.bt.pages[-1])
+        (page,) = self.take_pages(1, taken)
+        self.arena.copy_page(old, int(page))
+        release.append(old)
+        if len(st.res):
+            res = self.take_pages(len(st.res), taken)
+            for a, b in zip(st.res.tolist(), res.tolist()):
+                self.arena.copy_page(a, b)
+            release.extend(st.res.tolist())
+            st.res = res
+        st.bt.set_last(int(page))
+        st.guard = 0
+
+    def _append_tokens(self, st: LayerState, x: dict, taken: list, release: list) -> None:
         P, n, i = self.page_size, x["k"].shape[1], 0
         arena = self.arena
         while i < n:
             row = st.n_pos % P
             take = min(P - row, n - i)
-            if row == 0 and take == P:          # a whole page: quantize straight into it
+            if row == 0:
                 (page,) = self.take_pages(1, taken)
-                for side in SIDES:
-                    quant.quantize_into(x[side][:, i:i + P], arena.page_q(side, page, 0, P))
-                arena.mark_sealed(page)
                 st.bt.append(int(page))
-            else:
-                for side in SIDES:
-                    quant.quantize_into(x[side][:, i:i + take], self.tail_q(side, st.tail, row, row + take))
-                if row + take == P:
-                    (page,) = self.take_pages(1, taken)
-                    seal_into(self.layout, st.tail, lambda side: arena.page_q(side, page, 0, P))
-                    arena.mark_sealed(page)
-                    st.bt.append(int(page))
+                st.guard = 0
+                if self.k4 and take < P:
+                    st.res = self.take_pages(self.res_pages, taken)
+            elif row < st.guard or self.alloc.refcount(int(st.bt.pages[-1])) > 1:
+                self._own_last(st, taken, release)
+            page = int(st.bt.pages[-1])
+            for side in SIDES:
+                xs = x[side][:, i:i + take]
+                if side == "k" and self.k4 and take < P:
+                    self._res_write(st.res, row, xs)
+                else:
+                    quant.quantize_into(xs, arena.page_q(side, page, row, row + take))
             st.n_pos += take
+            if row + take == P:
+                if self.k4 and len(st.res):
+                    # the key group is complete: quantize it per channel over the page
+                    quant.quantize_into(self.res_read(st.res, P), arena.page_q("k", page, 0, P))
+                    release.extend(st.res.tolist())
+                    st.res = _NO_PAGES
+                arena.mark_sealed(page)
             i += take
 
-    def append_rows(self, sts: list, k: np.ndarray, v: np.ndarray) -> int:
+    def _res_write(self, res: np.ndarray, row: int, k: np.ndarray) -> None:
+        """Store head-major keys ``[H, n, D]`` as float16 residual rows ``row .. row + n - 1``."""
+        if k.size and not np.all(np.abs(k) <= FP16_MAX):
+            raise NonFiniteError(f"int4 keys of an open page are kept as float16 until the page fills: values "
+                                 f"must be finite and within +-{FP16_MAX:g}")
+        rpp, n = self.res_rows_per_page, k.shape[1]
+        t = 0
+        while t < n:
+            j, r = divmod(row + t, rpp)
+            m = min(rpp - r, n - t)
+            self.arena.residual_rows(int(res[j]), rpp)[r:r + m] = k[:, t:t + m].transpose(1, 0, 2)
+            t += m
+
+    def res_read(self, res: np.ndarray, rows: int, a: int = 0) -> np.ndarray:
+        """Residual key rows ``a .. rows - 1`` as float32, head-major ``[H, rows - a, D]``."""
+        lay, rpp = self.layout, self.res_rows_per_page
+        out = np.empty((lay.num_kv_heads, rows - a, lay.head_dim), np.float32)
+        t = a
+        while t < rows:
+            j, r = divmod(t, rpp)
+            m = min(rpp - r, rows - t)
+            out[:, t - a:t - a + m] = self.arena.residual_rows(int(res[j]), rpp)[r:r + m].transpose(1, 0, 2)
+            t += m
+        return out
+
+    def append_rows(self, seqs: list, sts: list, k: np.ndarray, v: np.ndarray) -> int:
         """Append head-major ``k``, ``v`` ``[B, H, tokens, D]`` to ``B`` (sequence, layer)
-        states of equal length, all or none; returns the first position whose stored value
-        changed (the old length, or for a grouped format the first row of a page this call
-        sealed: those rows are quantized again, as a whole)."""
+        states of equal length (of sequences ``seqs``), all or none; returns the first
+        position whose stored value changed (the old length, or for int4 keys the first
+        row of a page this call filled: the page is quantized again, as a whole)."""
         P, n = self.page_size, k.shape[2]
         start = sts[0].length
-        if all(0 < n < P - st.n_pos % P for st in sts):
-            # decode steps: the lengths move only after every row succeeded
-            for b, st in enumerate(sts):
-                self.write_tail(st, k[b], v[b])
-            for st in sts:
-                st.n_pos += n
-            return start
+        for s, st in zip(seqs, sts):
+            self.check_capacity(s, st, n)
         for side, x in (("k", k), ("v", v)):       # one read each; refuses before any change
             quant.check_storable(x, self.layout.formats[side].name)
-        if any(f.grouped for f in self.layout.formats.values()):
+        if self.k4:
             for st in sts:
                 if st.n_pos % P + n >= P:
                     start = min(start, max(0, st.length - st.n_pos % P))
         self.append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
+        for s in seqs:
+            self.dirty.add(s.seq_id)
         return start
+
+    # ------------------------------------------------------------------ reading
 
     def read(self, st: LayerState, start: int, stop: int, out: dict | None = None) -> dict:
         """Dequantized ``{side: float32 [stop - start, H, D]}`` of visible tokens
-        ``start .. stop - 1`` (checked by the caller): sealed pages decoded in place, then the
-        open page; into ``out`` (checked buffers) when given."""
+        ``start .. stop - 1`` (checked by the caller), read from the pages in place; into
+        ``out`` (checked buffers) when given."""
         lay = self.layout
         n = stop - start
         if out is None:
             out = {side: np.empty((n, lay.num_kv_heads, lay.head_dim), np.float32) for side in SIDES}
-        P, pos, end = self.page_size, st.first + start, st.first + stop
-        nbt = len(st.bt)
-        sealed = max(0, min(end, nbt * P) - pos)      # positions in sealed pages, then the open page
-        if sealed:
-            self.arena.will_need(st.bt.pages[pos // P:(pos + sealed - 1) // P + 1])
-            for side in SIDES:
-                self.arena.read_rows(side, st.bt.pages, pos, out[side][:sealed])
-        if sealed < n:
-            a = pos + sealed - nbt * P
-            for side in SIDES:
-                quant.dequantize(self.tail_q(side, st.tail, a, a + n - sealed),
-                                 out=out[side][sealed:].transpose(1, 0, 2))
+        if not n:
+            return out
+        P, pos = self.page_size, st.first + start
+        self.arena.will_need(st.bt.pages[pos // P:(pos + n - 1) // P + 1])
+        for side in SIDES:
+            m = n
+            if side == "k" and self.k4 and len(st.res):
+                m = max(0, min(n, self.full_pages(st) * P - pos))     # rows in full pages
+                if m < n:
+                    a = pos + m - self.full_pages(st) * P
+                    out["k"][m:] = self.res_read(st.res, a + n - m, a).transpose(1, 0, 2)
+            if m:
+                self.arena.read_rows(side, st.bt.pages, pos, out[side][:m])
         return out
 
     def pages_read(self, st: LayerState, start: int, stop: int) -> np.ndarray:
-        """The sealed pages holding visible tokens ``start .. stop - 1``."""
+        """The pages holding visible tokens ``start .. stop - 1``."""
         P = self.page_size
         if stop <= start:
             return st.bt.pages[:0]
-        first, last = (st.first + start) // P, min((st.first + stop - 1) // P, len(st.bt) - 1)
-        return st.bt.pages[first:last + 1]
+        return st.bt.pages[(st.first + start) // P:(st.first + stop - 1) // P + 1]
 
     def read_rows(self, sts: list, start: int, stop: int, k_out: np.ndarray, v_out: np.ndarray) -> None:
-        """Head-major ``read`` of several states into ``[B, H, stop - start, D]`` outputs; rows
-        of the open page (a decode step's) are decoded from it straight into the output."""
-        P = self.page_size
+        """Head-major ``read`` of several states into ``[B, H, stop - start, D]`` outputs;
+        rows of the last page (a decode step's) are decoded from it straight into the output."""
         for b, st in enumerate(sts):
-            row0 = st.length - st.n_pos % P             # the position of the open page's row 0
-            if start >= row0:
-                for side, out in (("k", k_out), ("v", v_out)):
-                    quant.dequantize(self.tail_q(side, st.tail, start - row0, stop - row0), out=out[b])
+            row0 = st.length - self.last_rows(st)          # visible position of the last page's row 0
+            if len(st.bt) and start >= row0:
+                self.rows_of_last(st, start - row0, stop - row0, k_out[b], v_out[b])
             else:
                 got = self.read(st, start, stop)
                 k_out[b] = got["k"].transpose(1, 0, 2)
                 v_out[b] = got["v"].transpose(1, 0, 2)
 
+    def rows_of_last(self, st: LayerState, a: int, z: int, k_out, v_out) -> None:
+        """Rows ``a .. z - 1`` of the last page, head-major, decoded into ``[H, z - a, D]``."""
+        page = int(st.bt.pages[-1])
+        for side, out in (("k", k_out), ("v", v_out)):
+            if side == "k" and self.k4 and len(st.res):
+                out[...] = self.res_read(st.res, z, a)
+            else:
+                quant.dequantize(self.arena.page_q(side, page, a, z), out=out)
+
+    def open_rows(self, st: LayerState) -> dict:
+        """The rows of a partly filled last page, dequantized: ``{side: float32 [H, rows, D]}``
+        (empty arrays when the last page is full or there is none)."""
+        rows = st.n_pos % self.page_size
+        lay = self.layout
+        out = {side: np.empty((lay.num_kv_heads, rows, lay.head_dim), np.float32) for side in SIDES}
+        if rows:
+            self.rows_of_last(st, 0, rows, out["k"], out["v"])
+        return out
+
+    # ------------------------------------------------------------------ commits
+
+    def last_page_crc(self, st: LayerState, rows: int | None = None) -> tuple[int, list[int]]:
+        """CRC-32C of the first ``rows`` rows (default: all) of a partly filled last page,
+        and of its residual pages' rows."""
+        rows = st.n_pos % self.page_size if rows is None else rows
+        page = int(st.bt.pages[-1])
+        crc = self.arena.rows_crc(page, rows, skip_k=self.k4)
+        rpp = self.res_rows_per_page
+        res_crc = [self.arena.bytes_crc(int(p), min(rpp, rows - j * rpp) * self.res_row_bytes)
+                   for j, p in enumerate(st.res.tolist())]
+        return crc, res_crc
+
+    def committed(self, sids) -> None:
+        """A commit listing the current state of sequences ``sids`` is durable: rows it
+        lists are not written in place from now on."""
+        for sid in sids:
+            s = self.seqs.get(sid)
+            if s is None:
+                continue
+            for st in s.layers:
+                rows = self.last_rows(st)
+                prev = st.committed
+                same = prev is not None and len(st.bt) and prev[0] == int(st.bt.pages[-1])
+                st.guard = max(rows, st.guard if same else 0)
+                if len(st.bt) and rows < self.page_size:
+                    crc, res_crc = self.last_page_crc(st)
+                    st.committed = (int(st.bt.pages[-1]), rows, crc, res_crc)
+                else:
+                    st.committed = (int(st.bt.pages[-1]), rows, None, None) if len(st.bt) else None
+
     # ------------------------------------------------------------------ whole-table views
 
     def listed_pages(self) -> list[int]:
-        """Ids of the pages some block table lists, increasing."""
-        return sorted({int(p) for s in self.seqs.values() for st in s.layers for p in st.bt.pages})
+        """Ids of the full pages some block table lists, increasing."""
+        return sorted({int(p) for s in self.seqs.values() for st in s.layers
+                       for p in st.bt.pages[:self.full_pages(st)]})
 
     def tokens(self) -> int:
         return sum(st.length for s in self.seqs.values() for st in s.layers)

@@ -1,7 +1,7 @@
 """The superblock: the first 4096 bytes of a cache file (docs/FORMAT.md, Superblock).
 
-Magic, version, geometry, formats, metadata slot placement and a model fingerprint,
-checksummed. :meth:`Superblock.validate` is the one check of a geometry, for files being
+Magic, version, geometry, formats, where the two commit roots and the arena sit, a pool
+limit and a model fingerprint, checksummed. :meth:`Superblock.validate` is the one check of a geometry, for files being
 opened and caches being created alike.
 """
 
@@ -18,17 +18,27 @@ from ..formats import Format, format_by_id, get_format
 from .layout import PageLayout
 
 MAGIC = b"\x89KVMMAP\n"
-VERSION = (1, 0)
+VERSION = (2, 0)
 SUPERBLOCK_BYTES = 4096
 FINGERPRINT_BYTES = 32
-SLOT_HEADER_BYTES = 64
-_SB = struct.Struct("<8sHHIIIIIBBHHHQQQQ32s")   # superblock fields before the reserved bytes
+ROOT_OFFSET = 4096                  # root 0 at 4096, root 1 at 8192, each in its own 4 KiB block
+ROOT_BYTES = 4096
+ARENA_OFFSET = ROOT_OFFSET + 2 * ROOT_BYTES
+_SB = struct.Struct("<8sHHIIIIIBBHHHQQQQ32sQ")   # superblock fields before the reserved bytes
 _SB_CRC_AT = SUPERBLOCK_BYTES - 4
 # geometry limits of docs/FORMAT.md, checked for files being opened and caches being created
 LIMITS = {"num_layers": 1 << 16, "num_kv_heads": 1 << 12, "head_dim": 1 << 14, "page_size": 1 << 16}
 MAX_INT4_K_PAGE_SIZE = (1 << 16) - 1        # int4 keys: page_size is stored in a 16-bit group size
-DEFAULT_META_SLOT_BYTES = 64 << 20
-MAX_META_SLOT_BYTES = (1 << 62) - 4096      # keeps arena_offset = 4096 + 2S a valid file offset (< 2**63)
+DEFAULT_PAGE_SIZE = 16
+DEFAULT_INT4_K_PAGE_SIZE = 64               # int4 keys are grouped per channel over the page (KIVI)
+MAX_POOL_BYTES = 1 << 62
+
+
+def file_version(raw: bytes) -> tuple[int, int] | None:
+    """(major, minor) of a file starting with ``raw``, or None if it is not a kvmmap cache."""
+    if len(raw) < 12 or raw[:8] != MAGIC:
+        return None
+    return struct.unpack_from("<HH", raw, 8)
 
 
 
@@ -45,18 +55,19 @@ class Superblock:
     k_group_size: int
     v_group_size: int
     page_bytes: int
-    meta_offset: int
-    meta_slot_bytes: int
+    root_offset: int
+    root_bytes: int
     arena_offset: int
     fingerprint: bytes
+    max_bytes: int = 0              # bytes of pages holding tokens; 0: no limit
     version: tuple = VERSION
 
     def pack(self) -> bytes:
         head = _SB.pack(
             MAGIC, *self.version, SUPERBLOCK_BYTES, self.num_layers, self.num_kv_heads,
             self.head_dim, self.page_size, self.k_format.format_id, self.v_format.format_id,
-            self.k_group_size, self.v_group_size, 0, self.page_bytes, self.meta_offset, self.meta_slot_bytes,
-            self.arena_offset, self.fingerprint.ljust(FINGERPRINT_BYTES, b"\0"),
+            self.k_group_size, self.v_group_size, 0, self.page_bytes, self.root_offset, self.root_bytes,
+            self.arena_offset, self.fingerprint.ljust(FINGERPRINT_BYTES, b"\0"), self.max_bytes,
         )
         body = head.ljust(_SB_CRC_AT, b"\0")
         return body + struct.pack("<I", crc32c.crc32c(body))
@@ -68,11 +79,13 @@ class Superblock:
         if raw[:8] != MAGIC:
             raise CacheFileError(f"{path}: not a kvmmap cache: magic {raw[:8]!r}, expected {MAGIC!r}")
         (magic, major, minor, sb_bytes, L, H, D, P, kf, vf, kg, vg, flags, page_bytes,
-         meta_off, slot_bytes, arena_off, fp) = _SB.unpack_from(raw)
+         root_off, root_bytes, arena_off, fp, max_bytes) = _SB.unpack_from(raw)
         if major != VERSION[0]:
+            hint = (" (a format 1 file: open it with mode='r', or upgrade it with `kvmmap convert --upgrade`)"
+                    if major == 1 else "")
             raise CacheFileError(
-                f"{path}: format version {major}.{minor} is not supported; this kvmmap reads {VERSION[0]}.x"
-            )
+                f"{path}: format version {major}.{minor} is not supported here; this kvmmap writes "
+                f"{VERSION[0]}.x{hint}")
         (stored,) = struct.unpack_from("<I", raw, _SB_CRC_AT)
         if crc32c.crc32c(raw[:_SB_CRC_AT]) != stored:
             raise CacheFileError(f"{path}: damaged header: superblock checksum mismatch")
@@ -82,12 +95,13 @@ class Superblock:
         # a later 1.x may add fields in the reserved bytes, which this version ignores
         if minor == 0 and any(raw[_SB.size:_SB_CRC_AT]):
             raise CacheFileError(f"{path}: damaged header: reserved bytes {_SB.size}..{_SB_CRC_AT - 1} "
-                                 "of a version 1.0 file are not zero")
+                                 f"of a version {major}.0 file are not zero")
         try:
             kfmt, vfmt = format_by_id(kf), format_by_id(vf)
         except FormatError as e:
             raise CacheFileError(f"{path}: damaged header: {e}") from None
-        sb = cls(L, H, D, P, kfmt, vfmt, kg, vg, page_bytes, meta_off, slot_bytes, arena_off, fp, (major, minor))
+        sb = cls(L, H, D, P, kfmt, vfmt, kg, vg, page_bytes, root_off, root_bytes, arena_off, fp, max_bytes,
+                 (major, minor))
         sb.validate(path)
         return sb
 
@@ -116,21 +130,24 @@ class Superblock:
         layout = self.layout()
         if layout.page_bytes != self.page_bytes:
             bad(f"page_bytes={self.page_bytes} does not match the geometry ({layout.page_bytes})")
-        if self.meta_offset != SUPERBLOCK_BYTES or self.meta_slot_bytes < 4096 or self.meta_slot_bytes % 4096:
-            bad(f"metadata slots at {self.meta_offset} of {self.meta_slot_bytes} bytes are misplaced")
-        if self.arena_offset != self.meta_offset + 2 * self.meta_slot_bytes:
-            bad(f"arena offset {self.arena_offset} does not follow the metadata slots")
-        # opening allocates one tail per layer; a slot that cannot hold one never held a
-        # sequence, so a header claiming more is refused before that allocation
-        if layout.tail_bytes > self.meta_slot_bytes - SLOT_HEADER_BYTES:
-            bad(f"one sequence tail of this geometry ({layout.tail_bytes} bytes) does not fit "
-                f"the {self.meta_slot_bytes}-byte metadata slots")
+        if (self.root_offset, self.root_bytes, self.arena_offset) != (ROOT_OFFSET, ROOT_BYTES, ARENA_OFFSET):
+            bad(f"roots at {self.root_offset} of {self.root_bytes} bytes and arena at {self.arena_offset} are "
+                f"misplaced (expected {ROOT_OFFSET}, {ROOT_BYTES}, {ARENA_OFFSET})")
+        if k4 and layout.page_bytes < 2 * self.num_kv_heads * self.head_dim:
+            bad(f"page_bytes={layout.page_bytes} cannot hold one float16 row of open int4 keys")
+        if not 0 <= self.max_bytes <= MAX_POOL_BYTES:
+            bad(f"max_bytes={self.max_bytes} is beyond {MAX_POOL_BYTES}")
 
     def check_file_size(self, size: int, path: str) -> None:
-        """Refuse a file too short to hold its own header and metadata slots."""
+        """Refuse a file too short to hold its own header and commit roots."""
         if size < self.arena_offset:
-            raise CacheFileError(f"{path}: truncated file: {size} bytes, but its metadata slots end at "
+            raise CacheFileError(f"{path}: truncated file: {size} bytes, but its commit roots end at "
                                  f"byte {self.arena_offset}")
+
+    @property
+    def max_pages(self) -> int:
+        """Pages of tokens the pool may hold (``max_bytes // page_bytes``; 0: no limit)."""
+        return self.max_bytes // self.page_bytes if self.max_bytes else 0
 
     def layout(self) -> PageLayout:
         try:
@@ -140,19 +157,27 @@ class Superblock:
             raise CacheFileError(f"damaged header: inconsistent geometry ({e})") from None
 
 
+def default_page_size(k_format) -> int:
+    """16 tokens, or 64 when keys are int4 (grouped per channel over the page: 64 tokens
+    put their float16 scale and zero point at 0.5 bit per element)."""
+    return DEFAULT_INT4_K_PAGE_SIZE if get_format(k_format).grouped else DEFAULT_PAGE_SIZE
+
+
 def geometry_superblock(num_layers, num_kv_heads, head_dim, page_size, k_format, v_format, v_group_size,
-                        fingerprint, meta_slot_bytes) -> Superblock:
+                        fingerprint, max_bytes=None) -> Superblock:
     """The superblock of a new cache, from :meth:`PagedKVCache.create`'s arguments.
 
     Raises ShapeError, ConfigError or FormatError (see ``create``) for arguments outside
     the limits of docs/FORMAT.md; the result passes :meth:`Superblock.validate`.
     """
+    kf, vf = get_format(k_format), get_format(v_format)
+    if page_size is None:
+        page_size = default_page_size(kf)
     for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                     ("page_size", page_size)):
         hi = LIMITS[name]
         if not is_int(v) or not 1 <= v <= hi:
             raise ShapeError(f"{name} must be an integer in 1..{hi} (docs/FORMAT.md), found {v!r}")
-    kf, vf = get_format(k_format), get_format(v_format)
     for f in (kf, vf):
         if f.grouped and head_dim % 2:
             raise ShapeError(f"int4 needs an even head_dim, found {head_dim}")
@@ -175,19 +200,14 @@ def geometry_superblock(num_layers, num_kv_heads, head_dim, page_size, k_format,
     if len(fingerprint) > FINGERPRINT_BYTES:
         raise ShapeError(f"fingerprint holds at most {FINGERPRINT_BYTES} bytes, found {len(fingerprint)}")
     layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size)
-    if meta_slot_bytes is None:
-        tails = 128 * int(num_layers) * layout.tail_bytes
-        meta_slot_bytes = max(DEFAULT_META_SLOT_BYTES, min(1 << 30, -(-tails // 4096) * 4096),
-                              -(-(layout.tail_bytes + 64) // 4096) * 4096)
-    if not is_int(meta_slot_bytes) or not 4096 <= meta_slot_bytes <= MAX_META_SLOT_BYTES or meta_slot_bytes % 4096:
-        raise ShapeError(f"meta_slot_bytes must be a multiple of 4096 in 4096..{MAX_META_SLOT_BYTES}, "
-                         f"found {meta_slot_bytes!r}")
-    meta_slot_bytes = int(meta_slot_bytes)
-    if layout.tail_bytes > meta_slot_bytes - 64:     # open() would refuse such a file
-        raise ShapeError(f"meta_slot_bytes={meta_slot_bytes} cannot hold one sequence tail of this "
-                         f"geometry ({layout.tail_bytes} bytes); pass a larger meta_slot_bytes")
+    if max_bytes is not None and not (is_int(max_bytes) and layout.page_bytes <= max_bytes <= MAX_POOL_BYTES):
+        raise ShapeError(f"max_bytes must be None or an integer in {layout.page_bytes} (one page)..{MAX_POOL_BYTES}, "
+                         f"found {max_bytes!r}")
+    if kf.grouped and layout.page_bytes < 2 * num_kv_heads * head_dim:
+        raise ShapeError(f"page_size={page_size} is too small for int4 keys: a page must hold one float16 row "
+                         "of the open key group; use page_size >= 4")
     sb = Superblock(int(num_layers), int(num_kv_heads), int(head_dim), int(page_size), kf, vf,
                     int(page_size) if kf.grouped else 0, v_group_size, layout.page_bytes,
-                    SUPERBLOCK_BYTES, meta_slot_bytes, SUPERBLOCK_BYTES + 2 * meta_slot_bytes, bytes(fingerprint))
+                    ROOT_OFFSET, ROOT_BYTES, ARENA_OFFSET, bytes(fingerprint), int(max_bytes or 0))
     sb.validate("<new cache>")
     return sb
