@@ -1215,19 +1215,44 @@ class PagedKVCache:
             The cache is closed.
         """
         self._check_open()
-        bad = set(self._pool.mismatched(self._table.listed_pages()))
         table = self._table
+        pages = set(table.listed_pages()) | set(self._partial_pages())
+        return self.mismatched(sorted(pages))
+
+    def _partial_pages(self) -> dict:
+        """``{page: (layer state, rows, crc, residual crcs)}`` of partly filled last pages as
+        committed (pages whose rows have grown since are checked up to the committed rows)."""
+        table, out = self._table, {}
         for s in table.seqs.values():
             for st in s.layers:
                 c = st.committed
-                if c is None or c[2] is None or not len(st.bt) or int(st.bt.pages[-1]) != c[0] \
-                        or table.last_rows(st) < c[1]:
-                    continue
-                now = table.last_page_crc(st, c[1])
-                if now[0] != c[2]:
-                    bad.add(c[0])
-                bad.update(int(p) for p, x, y in zip(st.res.tolist(), now[1], c[3]) if x != y)
-        return sorted(bad)
+                if c is not None and c[2] is not None and len(st.bt) and int(st.bt.pages[-1]) == c[0] \
+                        and table.last_rows(st) >= c[1]:
+                    out[c[0]] = (st, c[1], c[2], c[3])
+        return out
+
+    def page_checksums(self, page: int, partial: dict | None = None) -> tuple[int, int]:
+        """(stored, computed) CRC-32C of a page listed by a block table (a partly filled
+        last page: of its committed rows and, for int4 keys, their residual rows too)."""
+        partial = self._partial_pages() if partial is None else partial
+        if page not in partial:
+            return int(self._pool.page_crc[page]), int(self._pool.crc_of(page))
+        st, rows, crc, res_crc = partial[page]
+        now, res_now = self._table.last_page_crc(st, rows)
+        ok = now == crc and list(res_now) == list(res_crc)
+        return crc, now if ok or now != crc else now ^ 0xFFFFFFFF
+
+    def mismatched(self, pages) -> list[int]:
+        """The pages among ``pages`` (listed by block tables) whose bytes no longer match
+        their checksum, in order."""
+        self._check_open()
+        partial = self._partial_pages()
+        out = []
+        for p in pages:
+            stored, now = self.page_checksums(int(p), partial)
+            if stored != now:
+                out.append(int(p))
+        return out
 
     @_locked
     def close(self) -> None:

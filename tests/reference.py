@@ -145,15 +145,20 @@ def dequantize(fmt: str, codes, scales=None, zeros=None, grouping="token", group
     return x * s + z
 
 
+SIDE_DTYPE = {1: np.dtype("<f4"), 2: np.dtype("<f4")}      # scales / zero points by major version
+FORMAT_NAMES = {i: name for name, i in FORMAT_IDS.items()}
+
+
 def page_regions(geo: dict, fmt: str, side: str) -> list:
     """[(name, dtype, shape)] of one side of a page, in file order (FORMAT.md, Pages)."""
     H, P, D = geo["num_kv_heads"], geo["page_size"], geo["head_dim"]
     out = [("codes", np.dtype(CODE_DTYPE[fmt]), (H, P, D // 2 if fmt == "int4" else D))]
     if fmt in SCALED:
         shape = (H, P) if fmt != "int4" else (H, 1, D) if side == "k" else (H, P, D // geo["v_group"])
-        out.append(("scales", np.dtype("<f4"), shape))
+        dt = SIDE_DTYPE[geo["version"][0]]
+        out.append(("scales", dt, shape))
         if fmt == "int4":
-            out.append(("zeros", np.dtype("<f4"), shape))
+            out.append(("zeros", dt, shape))
     return out
 
 
@@ -170,6 +175,163 @@ def page_arrays(page: bytes, geo: dict) -> tuple[dict, int]:
 
 
 def decode_page_rows(geo: dict, side: str, arrs: dict, rows) -> np.ndarray:
+    """float32 [H, len(rows), D] of rows of a page."""
+    fmt = geo[f"{side}_format"]
+    codes = arrs["codes"][:, rows]
+    f32 = {n: arrs[n].astype(np.float32) for n in ("scales", "zeros") if n in arrs}
+    if fmt == "int4" and side == "k":        # scale and zero per channel over the page
+        return decode_codes(fmt, codes) * f32["scales"][:, :1] + f32["zeros"][:, :1]
+    side_arrays = {n: a[:, rows] for n, a in f32.items()}
+    return dequantize(fmt, codes, side_arrays.get("scales"), side_arrays.get("zeros"), "token",
+                      geo.get("v_group") or 0)
+
+
+SUPERBLOCK = struct.Struct("<8sHHIIIIIBBHHHQQQQ32sQ")
+
+
+def parse_superblock(raw: bytes) -> dict:
+    (magic, major, minor, sb_bytes, nl, nh, hd, ps, kid, vid, kg, vg, flags,
+     page_bytes, root_off, root_bytes, arena_off, fingerprint, max_bytes) = SUPERBLOCK.unpack_from(raw, 0)
+    assert struct.unpack_from("<I", raw, 4092)[0] == crc32c.crc32c(raw[:4092]), "superblock checksum"
+    return {"magic": magic, "version": (major, minor), "superblock_bytes": sb_bytes, "num_layers": nl,
+            "num_kv_heads": nh, "head_dim": hd, "page_size": ps, "k_format": FORMAT_NAMES[kid],
+            "v_format": FORMAT_NAMES[vid], "k_group": kg, "v_group": vg, "flags": flags,
+            "page_bytes": page_bytes, "root_offset": root_off, "root_bytes": root_bytes,
+            "arena_offset": arena_off, "fingerprint": fingerprint, "max_bytes": max_bytes}
+
+
+def valid_roots(raw: bytes, geo: dict) -> list:
+    """[(generation, root fields)] of the commit roots whose checksum holds."""
+    out = []
+    for slot in (0, 1):
+        at = geo["root_offset"] + slot * geo["root_bytes"]
+        magic, gen, hw, ibytes, ipage, icrc, next_id, nseq = struct.unpack_from("<8sQQQIIII", raw, at)
+        if (magic == b"KVMROOT\0" and struct.unpack_from("<I", raw, at + 60)[0] == crc32c.crc32c(raw[at:at + 60])
+                and not any(raw[at + 48:at + 60])):
+            out.append((gen, {"high_water": hw, "index_bytes": ibytes, "index_page": ipage, "index_crc": icrc,
+                              "next_id": next_id, "num_sequences": nseq}))
+    return out
+
+
+def read_blob(raw: bytes, geo: dict, page: int, nbytes: int, crc: int) -> bytes:
+    """A blob's content: the chain of pages from ``page`` (16-byte header each)."""
+    pb, base, parts = geo["page_bytes"], geo["arena_offset"], []
+    while True:
+        at = base + page * pb
+        magic, nxt, used, zero = struct.unpack_from("<IIII", raw, at)
+        assert magic == 0x424D564B and zero == 0 and used <= pb - 16
+        parts.append(raw[at + 16:at + 16 + used])
+        if nxt == 0xFFFFFFFF:
+            break
+        page = nxt
+    data = b"".join(parts)
+    assert len(data) == nbytes and crc32c.crc32c(data) == crc, "blob checksum"
+    return data
+
+
+def parse_record(data: bytes, geo: dict) -> dict:
+    L, P = geo["num_layers"], geo["page_size"]
+    sid, name_len, has_name, max_tokens = struct.unpack_from("<IHHQ", data, 0)
+    off = 16
+    name = data[off:off + name_len].decode() if has_name else None
+    off += name_len + (-name_len % 8)
+    layers = []
+    for _ in range(L):
+        n_pos, first, npages, nres, zero = struct.unpack_from("<QIIII", data, off)
+        off += 24
+        assert zero == 0 and npages == -(-n_pos // P) and first < P
+        arrs = []
+        for count in (npages, npages, nres, nres):
+            arrs.append(np.frombuffer(data, "<u4", count, off).tolist())
+            off += 4 * count
+        layers.append({"n_pos": n_pos, "first": first, "pages": arrs[0], "crc": arrs[1], "res": arrs[2],
+                       "res_crc": arrs[3]})
+    assert off == len(data)
+    return {"id": sid, "name": name, "max_tokens": max_tokens, "layers": layers}
+
+
+def parse_cache_file(raw: bytes) -> dict:
+    """The superblock fields and the newest valid commit of a format-2 cache file's bytes."""
+    geo = parse_superblock(raw)
+    assert geo["version"][0] == 2
+    _, layout_bytes = page_arrays(bytes(geo["page_bytes"]), geo)
+    assert geo["page_bytes"] == layout_bytes, "page_bytes disagrees with the page layout"
+    roots = valid_roots(raw, geo)
+    assert roots, "no valid commit root"
+    gen, root = max(roots, key=lambda r: r[0])
+    seqs = {}
+    if root["num_sequences"]:
+        index = read_blob(raw, geo, root["index_page"], root["index_bytes"], root["index_crc"])
+        for sid, page, nbytes, crc in np.frombuffer(index, "<u4").reshape(-1, 4).tolist():
+            rec = parse_record(read_blob(raw, geo, page, nbytes, crc), geo)
+            assert rec["id"] == sid
+            seqs[sid] = rec
+    return {**geo, "commits": len(roots), "generation": gen, "high_water": root["high_water"],
+            "next_id": root["next_id"], "seqs": seqs}
+
+
+def residual_rows(raw: bytes, parsed: dict, res: list, rows: int) -> np.ndarray:
+    """float32 [H, rows, D] of int4 keys kept as float16 residual rows (token-major)."""
+    H, D, pb = parsed["num_kv_heads"], parsed["head_dim"], parsed["page_bytes"]
+    per_page = pb // (2 * H * D)
+    out = []
+    for t in range(rows):
+        at = parsed["arena_offset"] + res[t // per_page] * pb + (t % per_page) * 2 * H * D
+        out.append(np.frombuffer(raw, "<f2", H * D, at).reshape(H, D))
+    return (np.stack(out, axis=1) if out else np.zeros((H, 0, D), np.float16)).astype(np.float32)
+
+
+def stored_kv(parsed: dict, raw: bytes, sid: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """K and V float32 [length, H, D] of one (sequence, layer), decoded from the file's bytes:
+    visible token i is position first + i, in page pages[(first + i) // P] at row
+    (first + i) % P; a partly filled last page's int4 keys are float16 residual rows."""
+    P, pb = parsed["page_size"], parsed["page_bytes"]
+    st = parsed["seqs"][sid]["layers"][layer]
+    rows_last = st["n_pos"] - (len(st["pages"]) - 1) * P if st["pages"] else 0
+    out = []
+    for side in ("k", "v"):
+        parts = []
+        for i, page in enumerate(st["pages"]):
+            at = parsed["arena_offset"] + page * pb
+            rows = P if i < len(st["pages"]) - 1 else rows_last
+            if side == "k" and parsed["k_format"] == "int4" and rows < P:
+                parts.append(residual_rows(raw, parsed, st["res"], rows))
+            else:
+                parts.append(decode_page_rows(parsed, side, page_arrays(raw[at:at + pb], parsed)[0][side],
+                                              slice(0, rows)))
+        H, D = parsed["num_kv_heads"], parsed["head_dim"]
+        allrows = np.concatenate(parts, axis=1) if parts else np.zeros((H, 0, D), np.float32)
+        out.append(allrows.transpose(1, 0, 2)[st["first"]:st["n_pos"]].astype(np.float32))
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------- format 1.0 (golden files)
+
+def page_regions_v1(geo: dict, fmt: str, side: str) -> list:
+    """[(name, dtype, shape)] of one side of a page, in file order (FORMAT.md, Pages)."""
+    H, P, D = geo["num_kv_heads"], geo["page_size"], geo["head_dim"]
+    out = [("codes", np.dtype(CODE_DTYPE[fmt]), (H, P, D // 2 if fmt == "int4" else D))]
+    if fmt in SCALED:
+        shape = (H, P) if fmt != "int4" else (H, 1, D) if side == "k" else (H, P, D // geo["v_group"])
+        out.append(("scales", np.dtype("<f4"), shape))
+        if fmt == "int4":
+            out.append(("zeros", np.dtype("<f4"), shape))
+    return out
+
+
+def page_arrays_v1(page: bytes, geo: dict) -> tuple[dict, int]:
+    """({side: {region: array}} of one page, the page's size): regions on 64-byte boundaries."""
+    off, out = 0, {}
+    for side in ("k", "v"):
+        out[side] = {}
+        for name, dt, shape in page_regions_v1(geo, geo[f"{side}_format"], side):
+            n = int(np.prod(shape))
+            out[side][name] = np.frombuffer(page, dt, n, off).reshape(shape)
+            off = -(-(off + n * dt.itemsize) // 64) * 64
+    return out, off
+
+
+def decode_page_rows_v1(geo: dict, side: str, arrs: dict, rows) -> np.ndarray:
     """float32 [H, len(rows), D] of rows of a page (or of a tail in the page's layout)."""
     fmt = geo[f"{side}_format"]
     codes = arrs["codes"][:, rows]
@@ -180,13 +342,12 @@ def decode_page_rows(geo: dict, side: str, arrs: dict, rows) -> np.ndarray:
                       geo.get("v_group") or 0)
 
 
-SUPERBLOCK = struct.Struct("<8sHHIIIIIBBHHHQQQQ32s")
-FORMAT_NAMES = {i: name for name, i in FORMAT_IDS.items()}
+SUPERBLOCK_V1 = struct.Struct("<8sHHIIIIIBBHHHQQQQ32s")
 
 
-def parse_superblock(raw: bytes) -> dict:
+def parse_superblock_v1(raw: bytes) -> dict:
     (magic, major, minor, sb_bytes, nl, nh, hd, ps, kid, vid, kg, vg, flags,
-     page_bytes, meta_off, slot_bytes, arena_off, fingerprint) = SUPERBLOCK.unpack_from(raw, 0)
+     page_bytes, meta_off, slot_bytes, arena_off, fingerprint) = SUPERBLOCK_V1.unpack_from(raw, 0)
     return {"magic": magic, "version": (major, minor), "superblock_bytes": sb_bytes, "num_layers": nl,
             "num_kv_heads": nh, "head_dim": hd, "page_size": ps, "k_format": FORMAT_NAMES[kid],
             "v_format": FORMAT_NAMES[vid], "k_group": kg, "v_group": vg, "flags": flags,
@@ -194,7 +355,7 @@ def parse_superblock(raw: bytes) -> dict:
             "arena_offset": arena_off, "fingerprint": fingerprint}
 
 
-def valid_commits(raw: bytes, geo: dict) -> list:
+def valid_commits_v1(raw: bytes, geo: dict) -> list:
     """[(generation, payload)] of the metadata slots whose checksums hold and padding is zero."""
     out = []
     for slot in (0, 1):
@@ -207,7 +368,7 @@ def valid_commits(raw: bytes, geo: dict) -> list:
     return out
 
 
-def parse_payload(payload: bytes, geo: dict) -> dict:
+def parse_payload_v1(payload: bytes, geo: dict) -> dict:
     """high_water, page CRCs and every sequence's layers (n_pos, first, pages, tail arrays)."""
     L, H, P, D = geo["num_layers"], geo["num_kv_heads"], geo["page_size"], geo["head_dim"]
     hw, nseq, next_id, reserved = struct.unpack_from("<QIII", payload, 0)
@@ -219,7 +380,7 @@ def parse_payload(payload: bytes, geo: dict) -> dict:
     for side in ("k", "v"):
         fmt = geo[f"{side}_format"]
         tail_layout[side] = ([("codes", np.dtype("<f4"), (H, P, D))] if fmt == "int4"    # float32 until sealed
-                             else page_regions(geo, fmt, side))
+                             else page_regions_v1(geo, fmt, side))
     seqs = {}
     for _ in range(nseq):
         sid, name_len, has_name = struct.unpack_from("<IHH", payload, off)
@@ -246,17 +407,17 @@ def parse_payload(payload: bytes, geo: dict) -> dict:
     return {"high_water": hw, "page_crc": page_crc, "seqs": seqs}
 
 
-def parse_cache_file(raw: bytes) -> dict:
+def parse_cache_file_v1(raw: bytes) -> dict:
     """The superblock fields and the newest valid commit of a cache file's bytes."""
-    geo = parse_superblock(raw)
-    _, layout_bytes = page_arrays(bytes(geo["page_bytes"]), geo)
+    geo = parse_superblock_v1(raw)
+    _, layout_bytes = page_arrays_v1(bytes(geo["page_bytes"]), geo)
     assert geo["page_bytes"] == layout_bytes, "page_bytes disagrees with the page layout"
-    commits = valid_commits(raw, geo)
+    commits = valid_commits_v1(raw, geo)
     assert commits, "no valid metadata slot"
-    return {**geo, "commits": len(commits), **parse_payload(max(commits)[1], geo)}
+    return {**geo, "commits": len(commits), **parse_payload_v1(max(commits)[1], geo)}
 
 
-def stored_kv(parsed: dict, raw: bytes, sid: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+def stored_kv_v1(parsed: dict, raw: bytes, sid: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """K and V float32 [length, H, D] of one (sequence, layer), decoded from the file's bytes:
     visible token i is position first + i, in page pages[(first + i) // P] at row
     (first + i) % P, or in the tail past the sealed pages."""
@@ -268,11 +429,11 @@ def stored_kv(parsed: dict, raw: bytes, sid: int, layer: int) -> tuple[np.ndarra
         parts = []
         for page in st["pages"]:
             at = parsed["arena_offset"] + page * pb
-            parts.append(decode_page_rows(parsed, side, page_arrays(raw[at:at + pb], parsed)[0][side], slice(None)))
+            parts.append(decode_page_rows_v1(parsed, side, page_arrays_v1(raw[at:at + pb], parsed)[0][side], slice(None)))
         tail = st["tail"][side]
         if parsed[f"{side}_format"] == "int4":
             parts.append(tail["codes"][:, :n_tail])
         else:
-            parts.append(decode_page_rows(parsed, side, tail, slice(0, n_tail)))
+            parts.append(decode_page_rows_v1(parsed, side, tail, slice(0, n_tail)))
         out.append(np.concatenate(parts, axis=1).transpose(1, 0, 2)[st["first"]:st["n_pos"]].astype(np.float32))
     return out[0], out[1]

@@ -344,16 +344,15 @@ class KVMmapCache(Cache):
         stored in the file (:func:`config_fingerprint`).
     k_format, v_format : str
         Storage formats (:data:`kvmmap.FORMATS`), e.g. "fp16", "int8", "int4".
-    page_size : int
-        Tokens per page.
+    page_size : int, optional
+        Tokens per page (default: 16, or 64 for int4 keys; see :meth:`kvmmap.PagedKVCache.create`).
     keep_dequantized : bool
         Keep a dequantized copy of every layer (fast decode, memory like DynamicCache) or
         read the context from the file at every step; see the module docstring.
     overwrite : bool
         Replace an existing file.
-    meta_slot_bytes : int, optional
-        Metadata capacity of the file (see :meth:`kvmmap.PagedKVCache.create`); the default
-        commits up to 128 rows, stored prefixes and beams together.
+    max_bytes : int, optional
+        Pool limit of the file (see :meth:`kvmmap.PagedKVCache.create`).
 
     Attributes
     ----------
@@ -369,12 +368,12 @@ class KVMmapCache(Cache):
     """
 
     def __init__(self, path=None, *, config, k_format: str = "int8", v_format: str = "int8",
-                 page_size: int = 16, keep_dequantized: bool = True, overwrite: bool = False,
-                 meta_slot_bytes: int | None = None):
+                 page_size: int | None = None, keep_dequantized: bool = True, overwrite: bool = False,
+                 max_bytes: int | None = None):
         geometry = model_geometry(config)
         store = PagedKVCache.create(path, **geometry, page_size=page_size, k_format=k_format,
                                     v_format=v_format, fingerprint=config_fingerprint(config),
-                                    overwrite=overwrite, meta_slot_bytes=meta_slot_bytes)
+                                    overwrite=overwrite, max_bytes=max_bytes)
         self._attach(store, keep_dequantized)
 
     @classmethod

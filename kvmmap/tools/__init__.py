@@ -5,8 +5,7 @@ only the public surface of :class:`~kvmmap.PagedKVCache` and of ``kvmmap.core``.
              a writer (:class:`~kvmmap.tools.common.ChangedByWriterError`), sizes.
 ``inspect``  :func:`~kvmmap.tools.inspect.inspect_cache` (``kvmmap inspect``).
 ``verify``   :func:`~kvmmap.tools.verify.verify_cache` (``kvmmap verify``).
-``rewrite``  :func:`~kvmmap.tools.rewrite.compress_cache` (``kvmmap compress``) and
-             :func:`~kvmmap.tools.rewrite.meta_slot_bytes_for`.
+``rewrite``  :func:`~kvmmap.tools.rewrite.compress_cache` (``kvmmap compress``).
 ``convert``  :func:`~kvmmap.tools.convert.convert` (``kvmmap convert``): .npz / .safetensors in.
 ``demo``     :func:`~kvmmap.tools.demo.run` (``kvmmap demo``).
 """

@@ -73,9 +73,8 @@ def check_pages(cache: PagedKVCache, pages, progress: bool | None = False) -> tu
         disk (damage), and pages that fail it after a writer committed since the view was
         opened (possibly reused by the writer: not known to be damaged).
     """
-    arena = cache.arena
     pages = [int(p) for p in pages]
-    bad = arena.mismatched(tqdm(pages, desc="verify", unit="page", disable=None if progress is None else not progress))
+    bad = cache.mismatched(tqdm(pages, desc="verify", unit="page", disable=None if progress is None else not progress))
     # checked after reading, as PagedKVCache.read does: a page is rewritten only after a
     # newer commit dropped it, and the writer writes that commit first
     if not bad or cache.commit_is_newest():
@@ -96,7 +95,7 @@ def layer_tables(cache: PagedKVCache, seq: int) -> list[tuple[np.ndarray, int, i
     -------
     list of (pages, n_pos, first), one per layer
         :meth:`PagedKVCache.page_table` of each layer: ``pages`` uint32
-        ``[num_sealed_pages]`` physical ids in logical order (a copy); ``n_pos``:
+        ``[num_pages]`` physical ids in logical order (a copy); ``n_pos``:
         positions written; ``first``: positions dropped in front by ``shift_left``.
         Visible token ``i`` is position ``first + i`` (docs/FORMAT.md).
     """

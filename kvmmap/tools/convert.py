@@ -33,7 +33,6 @@ from ..cache import PagedKVCache
 from ..core.fileio import fsync_dir, lock_existing, partial_path, remove_stale_partials
 from ..errors import CacheFileError, DTypeError, KVMmapError, ShapeError, describe
 from .common import check_regular_file, disk_usage
-from .rewrite import meta_slot_bytes_for
 
 _PER_LAYER = re.compile(r"^layers\.(\d+)\.(key|value)$")
 _MAX_DEFLATE_RATIO = 1032      # deflate's largest expansion (258-byte matches in 2-bit codes)
@@ -280,12 +279,9 @@ def convert(src, dst, *, k_format: str = "int8", v_format: str = "int8", page_si
             old_fd = lock_existing(final) if overwrite else None
             remove_stale_partials(final)
             dst = partial_path(final)
-            slot = meta_slot_bytes_for(num_layers, heads, head_dim, page_size, k_format, v_format, batch,
-                                       batch * num_layers * (seq // page_size),
-                                       sum(len(n.encode()) + 3 for n in names))
             cache = PagedKVCache.create(dst, num_layers=num_layers, num_kv_heads=heads, head_dim=head_dim,
                                         page_size=page_size, k_format=k_format, v_format=v_format,
-                                        fingerprint=fingerprint, meta_slot_bytes=slot, overwrite=True)
+                                        fingerprint=fingerprint, overwrite=True)
         try:
             seqs = [cache.new_sequence(n) for n in names]
             for layer in tqdm(range(num_layers), desc="convert", unit="layer",

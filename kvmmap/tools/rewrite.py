@@ -2,7 +2,7 @@
 
 :func:`compress_cache` reads each (sequence, layer) of a cache file, optionally passes it
 through a :class:`~kvmmap.KVCacheCompressor`, and appends it to a new file in other
-formats; :func:`meta_slot_bytes_for` sizes the new file's metadata slots.
+formats.
 """
 
 from __future__ import annotations
@@ -20,34 +20,6 @@ from ..core.fileio import fsync_dir, lock_existing, partial_path, remove_stale_p
 from ..errors import CacheFileError
 from ..formats import get_format
 from .common import ChangedByWriterError, check_pages, check_regular_file, disk_usage, layer_tables, open_read_only
-
-
-def meta_slot_bytes_for(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, k_format: str,
-                        v_format: str, num_sequences: int, num_pages: int, name_bytes: int = 0) -> int:
-    """A metadata slot capacity that holds a cache of this size (see docs/FORMAT.md).
-
-    The payload holds, per (sequence, layer), the open tail of a page in the side's own
-    format (int4: float32), which dominates for many sequences; the result is twice the
-    payload, at least the default 64 MiB, rounded to 4096 (slots are sparse: the unused
-    part costs no disk).
-
-    Parameters
-    ----------
-    num_sequences, num_pages : int
-        Sequences and sealed pages (summed over block tables) the cache will hold.
-    name_bytes : int
-        UTF-8 bytes of all sequence names together.
-    """
-    tail = 0
-    for fmt in (k_format, v_format):
-        f = get_format(fmt)
-        if f.grouped:
-            tail += num_kv_heads * page_size * head_dim * 4
-        else:
-            tail += num_kv_heads * page_size * f.row_nbytes(head_dim) + (num_kv_heads * page_size * 4 if f.scaled else 0)
-    payload = (24 + 4 * num_pages + num_sequences * (12 + num_layers * (16 + tail))
-               + name_bytes + 4 * num_pages)
-    return max(64 << 20, -(-2 * payload // 4096) * 4096)
 
 
 def _shared_pages(a: list, b: list) -> int:
@@ -169,12 +141,9 @@ def _compress_into(src: str, dst: str, k_format, v_format, compressor, progress)
         kf, vf = k_format or kf_before, v_format or vf_before
         names = s.sequences()
         tables = {sid: layer_tables(s, sid) for sid in names}
-        slot = meta_slot_bytes_for(s.num_layers, s.num_kv_heads, s.head_dim, s.page_size, kf, vf, len(names),
-                                   sum(len(p) for t in tables.values() for p, _, _ in t),
-                                   sum(len((n or "").encode()) + 3 for n in names.values()))
         d = PagedKVCache.create(tmp, num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                                 page_size=s.page_size, k_format=kf, v_format=vf, fingerprint=s.fingerprint,
-                                meta_slot_bytes=slot, overwrite=True)
+                                overwrite=True)
         try:
             _copy_sequences(s, d, src, names, tables, compressor, progress, tally)
             d.flush()

@@ -1,5 +1,5 @@
-"""Whether a cache file is intact (``kvmmap verify``): header, both metadata slots, the
-page table of a commit, and every page checksum.
+"""Whether a cache file is intact (``kvmmap verify``): header, both commit roots, the
+metadata and page table of a commit, and every page checksum.
 
 Opens the file read-only (no lock), so it may run beside a writer; pages the writer
 reuses meanwhile are told apart from damage (:mod:`kvmmap.tools.common`).
@@ -12,31 +12,35 @@ import stat
 import time
 
 from ..cache import PagedKVCache
-from ..core.metaslot import newest_generation, read_slot
-from ..core.superblock import SLOT_HEADER_BYTES, SUPERBLOCK_BYTES, Superblock
+from ..core.roots import ROOT_RECORD_BYTES, read_root, root_offset
+from ..core.superblock import SUPERBLOCK_BYTES, Superblock
 from ..errors import CacheFileError
 from .common import check_pages, check_regular_file, commit_info, layer_tables, open_read_only
 
 _RECHECKS = 3           # newer commits verify re-reads before it calls a page "changed"
 
 
+def newest_generation(fd: int, sb: Superblock) -> int:
+    gens = [r.generation for r in (read_root(fd, sb, i) for i in (0, 1)) if r is not None]
+    return max(gens, default=-1)
+
+
 def _slot_status(fd: int, sb: Superblock, index: int) -> dict:
-    off = sb.meta_offset + index * sb.meta_slot_bytes
-    got = read_slot(fd, sb, index)
+    got = read_root(fd, sb, index)
     if got is not None:
-        return {"slot": index, "state": "valid", "generation": int(got[0])}
-    # empty only if the whole 64-byte header is zero, padding included (as read_slot checks it)
-    if not any(os.pread(fd, SLOT_HEADER_BYTES, off)):
+        return {"slot": index, "state": "valid", "generation": int(got.generation)}
+    # empty only if all 64 bytes of the root are zero
+    if not any(os.pread(fd, ROOT_RECORD_BYTES, root_offset(sb, index))):
         return {"slot": index, "state": "empty"}
     return {"slot": index, "state": "damaged"}
 
 
 def _slot_states(fd: int, sb: Superblock) -> list[dict]:
-    """Both slots' states. A writer rewrites the slot not holding its newest commit,
-    payload first, header last: a slot read in between looks damaged until the header
-    lands and the newest generation moves. A slot is called damaged only if the newest
-    generation stood still across its reading and a short wait after it; a slot caught
-    mid-rewrite every time is "rewritten" (a writer is committing)."""
+    """Both roots' states. A writer rewrites the root not holding its newest commit in
+    one 64-byte write: a root read mid-write looks damaged until the write lands and the
+    newest generation moves. A root is called damaged only if the newest generation stood
+    still across its reading and a short wait after it; one caught mid-rewrite every time
+    is "rewritten" (a writer is committing)."""
     for _ in range(_RECHECKS + 1):
         before = newest_generation(fd, sb)
         states = [_slot_status(fd, sb, i) for i in (0, 1)]
@@ -61,12 +65,12 @@ def _page_owners(tables: dict, names: dict, page_size: int) -> dict:
 
 
 def _damage_report(cache: PagedKVCache, pages: list[int], owners: dict) -> list[dict]:
-    arena, generation = cache.arena, cache.commit["generation"]
+    generation = cache.commit["generation"]
     out = []
     for page in pages:
+        stored, computed = cache.page_checksums(page)
         out.append({
-            "page": page, "generation": generation, "stored": int(arena.page_crc[page]),
-            "computed": int(arena.crc_of(page)),
+            "page": page, "generation": generation, "stored": stored, "computed": computed,
             "owners": [{"sequence": o[0], "name": o[1], "layer": o[2], "page_index": o[3], "tokens": [o[4], o[5]]}
                        for o in owners[page]],
         })
@@ -194,10 +198,10 @@ def format_verify(res: dict) -> str:
         for s in res["slots"]:
             state = {"valid": f"generation {s.get('generation')}",
                      "rewritten": "being rewritten (a writer is committing)"}.get(s["state"], s["state"])
-            slots.append(f"slot {s['slot']} {state}")
-        lines.append(f"{path}: metadata: {', '.join(slots)}")
+            slots.append(f"root {s['slot']} {state}")
+        lines.append(f"{path}: commit roots: {', '.join(slots)}")
         if any(s["state"] == "damaged" for s in res["slots"]) and res["commit"] is not None:
-            lines.append(f"{path}: note: a damaged slot is expected after a crash during a commit; slot "
+            lines.append(f"{path}: note: a damaged root is expected after a crash during a commit; root "
                          f"{res['commit']['slot']} (generation {res['commit']['generation']}) holds the committed state")
     for d in res["damaged_pages"]:
         where = "; ".join(
@@ -215,7 +219,7 @@ def format_verify(res: dict) -> str:
         if res["changed_pages"]:
             ids = ", ".join(map(str, res["changed_pages"][:8])) + (" ..." if len(res["changed_pages"]) > 8 else "")
             what.append(f"{len(res['changed_pages'])} page(s) ({ids})")
-        what += [f"metadata slot {s['slot']}" for s in res["slots"] if s["state"] == "rewritten"]
+        what += [f"commit root {s['slot']}" for s in res["slots"] if s["state"] == "rewritten"]
         lines.append(f"{path}: CHANGED: {' and '.join(what)} changed since verify started (a writer is committing): "
                      "rerun; nothing is known to be damaged")
     else:
