@@ -33,7 +33,7 @@ import crc32c
 import numpy as np
 
 from .._validate import check_layer, is_int
-from ..errors import CacheFileError, ConfigError, FormatError, SequenceError
+from ..errors import CacheFileError, ConfigError, FormatError, SequenceError, ShapeError
 from ..formats import Format, format_by_id
 
 MAGIC = b"\x89KVMMAP\n"
@@ -461,12 +461,13 @@ class V1File:
                   for r in self._regions[side]}
         return self._decode(side, arrays, self.page_size)
 
-    def read(self, seq: int, layer: int, *, dropped: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """K and V of one (sequence, layer), decoded to float32.
+    def read(self, seq: int, layer: int, start: int = 0, stop: int | None = None, *,
+             dropped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of tokens ``start .. stop - 1`` of one (sequence, layer), decoded to float32.
 
         Sealed pages are decoded from the mapped file (each page's checksum checked
-        first), the open page from the commit: in its side's format, or float32 for an
-        int4 side.
+        first; only the pages the range touches are read), the open page from the commit:
+        in its side's format, or float32 for an int4 side.
 
         Parameters
         ----------
@@ -474,39 +475,49 @@ class V1File:
             Sequence id.
         layer : int
             ``0 .. num_layers - 1``.
+        start, stop : int
+            Visible tokens (``0 <= start <= stop <= length``; default: all of them).
         dropped : bool
-            Also return the ``first`` positions that ``shift_left`` dropped in front but
-            the first page still holds: rows ``0 .. n_pos - 1`` of the page grid, visible
-            token ``i`` at row ``first + i``.
+            Count from the start of the first page instead: the ``first`` positions that
+            ``shift_left`` dropped in front (the first page still holds them) come first,
+            then the visible tokens (visible token ``i`` is row ``first + i``, and ``stop``
+            may go up to ``n_pos``).
 
         Returns
         -------
         k, v : numpy.ndarray
-            float32 ``[length, H, D]`` (``[n_pos, H, D]`` with ``dropped``), C-contiguous.
+            float32 ``[stop - start, H, D]``, C-contiguous.
 
         Raises
         ------
         SequenceError
             Unknown ``seq``.
         ShapeError
-            ``layer`` out of range.
+            ``layer`` or the range out of bounds.
         CacheFileError
             A page fails its checksum (the message names it), or the file is closed.
         """
         st = self._sequence(seq).layers[check_layer(layer, self.num_layers)]
         H, P, D = self.num_kv_heads, self.page_size, self.head_dim
-        start = 0 if dropped else st.first
+        base = 0 if dropped else st.first
+        total = st.n_pos - base
+        stop = total if stop is None else stop
+        if not (is_int(start) and is_int(stop) and 0 <= start <= stop <= total):
+            raise ShapeError(f"expected 0 <= start <= stop <= {total}, found start={start!r}, stop={stop!r}")
+        a, b = base + int(start), base + int(stop)          # rows of the page grid
+        sealed = len(st.pages) * P
         out = []
         for side in ("k", "v"):
-            x = np.empty((st.n_pos, H, D), np.float32)
-            for i, page in enumerate(st.pages):
-                x[i * P:(i + 1) * P] = self._page_side(int(page), side).transpose(1, 0, 2)
-            sealed, rows = len(st.pages) * P, st.n_pos - len(st.pages) * P
-            if rows:
-                tail = st.tail[side]
+            x = np.empty((b - a, H, D), np.float32)
+            for i in range(a // P, min(-(-b // P), len(st.pages))):
+                lo, hi = max(a, i * P), min(b, (i + 1) * P)
+                x[lo - a:hi - a] = self._page_side(int(st.pages[i]), side)[:, lo - i * P:hi - i * P].transpose(1, 0, 2)
+            if b > sealed:
+                tail, rows = st.tail[side], b - sealed
                 part = tail["codes"][:, :rows] if self._formats[side].grouped else self._decode(side, tail, rows)
-                x[sealed:] = part.transpose(1, 0, 2)
-            out.append(np.ascontiguousarray(x[start:]))
+                lo = max(a, sealed)
+                x[lo - a:] = part[:, lo - sealed:].transpose(1, 0, 2)
+            out.append(x)
         return out[0], out[1]
 
     def seq_len(self, seq: int, layer: int) -> int:
