@@ -544,7 +544,7 @@ class V1File:
             self._map.close()
             self._map = None
 
-    def __enter__(self) -> "V1File":
+    def __enter__(self) -> V1File:
         return self
 
     def __exit__(self, *exc) -> None:
