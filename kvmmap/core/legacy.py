@@ -541,7 +541,10 @@ class V1File:
         """Unmap the file (arrays :meth:`read` returned are copies and stay valid)."""
         self._arena = np.zeros(0, np.uint8)
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass        # a view is still referenced (a traceback's frame): unmapped once it goes
             self._map = None
 
     def __enter__(self) -> V1File:
