@@ -202,7 +202,7 @@ def test_argument_errors(golden):
 # ------------------------------------------------------------------ damage
 
 def test_flipped_page_byte_names_the_page(golden):
-    _, entry, path = golden
+    _, _, path = golden
     with read_v1(path) as f:
         page = int(f.sequences[4].layers[1].pages[-1])           # window, layer 1: its pages are its own
         at = f.arena_offset + page * f.page_bytes + f.page_bytes // 3
@@ -316,7 +316,7 @@ def test_garbage_payloads_give_clean_errors(golden):
         write_slot(path, slot, gen, bytes(bad))
         try:
             with read_v1(path) as f:
-                for sid, s in f.sequences.items():
+                for sid in f.sequences:
                     for layer in range(L):
                         f.read(sid, layer)
         except CacheFileError:

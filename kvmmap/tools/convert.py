@@ -17,6 +17,9 @@ is stored with the full ``seq`` tokens.
 
 ``.safetensors`` input needs the ``safetensors`` package (``pip install
 'kvmmap[safetensors]'``).
+
+:func:`upgrade` (``kvmmap convert --upgrade OLD NEW``) rewrites a format 1.x cache file,
+read by :mod:`kvmmap.core.legacy`, in the format this kvmmap writes.
 """
 
 from __future__ import annotations
