@@ -103,9 +103,22 @@ def _cmd_compress(args) -> int:
     return 0
 
 
+_CONVERT_DEFAULTS = {"k_format": "int8", "v_format": "int8", "page_size": 16, "fingerprint": ""}
+
+
 def _cmd_convert(args) -> int:
-    from .tools.convert import convert
     from .tools.common import human_bytes
+
+    if args.upgrade:
+        return _cmd_upgrade(args)
+    if args.in_place:
+        args.parser.error("--in-place applies to --upgrade only")
+    if args.output is None:
+        args.parser.error("the following arguments are required: output")
+    for opt, default in _CONVERT_DEFAULTS.items():
+        if getattr(args, opt) is None:
+            setattr(args, opt, default)
+    from .tools.convert import convert
 
     r = convert(args.input, args.output, k_format=args.k_format, v_format=args.v_format, page_size=args.page_size,
                 name=args.name, append=args.append, overwrite=args.overwrite, fingerprint=args.fingerprint,
@@ -118,6 +131,29 @@ def _cmd_convert(args) -> int:
           f"{r['layers']} layers x {r['heads']} heads x head_dim {r['head_dim']}, K {r['k_format']}, V {r['v_format']}")
     print(f"  {human_bytes(r['source_bytes'])} in, {human_bytes(r['bytes_on_disk'])} on disk "
           f"({human_bytes(r['apparent_bytes'])} apparent)")
+    return 0
+
+
+def _cmd_upgrade(args) -> int:
+    from .tools.common import human_bytes
+    from .tools.convert import upgrade
+
+    given = [f"--{o.replace('_', '-')}" for o in (*_CONVERT_DEFAULTS, "name") if getattr(args, o) is not None]
+    if args.append:
+        given.append("--append")
+    if given:
+        args.parser.error(f"{', '.join(given)} cannot be used with --upgrade: the new file keeps the old one's "
+                          "geometry, formats, fingerprint and names")
+    if args.output is None and not args.in_place:
+        args.parser.error("--upgrade needs OUTPUT, or --in-place to replace INPUT")
+    r = upgrade(args.input, args.output, overwrite=args.overwrite, in_place=args.in_place, progress=_progress(args))
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['src']} (format {r['version_before']}) -> {r['dst']} (format {r['version']}): {r['sequences']} "
+          f"sequence(s), {r['tokens']} tokens over all layers, K {r['k_format']}, V {r['v_format']}")
+    print(f"  largest change  K {r['k_max_error']:.3g}, V {r['v_max_error']:.3g}  (|old - new| over every value)")
+    print(f"  on disk         {human_bytes(r['bytes_on_disk_before'])} -> {human_bytes(r['bytes_on_disk_after'])}")
     return 0
 
 
@@ -178,18 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
     output_opts(p)
 
     p = command("convert", "store K/V arrays from .npz / .safetensors in a cache file "
-                           "('kv' [layers, 2, heads, seq, head_dim] or 'layers.{i}.key' / 'layers.{i}.value')",
+                           "('kv' [layers, 2, heads, seq, head_dim] or 'layers.{i}.key' / 'layers.{i}.value'), "
+                           "or with --upgrade rewrite a format 1.x cache file in the current format",
                 _cmd_convert)
-    p.add_argument("input", help=".npz or .safetensors file")
-    p.add_argument("output", help="cache file")
-    p.add_argument("--k-format", choices=FORMATS, default="int8", help="format of K (int8)")
-    p.add_argument("--v-format", choices=FORMATS, default="int8", help="format of V (int8)")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per page (16)")
+    p.add_argument("input", help=".npz or .safetensors file (with --upgrade: a format 1.x cache file)")
+    p.add_argument("output", nargs="?", help="cache file to write (with --upgrade --in-place: leave it out)")
+    p.add_argument("--upgrade", action="store_true",
+                   help="INPUT is a format 1.x cache file: write it to OUTPUT in the current format, keeping "
+                        "geometry, formats, fingerprint, sequence ids, names and contents. fp32, fp16 and bf16 are "
+                        "copied exactly; int8, int4 and fp8 are decoded and quantized again, which changes a value "
+                        "by at most one quantization step")
+    p.add_argument("--k-format", choices=FORMATS, help="format of K (int8)")
+    p.add_argument("--v-format", choices=FORMATS, help="format of V (int8)")
+    p.add_argument("--page-size", type=int, help="tokens per page (16)")
     p.add_argument("--name", help="sequence name (default: the input file's name); batch rows get /0, /1, ...")
-    p.add_argument("--fingerprint", default="", help="model fingerprint stored in the header (up to 32 bytes)")
+    p.add_argument("--fingerprint", help="model fingerprint stored in the header (up to 32 bytes)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true", help="add the sequences to an existing cache file")
     mode.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    mode.add_argument("--in-place", action="store_true",
+                      help="with --upgrade: replace INPUT (the new file is built beside it, synced, then renamed "
+                           "over it)")
     output_opts(p)
 
     p = command("demo", "run the end-to-end demo on built-in data", _cmd_demo)

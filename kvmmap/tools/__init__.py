@@ -6,6 +6,8 @@ only the public surface of :class:`~kvmmap.PagedKVCache` and of ``kvmmap.core``.
 ``inspect``  :func:`~kvmmap.tools.inspect.inspect_cache` (``kvmmap inspect``).
 ``verify``   :func:`~kvmmap.tools.verify.verify_cache` (``kvmmap verify``).
 ``rewrite``  :func:`~kvmmap.tools.rewrite.compress_cache` (``kvmmap compress``).
-``convert``  :func:`~kvmmap.tools.convert.convert` (``kvmmap convert``): .npz / .safetensors in.
+``convert``  :func:`~kvmmap.tools.convert.convert` (``kvmmap convert``): .npz / .safetensors in;
+             :func:`~kvmmap.tools.convert.upgrade` (``kvmmap convert --upgrade``): a format 1.x
+             file, read by :mod:`kvmmap.core.legacy`, rewritten in the current format.
 ``demo``     :func:`~kvmmap.tools.demo.run` (``kvmmap demo``).
 """

@@ -17,10 +17,14 @@ is stored with the full ``seq`` tokens.
 
 ``.safetensors`` input needs the ``safetensors`` package (``pip install
 'kvmmap[safetensors]'``).
+
+:func:`upgrade` (``kvmmap convert --upgrade OLD NEW``) rewrites a format 1.x cache file,
+read by :mod:`kvmmap.core.legacy`, in the format this kvmmap writes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import re
@@ -30,8 +34,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..cache import PagedKVCache
-from ..core.fileio import fsync_dir, lock_existing, partial_path, remove_stale_partials
-from ..errors import CacheFileError, DTypeError, KVMmapError, ShapeError, describe
+from ..core.fileio import fsync_dir, lock_existing, open_regular, partial_path, remove_stale_partials
+from ..core.legacy import MAGIC, V1File, is_v1, read_v1
+from ..errors import CacheFileError, ConfigError, DTypeError, KVMmapError, ShapeError, describe
 from .common import check_regular_file, disk_usage
 
 _PER_LAYER = re.compile(r"^layers\.(\d+)\.(key|value)$")
@@ -326,3 +331,204 @@ def _tokens_first(x: np.ndarray) -> np.ndarray:
     if x.ndim != 3:
         raise ShapeError(f"expected [heads, seq, head_dim], found {describe(x)}")
     return np.ascontiguousarray(x.transpose(1, 0, 2), np.float32)
+
+
+# ------------------------------------------------------------------ format upgrade
+
+#: About how many tokens of a (sequence, layer) are decoded and appended at a time (rounded
+#: to whole pages: a chunk's values are then final when they are compared with the source).
+UPGRADE_CHUNK = 1 << 16
+
+LOSSY_NOTE = ("fp32, fp16 and bf16 copy exactly; int8, int4 and fp8 are decoded and quantized again, which "
+              "keeps each value within one quantization step (in practice almost always exactly, since "
+              "page boundaries are kept)")
+
+
+def upgrade(old, new=None, *, overwrite: bool = False, in_place: bool = False,
+            progress: bool | None = None) -> dict:
+    """Copy a format 1.x cache file into a cache file of the format this kvmmap writes.
+
+    ``old`` is read by :mod:`kvmmap.core.legacy` (every page checksum is checked); the new
+    file has the same geometry, formats (int4 value group size too), fingerprint,
+    sequence ids and names, the same next sequence id (ids stay never reused), and the
+    same contents: each layer's tokens are decoded to float32 and appended through
+    :class:`~kvmmap.PagedKVCache`, starting at the same position of the page grid (the
+    tokens ``shift_left`` dropped in front of the first page are appended and dropped
+    again), so pages keep their boundaries. fp32 / fp16 / bf16 are copied exactly;
+    int8 / int4 / fp8 are quantized again from their decoded values, which changes a
+    value by at most one quantization step. Sequences that shared pages (forks) get
+    their own copies.
+
+    The new file is built as ``.NAME.partial-PID`` beside its destination, committed
+    (synced), renamed into place, and the directory is synced: at the destination there
+    is only ever the file that was there or the complete result. ``old`` is never
+    written, except that ``in_place`` renames the result over it.
+
+    Parameters
+    ----------
+    old : str or os.PathLike
+        A format 1.x cache file. Its writer lock is taken while it is read (an open
+        writer is refused), so the file cannot change underneath.
+    new : str or os.PathLike, optional
+        The cache file to write; must not be ``old`` unless ``in_place`` (it may then be
+        omitted).
+    overwrite : bool
+        Replace an existing ``new`` (refused while another process has it open for
+        writing).
+    in_place : bool
+        Replace ``old`` itself, once the new file is complete.
+    progress : bool, optional
+        Progress bar over (sequence, layer) pairs (None: only when stderr is a terminal).
+
+    Returns
+    -------
+    dict
+        ``src``, ``dst``, ``version_before`` / ``version`` (``"major.minor"``),
+        ``sequences``, ``tokens`` (visible, summed over layers), ``k_format``,
+        ``v_format``, ``k_max_error`` / ``v_max_error`` (largest ``|old - new|`` over
+        every visible value), ``bytes_on_disk_before`` / ``_after`` and
+        ``apparent_bytes_before`` / ``_after``.
+
+    Raises
+    ------
+    ConfigError
+        ``new`` is ``old`` without ``in_place``, or is missing, or ``in_place`` names
+        another file.
+    CacheFileError
+        ``old`` is missing, damaged (a page that fails its checksum is named), not of
+        format 1, or open for writing; ``new`` exists without ``overwrite``.
+    OSError
+        Writing ``new`` failed (nothing is left at its name).
+    """
+    old = os.fspath(old)
+    check_regular_file(old)
+    if in_place:
+        if new is not None and not (os.path.exists(new) and os.path.samefile(old, new)):
+            raise ConfigError(f"in_place replaces {old} itself; found new={os.fspath(new)!r}, another file "
+                              "(leave new out, or drop in_place)")
+        dst = old
+    else:
+        if new is None:
+            raise ConfigError("new is missing: name the file to write, or pass in_place=True "
+                              "(kvmmap convert --upgrade --in-place) to replace old")
+        dst = os.fspath(new)
+        if os.path.lexists(dst):
+            if os.path.exists(dst) and os.path.samefile(old, dst):
+                raise ConfigError(f"{dst} is the input file; write the upgraded cache elsewhere, or pass "
+                                  "in_place=True (kvmmap convert --upgrade --in-place) to replace it")
+            if not overwrite:
+                raise CacheFileError(f"{dst} exists; pass overwrite=True (kvmmap convert --overwrite) to replace it")
+            check_regular_file(dst)     # locking it opens it: a FIFO would block
+    if not is_v1(old):
+        raise CacheFileError(f"{old}: not a format 1 kvmmap cache ({_version_of(old)}); nothing to upgrade")
+    # old's writer lock is held throughout: no writer changes the pages being read, and in
+    # place, none can open the file that is about to be replaced
+    old_fd = _lock_source(old)
+    dst_fd = lock_existing(dst) if dst != old and overwrite else None
+    try:
+        before = disk_usage(old)
+        with read_v1(old) as src:
+            report = _upgrade_into(src, dst, progress)
+        report.update(src=old, dst=dst, **_before_after(before, disk_usage(dst)))
+        return report
+    finally:
+        for fd in (old_fd, dst_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+def _lock_source(path: str) -> int:
+    """A descriptor of ``path`` holding its writer lock; CacheFileError if a writer has it."""
+    fd = open_regular(path, os.O_RDONLY, "upgrade")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheFileError(f"{path} is open for writing in another process (its writer lock is held); "
+                             "close it before upgrading") from None
+    return fd
+
+
+def _version_of(path: str) -> str:
+    """'format version X.Y' of a kvmmap file, or 'not a kvmmap cache'."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    if len(head) == 12 and head[:8] == MAGIC:
+        return f"format version {int.from_bytes(head[8:10], 'little')}.{int.from_bytes(head[10:12], 'little')}"
+    return "not a kvmmap cache"
+
+
+def _before_after(before: dict, after: dict) -> dict:
+    return {"bytes_on_disk_before": before["bytes_on_disk"], "bytes_on_disk_after": after["bytes_on_disk"],
+            "apparent_bytes_before": before["apparent_bytes"], "apparent_bytes_after": after["apparent_bytes"]}
+
+
+def _upgrade_into(src: V1File, dst: str, progress) -> dict:
+    """Write ``src`` as a new cache at ``dst`` (built beside it, renamed into place)."""
+    remove_stale_partials(dst)
+    tmp = partial_path(dst)
+    seqs = src.sequences
+    d = PagedKVCache.create(tmp, num_layers=src.num_layers, num_kv_heads=src.num_kv_heads, head_dim=src.head_dim,
+                            page_size=src.page_size, k_format=src.k_format, v_format=src.v_format,
+                            v_group_size=src.v_group_size or None, fingerprint=src.fingerprint,
+                            overwrite=True)
+    worst = {"k": 0.0, "v": 0.0}
+    tokens, step = 0, max(1, UPGRADE_CHUNK // src.page_size) * src.page_size
+    try:
+        bar = tqdm(total=len(seqs) * src.num_layers, desc="upgrade", unit="layer",
+                   disable=None if progress is None else not progress)
+        with bar:
+            for sid, s in seqs.items():
+                d.new_sequence(s.name, max_tokens=None, seq_id=sid)
+                _restore_dropped(src, d, s)
+                for layer, st in enumerate(s.layers):
+                    # chunks end on page boundaries of the grid (visible token i is row first + i)
+                    for row in range(st.first, st.n_pos, step):
+                        a, b = row - st.first, min((row // step + 1) * step, st.n_pos) - st.first
+                        k, v = src.read(sid, layer, a, b)
+                        d.append(sid, layer, k, v)
+                        for side, x, y in zip("kv", (k, v), d.read(sid, layer, a, b)):
+                            worst[side] = max(worst[side], float(np.abs(x - y).max(initial=0.0)))
+                    tokens += st.length
+                    bar.update()
+        _keep_next_id(src, d)
+        d.flush()
+        version = d.version
+        # renamed while still open: its writer lock marks the complete partial file as
+        # live, so a concurrent call's cleanup leaves it alone
+        os.replace(tmp, dst)
+        fsync_dir(dst)                  # the new name survives a power loss too
+        d.close()
+    except BaseException:
+        d.close()                       # without flush: nothing of this call is committed
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return {"version_before": "{}.{}".format(*src.version), "version": "{}.{}".format(*version),
+            "sequences": len(seqs), "tokens": tokens, "k_format": src.k_format, "v_format": src.v_format,
+            "k_max_error": worst["k"], "v_max_error": worst["v"]}
+
+
+def _restore_dropped(src: V1File, d: PagedKVCache, s) -> None:
+    """Give each layer of a new, empty sequence the ``first`` dropped positions of ``s``.
+
+    ``shift_left`` drops the same count from every layer that holds tokens and leaves
+    empty layers alone; so, for each distinct count, the layers dropping it get their
+    dropped rows and one ``shift_left`` drops exactly those (every other layer is empty
+    then). The visible tokens appended next continue on the same page grid as in ``src``.
+    """
+    for first in sorted({st.first for st in s.layers} - {0}):
+        for layer, st in enumerate(s.layers):
+            if st.first == first:
+                d.append(s.seq_id, layer, *src.read(s.seq_id, layer, 0, first, dropped=True))
+        d.shift_left(s.seq_id, first)
+
+
+def _keep_next_id(src: V1File, d: PagedKVCache) -> None:
+    """Make the new cache's next sequence id that of ``src``: ids of sequences freed in
+    ``src`` above every live one must not be handed out again."""
+    live = max(src.sequences, default=-1)
+    if src.next_sequence_id > live + 1:
+        d.free(d.new_sequence(seq_id=src.next_sequence_id - 1))
