@@ -23,7 +23,8 @@ def tokens(n, seed):
 def expected(x, fmt, side, first=0):
     """What the cache must return for tokens x appended from position ``first`` of a page grid.
 
-    Sealed (full) pages are quantized as a whole; int4 keep the open tail in float32.
+    Full pages are quantized as a whole; a partly filled last page per token, except
+    int4 keys, kept as float16 until their page fills (KIVI's residual group).
     The per-format kernels are checked against plain numpy in test_quant.py.
     """
     n_pos = first + len(x)
@@ -34,10 +35,11 @@ def expected(x, fmt, side, first=0):
     for p0 in range(0, n_pos, P):
         p1 = min(p0 + P, n_pos)
         chunk = np.ascontiguousarray(xt[:, p0:p1])
-        if fmt == "int4" and p1 > full:
-            continue                                       # open tail: float32
-        if fmt == "int4" and side == "k":
-            q = km.quantize(chunk, "int4", grouping="channel", group_size=P)
+        if fmt == "int4" and side == "k" and p1 > full:
+            out[p0:p1] = padded[p0:p1].astype(np.float16)     # residual rows: float16
+            continue
+        if fmt == "int4" and side == "k":        # from the float16 rounding (see above)
+            q = km.quantize(chunk.astype(np.float16).astype(np.float32), "int4", grouping="channel", group_size=P)
         else:
             q = km.quantize(chunk, fmt)
         out[p0:p1] = km.dequantize(q).transpose(1, 0, 2)

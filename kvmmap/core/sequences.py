@@ -374,10 +374,12 @@ class SequenceTable:
             page = int(st.bt.pages[-1])
             for side in SIDES:
                 xs = x[side][:, i:i + take]
-                if side == "k" and self.k4 and take < P:
-                    self._res_write(st.res, row, xs)
-                else:
-                    quant.quantize_into(xs, arena.page_q(side, page, row, row + take))
+                if side == "k" and self.k4:
+                    xs = self._as_fp16(xs)          # int4 keys are stored from their float16 rounding
+                    if take < P:
+                        self._res_write(st.res, row, xs)
+                        continue
+                quant.quantize_into(xs, arena.page_q(side, page, row, row + take))
             st.n_pos += take
             if row + take == P:
                 if self.k4 and len(st.res):
@@ -388,11 +390,17 @@ class SequenceTable:
                 arena.mark_sealed(page)
             i += take
 
+    @staticmethod
+    def _as_fp16(k: np.ndarray) -> np.ndarray:
+        """int4 keys rounded to float16 (as float32): the residual rows of a page that is not
+        full yet hold exactly this, and a full page is quantized from it either way."""
+        if k.size and not np.all(np.abs(k) <= FP16_MAX):
+            raise NonFiniteError(f"int4 keys are kept as float16 until their page fills: values must be finite "
+                                 f"and within +-{FP16_MAX:g}")
+        return k.astype(np.float16).astype(np.float32)
+
     def _res_write(self, res: np.ndarray, row: int, k: np.ndarray) -> None:
         """Store head-major keys ``[H, n, D]`` as float16 residual rows ``row .. row + n - 1``."""
-        if k.size and not np.all(np.abs(k) <= FP16_MAX):
-            raise NonFiniteError(f"int4 keys of an open page are kept as float16 until the page fills: values "
-                                 f"must be finite and within +-{FP16_MAX:g}")
         rpp, n = self.res_rows_per_page, k.shape[1]
         t = 0
         while t < n:
