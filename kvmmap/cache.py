@@ -1027,15 +1027,16 @@ class PagedKVCache:
         Returns
         -------
         dict of str to int
-            ``sequences``: sequences held; ``pages_used``: pages some block table lists;
-            ``pages_free``: pages ready for reuse; ``pages_pending``: dropped pages that
-            the newest or the previous commit still lists (reusable once two
-            :meth:`flush` calls have passed); ``pages_capacity``: pages the arena can
-            hold before it grows; ``page_bytes``: bytes of one page;
-            ``bytes_pages``: ``pages_used * page_bytes``; ``bytes_on_disk``: blocks the
-            file occupies (0 in RAM; the file is sparse); ``bytes_in_ram``: open tails,
-            page checksums and reference counts, plus the arena of a RAM-only cache;
-            ``tokens``: visible tokens summed over sequences and layers.
+            ``sequences``: sequences held; ``pages_used``: pages of tokens some block
+            table lists (residual pages included); ``pages_meta``: pages holding the
+            commit's metadata (records and index); ``pages_free``: pages ready for reuse;
+            ``pages_pending``: dropped pages that the newest or the previous commit still
+            lists (reusable once two :meth:`flush` calls have passed); ``pages_capacity``:
+            pages the arena can hold before it grows; ``page_bytes``: bytes of one page;
+            ``bytes_pages``: ``pages_used * page_bytes``; ``bytes_meta``: ``pages_meta *
+            page_bytes``; ``bytes_on_disk``: blocks the file occupies (0 in RAM);
+            ``bytes_in_ram``: page checksums, stamps and reference counts, plus the arena of
+            a RAM-only cache; ``tokens``: visible tokens summed over sequences and layers.
 
         Raises
         ------
@@ -1044,7 +1045,7 @@ class PagedKVCache:
         """
         self._check_open()
         alloc, table = self._table.alloc, self._table
-        used = alloc.high_water - alloc.num_free - alloc.num_pending
+        used = alloc.high_water - alloc.num_free - alloc.num_pending - table.meta_pages
         disk = 0
         if self.path is not None and self._fd is not None:
             disk = os.fstat(self._fd).st_blocks * 512
@@ -1057,6 +1058,7 @@ class PagedKVCache:
             "pages_capacity": self._pool.capacity,
             "page_bytes": self._sb.page_bytes,
             "bytes_pages": used * self._sb.page_bytes,
+            "bytes_meta": table.meta_pages * self._sb.page_bytes,
             "bytes_on_disk": disk,
             "bytes_in_ram": self._pool.page_crc.nbytes + self._pool.page_stamp.nbytes + alloc.refcounts.nbytes
             + (self._pool.data.nbytes if self.path is None else 0),
