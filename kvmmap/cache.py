@@ -1124,6 +1124,7 @@ class PagedKVCache:
             if len(idle):
                 alloc.retire(np.unique(idle))
 
+    @_locked
     def flush(self) -> None:
         """Commit: make every change so far durable. After it returns a crash loses nothing.
 

@@ -201,50 +201,31 @@ class SequenceTable:
         P = self.page_size
         # Worked out on copies first, then swapped in with one release of pages: a failure
         # on the way (MemoryError, a full disk for a copy) leaves the sequence as it was.
-        new_layers, dropped, taken = [], [], []
-        try:
-            for st in s.layers:
-                if n >= st.length:
-                    new_layers.append(st)
-                    continue
-                new_pos = st.first + n
-                keep = -(-new_pos // P)
-                rows = new_pos - (keep - 1) * P if keep else 0
-                was_full = keep <= self.full_pages(st)       # the new last page was full
-                new = LayerState(BlockTable(st.bt.pages[:keep]), new_pos, st.first, st.res, st.guard, st.committed)
-                dropped.append(st.bt.pages[keep:])
-                if keep < len(st.bt) or not keep:     # the old last page goes, with its residual
-                    dropped.append(st.res)
-                    new.res = _NO_PAGES
-                if keep and rows < P and was_full:
-                    if self.k4:
-                        # its keys are quantized over the whole page: reopen them as residual rows
-                        self._reopen(new, rows, taken, dropped)
-                    else:
-                        new.guard = P                 # commits may list the page whole
-                elif keep:
-                    new.guard = max(st.guard, self.last_rows(st))
-                new_layers.append(new)
-        except BaseException:
-            self.alloc.unalloc(taken)
-            raise
+        new_layers, dropped = [], []
+        for st in s.layers:
+            if n >= st.length:
+                new_layers.append(st)
+                continue
+            new_pos = st.first + n
+            keep = -(-new_pos // P)
+            rows = new_pos - (keep - 1) * P if keep else 0
+            was_full = keep <= self.full_pages(st)       # the new last page was full
+            new = LayerState(BlockTable(st.bt.pages[:keep]), new_pos, st.first, st.res, st.guard, st.committed)
+            dropped.append(st.bt.pages[keep:])
+            if keep < len(st.bt) or not keep:     # the old last page goes, with its residual
+                dropped.append(st.res)
+                new.res = _NO_PAGES
+            if keep and rows < P and was_full:
+                # commits may list the page whole: the next append copies it first (int4
+                # keys: into residual rows again, from their quantized values)
+                new.guard = P
+            elif keep:
+                new.guard = max(st.guard, self.last_rows(st))
+            new_layers.append(new)
         if dropped:
             self.alloc.decref(np.concatenate(dropped))
         s.layers = new_layers
         self.dirty.add(s.seq_id)
-
-    def _reopen(self, st: LayerState, rows: int, taken: list, release: list) -> None:
-        """Copy the full last page of ``st`` to a fresh page whose key rows ``0 .. rows - 1``
-        are residual float16 rows again (int4 keys)."""
-        old = int(st.bt.pages[-1])
-        k = quant.dequantize(self.arena.page_q("k", old, 0, rows))              # [H, rows, D]
-        (page,) = self.take_pages(1, taken)
-        self.arena.copy_page(old, page)
-        st.bt.set_last(int(page))
-        st.res = self.take_pages(self.res_pages, taken)
-        self._res_write(st.res, 0, k)
-        st.guard = 0
-        release.append(np.array([old], np.uint32))
 
     def shift_left(self, seq, n: int) -> None:
         s = self.get(seq)
@@ -343,12 +324,20 @@ class SequenceTable:
             self.alloc.decref(np.array(old, np.uint32))
 
     def _own_last(self, st: LayerState, taken: list, release: list) -> None:
-        """Copy-on-write: give ``st`` its own copy of its last page (and residual pages)."""
+        """Copy-on-write: give ``st`` its own copy of its last page (and residual pages).
+
+        int4 keys of a page cut short by ``truncate`` are still quantized over the whole
+        page (no residual pages): the copy gets residual rows again, from those values."""
         old = int(st.bt.pages[-1])
         (page,) = self.take_pages(1, taken)
         self.arena.copy_page(old, int(page))
         release.append(old)
-        if len(st.res):
+        if self.k4 and not len(st.res):
+            rows = self.last_rows(st)
+            k = quant.dequantize(self.arena.page_q("k", old, 0, rows))           # [H, rows, D]
+            st.res = self.take_pages(self.res_pages, taken)
+            self._res_write(st.res, 0, self._as_fp16(k))
+        elif len(st.res):
             res = self.take_pages(len(st.res), taken)
             for a, b in zip(st.res.tolist(), res.tolist()):
                 self.arena.copy_page(a, b)
@@ -511,7 +500,7 @@ class SequenceTable:
         and of its residual pages' rows."""
         rows = st.n_pos % self.page_size if rows is None else rows
         page = int(st.bt.pages[-1])
-        crc = self.arena.rows_crc(page, rows, skip_k=self.k4)
+        crc = self.arena.rows_crc(page, rows, skip_k=self.k4 and len(st.res) > 0)
         rpp = self.res_rows_per_page
         res_crc = [self.arena.bytes_crc(int(p), min(rpp, rows - j * rpp) * self.res_row_bytes)
                    for j, p in enumerate(st.res.tolist())]
