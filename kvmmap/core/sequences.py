@@ -117,6 +117,7 @@ class SequenceTable:
         self.res_rows_per_page = layout.page_bytes // self.res_row_bytes if self.k4 else 0
         self.res_pages = -(-P // self.res_rows_per_page) if self.k4 else 0
         self.meta_pages = 0                   # pages holding the commit's metadata blobs
+        self.meta_spare = 4                   # pages kept reserved for the next commit's metadata
 
     # ------------------------------------------------------------------ lookups
 
@@ -256,17 +257,30 @@ class SequenceTable:
                     f"the pool is full: {in_use} of its {self.max_pages} pages (max_bytes) are in use or waiting "
                     f"for a commit, and {n} more are needed; free, truncate or shift_left sequences, then flush")
 
-    def prepare_pages(self, n: int) -> None:
+    def prepare_pages(self, n: int, meta: bool = False) -> None:
         """Make sure handing out ``n`` pages cannot fail for lack of room.
 
         The arena grows (a file: extended, sparse) and the disk blocks of every page that
         could be handed out are reserved, all *before* any page is handed out: a full
         disk, ``ulimit -f`` (EFBIG) or a failed map raise here, with nothing changed but
         the file's size. Pages are then written through the map without a SIGBUS.
+        Pages of tokens (not ``meta``) leave ``meta_spare`` reserved pages beyond them
+        for the next commit's metadata: on a full disk, appends fail first and the
+        process can still commit what it holds.
         """
         need = self.alloc.high_water + self.alloc.fresh_needed(n)
-        self.arena.ensure_capacity(need)
-        self.arena.reserve_upto(need)
+        want = need if meta else need + self.meta_spare
+        self.arena.ensure_capacity(want)
+        self.arena.reserve_upto(want)
+
+    def reserve_meta_ahead(self, pages: int) -> None:
+        """After a commit that wrote ``pages`` metadata pages: keep room reserved for one of
+        about twice its size. If the disk is full already, the next commit says so."""
+        self.meta_spare = 2 * pages + 2
+        try:
+            self.prepare_pages(0)
+        except OSError:
+            pass
 
     def take_pages(self, n: int, taken: list) -> np.ndarray:
         """Hand out ``n`` pages (room made first); ``taken`` collects them for an undo."""
