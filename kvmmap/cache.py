@@ -102,10 +102,10 @@ class PagedKVCache:
             Up to 32 bytes identifying the model (e.g. a hash of its config), stored in the
             header and readable as :attr:`fingerprint`.
         max_bytes : int, optional
-            Pool limit: the most bytes of pages holding tokens (pages in use, and pages
-            dropped but waiting for commits). An append past it raises CapacityError and
-            changes nothing. Metadata pages (a few per commit) come on top. Kept in the
-            file. Default: no limit.
+            Pool limit: the most bytes of pages the sequences list (tokens, and float16
+            key rows of int4 pages not yet full). An append past it raises CapacityError
+            and changes nothing. Metadata pages (a few per commit) and pages dropped but
+            not reusable yet (two commits) come on top. Kept in the file. Default: no limit.
         overwrite : bool
             Replace an existing file instead of refusing. The new file is built under a
             temporary name and renamed over the old one while holding its writer lock.
@@ -1094,9 +1094,8 @@ class PagedKVCache:
         """Tokens that can still be appended to every layer of ``seq``, or None without limits.
 
         The smallest of what the sequence's ``max_tokens`` leaves (in its fullest layer) and
-        what the pool's ``max_bytes`` leaves (free page slots shared by all sequences, so a
-        figure for this sequence alone). Pages dropped but not yet reusable (waiting for two
-        commits) count as used: ``flush`` to get them back.
+        what the pool's ``max_bytes`` leaves (page slots shared by all sequences, so a figure
+        for this sequence alone, if no other grows meanwhile).
 
         Raises
         ------
@@ -1113,7 +1112,7 @@ class PagedKVCache:
         table = self._table
         if table.max_pages:
             alloc, P = table.alloc, self.page_size
-            spare = max(0, table.max_pages - (alloc.high_water - alloc.num_free - table.meta_pages))
+            spare = max(0, table.max_pages - table.data_pages())
             room = min((P - st.n_pos % P) % P for st in s.layers)      # rows left in the last pages
             pool = room + (spare // self.num_layers) * P
             left = pool if left is None else min(left, pool)

@@ -251,11 +251,16 @@ class SequenceTable:
     def check_pool(self, n: int) -> None:
         """Refuse (CapacityError) ``n`` new pages of tokens past the pool limit."""
         if self.max_pages and n:
-            in_use = self.alloc.high_water - self.alloc.num_free - self.meta_pages
+            in_use = self.data_pages()
             if in_use + n > self.max_pages:
                 raise CapacityError(
-                    f"the pool is full: {in_use} of its {self.max_pages} pages (max_bytes) are in use or waiting "
-                    f"for a commit, and {n} more are needed; free, truncate or shift_left sequences, then flush")
+                    f"the pool is full: {in_use} of its {self.max_pages} pages (max_bytes) hold tokens and {n} more "
+                    "are needed; free, truncate or shift_left sequences")
+
+    def data_pages(self) -> int:
+        """Pages listed by the sequences (tokens and residual rows)."""
+        a = self.alloc
+        return a.high_water - a.num_free - a.num_pending - self.meta_pages
 
     def prepare_pages(self, n: int, meta: bool = False) -> None:
         """Make sure handing out ``n`` pages cannot fail for lack of room.
