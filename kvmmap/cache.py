@@ -1184,11 +1184,14 @@ class PagedKVCache:
         """Give the space of dropped pages back to the file system (or to RAM).
 
         Commits twice, so that pages dropped until now are listed by neither commit on disk
-        and become free; then punches holes where free pages lie in the file (Linux
-        ``fallocate(PUNCH_HOLE)``; the file keeps its length, its blocks go) and in the
-        unused end of both metadata slots. A RAM cache shrinks its arena to the pages in
-        use. Crash-safe: only bytes no commit refers to are given back. Readers opened at
-        older commits that read such a page get the stale-view error of :meth:`read`.
+        and become free; copies pages in use near the end of the file into free pages
+        lower down (the commits that follow list the copies and rewrite every sequence's
+        record low); cuts the file after the last page in use once both commits on disk
+        say so; and punches holes where free pages remain (Linux ``fallocate(PUNCH_HOLE)``).
+        A RAM cache shrinks its arena to the pages in use. Crash-safe: only pages no
+        commit on disk lists are overwritten or given back. Readers opened at older commits
+        that read such a page get the stale-view error of :meth:`read`. Page ids change:
+        views from :meth:`paged_layout` and :meth:`pool_views` must be taken again.
 
         Returns
         -------
@@ -1211,13 +1214,24 @@ class PagedKVCache:
         if self.path is None:
             given = self._pool.give_back(alloc.free_pages(), alloc.shrink())
         else:
-            given = self._pool.give_back(alloc.free_pages(), alloc.high_water)
+            table = self._table
+            # Pages of tokens move down below a bound that leaves room for a rewrite of all
+            # metadata; the next commits list the copies, rewrite every record low, and free
+            # the originals; then both roots name the lower high-water mark before the file is
+            # cut to it. At every step both commits on disk list only intact pages.
+            bound = table.data_pages() + 2 * table.meta_pages + 8
+            if table.relocate(bound):
+                self.flush()
+                self.flush()
+                alloc = table.alloc
             hw = alloc.high_water
             if alloc.shrink() < hw:
-                # both roots name the lower high-water mark before the file is cut to it
-                self._commits.save(self._table)
-                self._commits.save(self._table)
-                given += self._pool.truncate_to(alloc.high_water)
+                self._commits.save(table)
+                self._commits.save(table)
+                given = self._pool.truncate_to(alloc.high_water)
+            else:
+                given = 0
+            given += self._pool.give_back(alloc.free_pages(), alloc.high_water)
         return {"bytes_on_disk_before": before, "bytes_on_disk_after": self._space(),
                 "bytes_given_back": int(given), "pages_free": alloc.num_free}
 

@@ -543,6 +543,37 @@ class SequenceTable:
                 else:
                     st.committed = (int(st.bt.pages[-1]), rows, None, None) if len(st.bt) else None
 
+    def relocate(self, bound: int) -> int:
+        """Copy the pages listed by sequences at ids ``>= bound`` into free pages below it,
+        lowest first, and list the copies instead (compaction; every sequence becomes
+        dirty). The originals are dropped like any page: reusable after two commits.
+        Returns the pages moved."""
+        a, arena = self.alloc, self.arena
+        free = a.free_pages()
+        free = free[free < bound]
+        listed = [st.pages_listed() for s in self.seqs.values() for st in s.layers]
+        listed = np.unique(np.concatenate(listed)) if listed else np.zeros(0, np.uint32)
+        movers = listed[listed >= bound][:len(free)]
+        if not len(movers):
+            return 0
+        targets = free[:len(movers)]
+        a.move(movers, targets)
+        mapping = np.arange(a.high_water, dtype=np.uint32)
+        mapping[movers] = targets
+        for old, new in zip(movers.tolist(), targets.tolist()):
+            arena.copy_page(old, new)
+            arena.page_crc[new] = arena.page_crc[old]
+            arena.stamp += 1
+            arena.page_stamp[new] = arena.stamp
+        for s in self.seqs.values():
+            for st in s.layers:
+                st.bt = BlockTable(mapping[st.bt.pages])
+                st.res = mapping[st.res] if len(st.res) else st.res
+                if st.committed is not None:
+                    st.committed = (int(mapping[st.committed[0]]),) + tuple(st.committed[1:])
+            self.dirty.add(s.seq_id)
+        return len(movers)
+
     # ------------------------------------------------------------------ whole-table views
 
     def listed_pages(self) -> list[int]:
