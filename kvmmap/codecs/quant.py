@@ -34,7 +34,8 @@ float16 side data: the scale is computed in float32 and rounded *up* to a float1
 an int4 zero point (the group minimum) rounded *down*, and the codes are computed against
 the rounded values, so no code clips and every decoded element is within half a step
 (the stored scale) of its input, as with float32 side data; the steps are up to 2**-10
-coarser. float16 cannot hold a scale above 65504, so such destinations refuse, with
+coarser (int4: plus the zero point's rounding, at most 2**-10 of the group minimum, spread
+over 15 steps). float16 cannot hold a scale above 65504, so such destinations refuse, with
 :class:`~kvmmap.errors.NonFiniteError` and nothing written, a row whose absmax exceeds
 ``65504 * max code`` (int8 8319008, fp8_e4m3 29345792, fp8_e5m2 3756269568) and an int4
 group whose minimum is below -65504 or whose range exceeds about ``15 * 65504``. A scale
