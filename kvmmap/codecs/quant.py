@@ -322,9 +322,22 @@ def quantize_into_checked_shapes(x: np.ndarray, q: QTensor) -> None:
     sc, zp = _side(f, q.scales, "scales", sdt), _side(f, q.zeros, "zeros", sdt)
     kernel = _quant.quantize_int4_channel if q.grouping == "channel" else \
         functools.partial(_quant.quantize_rows, f.format_id)
-    if sdt == np.float16:       # a refused row must leave the destination as it was
+    # float16 side data: a refused row must leave the destination as it was. One fast
+    # pass for the largest |x| clears most inputs; past that bound, rows (groups) are
+    # checked one by one before anything is written.
+    if sdt == np.float16 and _quant.max_abs_bits(x3, n) > _half_side_safe_bits(f):
         _status(kernel(x3, c3, sc, zp, q.group_size, n, True), f)
     _status(kernel(x3, c3, sc, zp, q.group_size, n), f)
+
+
+@functools.lru_cache(maxsize=None)
+def _half_side_safe_bits(f: Format) -> int:
+    """abs bits of float32 up to which every row fits float16 side data: |x| <= 65504 *
+    the largest code (int8, fp8: exactly the limit), or |x| <= 65504 for int4 (a sufficient
+    bound: zero points >= -65504 and scales <= 2 * 65504 / 15)."""
+    f16max = float(np.finfo(np.float16).max)
+    bound = f16max if f.zero_point else f16max * f.max_code_value
+    return int(np.array(bound, np.float32).view(np.uint32))
 
 
 def dequantize(q: QTensor, out: np.ndarray | None = None) -> np.ndarray:
