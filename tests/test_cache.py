@@ -39,9 +39,10 @@ def expected(x, fmt, side, first=0):
             out[p0:p1] = padded[p0:p1].astype(np.float16)     # residual rows: float16
             continue
         if fmt == "int4" and side == "k":        # from the float16 rounding (see above)
-            q = km.quantize(chunk.astype(np.float16).astype(np.float32), "int4", grouping="channel", group_size=P)
+            q = km.quantize(chunk.astype(np.float16).astype(np.float32), "int4", grouping="channel", group_size=P,
+                            side_dtype=np.float16)
         else:
-            q = km.quantize(chunk, fmt)
+            q = km.quantize(chunk, fmt, side_dtype=np.float16)       # pages keep float16 side data
         out[p0:p1] = km.dequantize(q).transpose(1, 0, 2)
     return out[first:]
 
