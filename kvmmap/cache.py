@@ -25,6 +25,7 @@ import numpy as np
 
 from .core.arena import Arena
 from .core.commits import Commits
+from .core import legacy
 from .core.fileio import fsync_dir, lock_existing, lock_writer, open_regular, partial_path, pwrite_all, same_file
 from .core.layout import PageLayout
 from ._validate import as_float_array, check_layer, is_int
@@ -229,7 +230,12 @@ class PagedKVCache:
             fd = open_regular(path, os.O_RDWR if mode == "r+" else os.O_RDONLY)
             self = None
             try:
-                sb = Superblock.unpack(os.pread(fd, SUPERBLOCK_BYTES, 0), path)
+                head = os.pread(fd, SUPERBLOCK_BYTES, 0)
+                if file_version(head) is not None and file_version(head)[0] == 1:
+                    os.close(fd)
+                    fd = None
+                    return cls._open_v1(path, mode, commit)
+                sb = Superblock.unpack(head, path)
                 sb.check_file_size(os.fstat(fd).st_size, path)    # before sizing anything from it
                 self = object.__new__(cls)
                 self._init_common(sb, path, writable=mode == "r+")
@@ -255,6 +261,23 @@ class PagedKVCache:
                 raise
             return self
         raise CacheFileError(f"{path} was replaced by another process each time it was opened; try again")
+
+    @classmethod
+    def _open_v1(cls, path: str, mode: str, commit: str) -> "PagedKVCache":
+        """A format 1.x file, read into a read-only cache in RAM (:func:`copy_v1`)."""
+        if mode != "r":
+            raise CacheFileError(
+                f"{path}: a format 1 file opens read-only (mode='r'); to write to it, upgrade it first: "
+                "`kvmmap convert --upgrade --in-place FILE` (or kvmmap.tools.convert.upgrade)")
+        with legacy.read_v1(path, commit) as src:
+            self = cls.create(None, num_layers=src.num_layers, num_kv_heads=src.num_kv_heads, head_dim=src.head_dim,
+                              page_size=src.page_size, k_format=src.k_format, v_format=src.v_format,
+                              v_group_size=src.v_group_size or None, fingerprint=src.fingerprint)
+            copy_v1(src, self)
+            self._v1 = (src.version, path)
+        self.flush()
+        self.writable = False
+        return self
 
     def _load_commit(self, commit: str) -> None:
         """Read both commit roots and load the chosen commit (open's metadata part)."""
@@ -308,7 +331,7 @@ class PagedKVCache:
     k_format = property(lambda self: self._sb.k_format.name)
     v_format = property(lambda self: self._sb.v_format.name)
     fingerprint = property(lambda self: self._sb.fingerprint.rstrip(b"\0"))
-    version = property(lambda self: self._sb.version)
+    version = property(lambda self: getattr(self, "_v1", (self._sb.version,))[0])
 
     def __repr__(self) -> str:
         where = self.path or "RAM"
@@ -1027,15 +1050,16 @@ class PagedKVCache:
         Returns
         -------
         dict of str to int
-            ``sequences``: sequences held; ``pages_used``: pages some block table lists;
-            ``pages_free``: pages ready for reuse; ``pages_pending``: dropped pages that
-            the newest or the previous commit still lists (reusable once two
-            :meth:`flush` calls have passed); ``pages_capacity``: pages the arena can
-            hold before it grows; ``page_bytes``: bytes of one page;
-            ``bytes_pages``: ``pages_used * page_bytes``; ``bytes_on_disk``: blocks the
-            file occupies (0 in RAM; the file is sparse); ``bytes_in_ram``: open tails,
-            page checksums and reference counts, plus the arena of a RAM-only cache;
-            ``tokens``: visible tokens summed over sequences and layers.
+            ``sequences``: sequences held; ``pages_used``: pages of tokens some block
+            table lists (residual pages included); ``pages_meta``: pages holding the
+            commit's metadata (records and index); ``pages_free``: pages ready for reuse;
+            ``pages_pending``: dropped pages that the newest or the previous commit still
+            lists (reusable once two :meth:`flush` calls have passed); ``pages_capacity``:
+            pages the arena can hold before it grows; ``page_bytes``: bytes of one page;
+            ``bytes_pages``: ``pages_used * page_bytes``; ``bytes_meta``: ``pages_meta *
+            page_bytes``; ``bytes_on_disk``: blocks the file occupies (0 in RAM);
+            ``bytes_in_ram``: page checksums, stamps and reference counts, plus the arena of
+            a RAM-only cache; ``tokens``: visible tokens summed over sequences and layers.
 
         Raises
         ------
@@ -1044,7 +1068,7 @@ class PagedKVCache:
         """
         self._check_open()
         alloc, table = self._table.alloc, self._table
-        used = alloc.high_water - alloc.num_free - alloc.num_pending
+        used = alloc.high_water - alloc.num_free - alloc.num_pending - table.meta_pages
         disk = 0
         if self.path is not None and self._fd is not None:
             disk = os.fstat(self._fd).st_blocks * 512
@@ -1057,6 +1081,7 @@ class PagedKVCache:
             "pages_capacity": self._pool.capacity,
             "page_bytes": self._sb.page_bytes,
             "bytes_pages": used * self._sb.page_bytes,
+            "bytes_meta": table.meta_pages * self._sb.page_bytes,
             "bytes_on_disk": disk,
             "bytes_in_ram": self._pool.page_crc.nbytes + self._pool.page_stamp.nbytes + alloc.refcounts.nbytes
             + (self._pool.data.nbytes if self.path is None else 0),
@@ -1122,6 +1147,7 @@ class PagedKVCache:
             if len(idle):
                 alloc.retire(np.unique(idle))
 
+    @_locked
     def flush(self) -> None:
         """Commit: make every change so far durable. After it returns a crash loses nothing.
 
@@ -1282,3 +1308,41 @@ class PagedKVCache:
             self.close()
         except Exception:
             pass
+
+
+def copy_v1(src, dst: PagedKVCache, step: int | None = None, on_layer=None) -> tuple[int, dict]:
+    """Copy every sequence of a format 1.x file (:func:`kvmmap.core.legacy.read_v1`) into the
+    empty cache ``dst`` of the same geometry: same ids, names, positions dropped in front,
+    next id, and tokens (decoded, then stored again: exact for fp32/fp16/bf16, within a
+    quantization step otherwise). Appends in chunks of ``step`` positions ending on page
+    boundaries; ``on_layer()`` is called after each (sequence, layer).
+
+    Returns ``(tokens copied, {"k": max error, "v": max error})``.
+    """
+    step = step or 64 * src.page_size
+    worst, tokens = {"k": 0.0, "v": 0.0}, 0
+    for sid, s in src.sequences.items():
+        dst.new_sequence(s.name, seq_id=sid)
+        # shift_left drops the same count from every layer holding tokens and leaves empty
+        # layers alone: per distinct count, the layers dropping it get their dropped rows
+        # and one shift_left drops exactly those, so the visible tokens continue on the same
+        # page grid as in src
+        for first in sorted({st.first for st in s.layers} - {0}):
+            for layer, st in enumerate(s.layers):
+                if st.first == first:
+                    dst.append(sid, layer, *src.read(sid, layer, 0, first, dropped=True))
+            dst.shift_left(sid, first)
+        for layer, st in enumerate(s.layers):
+            for row in range(st.first, st.n_pos, step):
+                a, b = row - st.first, min((row // step + 1) * step, st.n_pos) - st.first
+                k, v = src.read(sid, layer, a, b)
+                dst.append(sid, layer, k, v)
+                for side, x, y in zip("kv", (k, v), dst.read(sid, layer, a, b)):
+                    worst[side] = max(worst[side], float(np.abs(x - y).max(initial=0.0)))
+            tokens += st.length
+            if on_layer is not None:
+                on_layer()
+    live = max(src.sequences, default=-1)
+    if src.next_sequence_id > live + 1:     # ids freed in src above every live one stay used
+        dst.free(dst.new_sequence(seq_id=src.next_sequence_id - 1))
+    return tokens, worst

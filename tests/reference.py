@@ -294,7 +294,7 @@ def stored_kv(parsed: dict, raw: bytes, sid: int, layer: int) -> tuple[np.ndarra
         for i, page in enumerate(st["pages"]):
             at = parsed["arena_offset"] + page * pb
             rows = P if i < len(st["pages"]) - 1 else rows_last
-            if side == "k" and parsed["k_format"] == "int4" and rows < P:
+            if side == "k" and parsed["k_format"] == "int4" and rows < P and st["res"]:
                 parts.append(residual_rows(raw, parsed, st["res"], rows))
             else:
                 parts.append(decode_page_rows(parsed, side, page_arrays(raw[at:at + pb], parsed)[0][side],

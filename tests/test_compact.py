@@ -18,8 +18,7 @@ import pytest
 
 import kvmmap as km
 
-GEO = dict(num_layers=2, num_kv_heads=2, head_dim=64, page_size=16, k_format="fp32", v_format="fp16",
-           meta_slot_bytes=1 << 20)
+GEO = dict(num_layers=2, num_kv_heads=2, head_dim=64, page_size=16, k_format="fp32", v_format="fp16")
 H, D = 2, 64
 
 
@@ -148,7 +147,7 @@ from kvmmap.core import fileio
 
 path, kill_at = sys.argv[1], int(sys.argv[2])
 c = km.PagedKVCache.create(path, num_layers=2, num_kv_heads=2, head_dim=64, page_size=16, k_format="fp32",
-                           v_format="fp16", meta_slot_bytes=1 << 20)
+                           v_format="fp16")
 for i in range(8):
     s = c.new_sequence(f"s{i}")
     for layer in range(2):

@@ -431,7 +431,7 @@ L, P = 2, 8
 def make_cache(path, kf="fp32", vf="fp32", seed=0):
     rng = np.random.default_rng(seed)
     c = km.PagedKVCache.create(path, num_layers=L, num_kv_heads=H, head_dim=D, page_size=P,
-                               k_format=kf, v_format=vf, fingerprint="model-x", meta_slot_bytes=1 << 16)
+                               k_format=kf, v_format=vf, fingerprint="model-x")
     a = c.new_sequence("prompt")
     for layer in range(L):
         x = np.stack([decaying((H, 37, D), seed + layer)[h] for h in range(H)], axis=1)   # [37, H, D]

@@ -86,11 +86,14 @@ def test_pool_views_are_the_stored_pages_without_a_copy(tmp_path):
     pages = c.block_table(s, 0)
     kc = views["k"]["codes"]
     assert kc.shape == (c.high_water, 2, 4, 16) and kc.dtype == np.float32 and not kc.flags.writeable
-    got = np.concatenate([kc[p].transpose(1, 0, 2) for p in pages])        # [tokens, H, D]
-    np.testing.assert_array_equal(got, k[:8])                            # sealed pages hold tokens 0..7
+    got = np.concatenate([kc[p].transpose(1, 0, 2) for p in pages])[:10]   # [tokens, H, D]
+    np.testing.assert_array_equal(got, k)             # every token is in a page, the last one partly filled
+    lay = c.paged_layout(0, [s])
+    np.testing.assert_array_equal(lay["indices"], pages)
+    assert lay["indptr"].tolist() == [0, 3] and lay["last_page_len"].tolist() == [2] and lay["first"].tolist() == [0]
     vc, vs = views["v"]["codes"], views["v"]["scales"]
     assert vc.dtype == np.int8 and vs.shape == (c.high_water, 2, 4)
-    v_pages = np.concatenate([(vc[p] * vs[p][..., None]).transpose(1, 0, 2) for p in pages])
-    np.testing.assert_array_equal(v_pages, c.read(s, 0, 0, 8)[1])
+    v_pages = np.concatenate([(vc[p] * vs[p][..., None].astype(np.float32)).transpose(1, 0, 2) for p in pages])
+    np.testing.assert_array_equal(v_pages[:10], c.read(s, 0)[1])
     assert np.shares_memory(kc, c.arena.data)
     c.close()

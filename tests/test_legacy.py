@@ -73,7 +73,8 @@ def assert_decoded(got, want, fmt, what):
 
 def quant_step(x, fmt, side):
     """One quantization step of ``fmt`` around the values ``x`` [n, H, D] of whole pages
-    (0 for float formats); int4 keys are grouped per channel over each page."""
+    (0 for float formats); int4 keys are grouped per channel over each page, and rounded to
+    float16 first."""
     if fmt in FLOAT_FORMATS:
         return np.zeros_like(x)
     if fmt == "int8":
@@ -89,7 +90,8 @@ def quant_step(x, fmt, side):
     out = np.zeros_like(x)
     for p0 in range(0, len(x), P):
         out[p0:p0 + P] = 2 * int4_channel_bound(x[p0:p0 + P].transpose(1, 0, 2), P).transpose(1, 0, 2)
-    return out
+    # format 2 keeps the keys of a partly filled page as float16 (1.0: float32)
+    return out + np.abs(x) * 2.0 ** -11
 
 
 def slot_payload(path, slot):
@@ -460,3 +462,26 @@ def test_cli_upgrade_of_damaged_page(golden, tmp_path):
     flip(path, at)
     fails(run("/", "convert", "--upgrade", path, tmp_path / "new.kvm"), 1, f"damaged page {page}")
     assert not (tmp_path / "new.kvm").exists()
+
+
+def test_open_reads_a_format_1_file_read_only(golden):
+    """PagedKVCache.open reads a 1.x file (into RAM, read-only): the same contents as
+    read_v1, version (1, 0); mode "r+" is refused with the way to upgrade."""
+    golden = golden[2]
+    with read_v1(golden) as f, km.PagedKVCache.open(golden, "r") as c:
+        assert c.version == (1, 0) and not c.writable
+        assert c.sequences() == {sid: s.name for sid, s in f.sequences.items()}
+        for sid, s in f.sequences.items():
+            for layer in range(L):
+                want = f.read(sid, layer, dropped=True)
+                for side, w, got in zip("kv", want, c.read(sid, layer)):
+                    w = w[s.layers[layer].first:]
+                    fmt = getattr(f, f"{side}_format")
+                    step = quant_step(f.read(sid, layer, dropped=True)[0 if side == "k" else 1], fmt, side)
+                    step = step[s.layers[layer].first:]
+                    assert np.all(np.abs(got - w) <= step * (1 + 1e-5) + 1e-6 * np.abs(w)), (sid, layer, side)
+        with pytest.raises(km.ReadOnlyError):
+            c.append(0, 0, np.zeros((1, H, D), np.float32), np.zeros((1, H, D), np.float32))
+    with pytest.raises(CacheFileError, match="convert --upgrade"):
+        km.PagedKVCache.open(golden, "r+")
+    assert is_v1(golden)                        # untouched

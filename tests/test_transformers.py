@@ -115,7 +115,11 @@ def test_quantized_logits_stay_close(model, cfg, fmt):
     stored_equals_view(cache)
     s = cache.stats()
     assert s["tokens"] == 2 * cfg.num_hidden_layers * 60                # rows x layers x tokens
-    assert s["pages_used"] == 2 * cfg.num_hidden_layers * (60 // 16)
+    pages = 2 * cfg.num_hidden_layers * -(-60 // 16)                  # 3 full pages and a partly filled one
+    if fmt == "int4":                   # + residual pages of the partly filled page's float16 keys
+        assert s["pages_used"] > pages
+    else:
+        assert s["pages_used"] == pages
 
 
 CHILD = MODEL_CODE + textwrap.dedent("""

@@ -203,7 +203,7 @@ class Commits:
         taken: list[int] = []
         root_written = False
         try:
-            table.prepare_pages(need)
+            table.prepare_pages(need, meta=True)
             new_rec = {}
             for sid, c in contents.items():
                 pages = alloc.alloc(pages_needed(len(c), pb))
@@ -241,6 +241,7 @@ class Commits:
         alloc.release_pending()
         table.committed(dirty)
         table.dirty.clear()
+        table.reserve_meta_ahead(len(taken))
 
     def _sync(self, fd: int) -> None:
         try:

@@ -72,8 +72,8 @@ def parse_record(data: bytes, num_layers: int, page_size: int, res_pages: int, h
             bad(f"sequence {sid}: layer {layer} truncated")
         n_pos, first, npg, nres, zero = LAYER_HEAD.unpack_from(data, off)
         off += LAYER_HEAD.size
-        want_res = res_pages if n_pos % P else 0
-        if zero or npg != -(-n_pos // P) or first >= P or first > n_pos or nres != want_res \
+        # a partly filled page has residual pages (int4 keys), or none if truncate cut a full page
+        if zero or npg != -(-n_pos // P) or first >= P or first > n_pos or nres not in (0, res_pages if n_pos % P else 0) \
                 or off + 8 * (npg + nres) > len(data):
             bad(f"sequence {sid}, layer {layer}: inconsistent block table (positions {n_pos}, first {first}, "
                 f"pages {npg}, residual pages {nres})")

@@ -117,6 +117,7 @@ class SequenceTable:
         self.res_rows_per_page = layout.page_bytes // self.res_row_bytes if self.k4 else 0
         self.res_pages = -(-P // self.res_rows_per_page) if self.k4 else 0
         self.meta_pages = 0                   # pages holding the commit's metadata blobs
+        self.meta_spare = 4                   # pages kept reserved for the next commit's metadata
 
     # ------------------------------------------------------------------ lookups
 
@@ -201,50 +202,31 @@ class SequenceTable:
         P = self.page_size
         # Worked out on copies first, then swapped in with one release of pages: a failure
         # on the way (MemoryError, a full disk for a copy) leaves the sequence as it was.
-        new_layers, dropped, taken = [], [], []
-        try:
-            for st in s.layers:
-                if n >= st.length:
-                    new_layers.append(st)
-                    continue
-                new_pos = st.first + n
-                keep = -(-new_pos // P)
-                rows = new_pos - (keep - 1) * P if keep else 0
-                was_full = keep <= self.full_pages(st)       # the new last page was full
-                new = LayerState(BlockTable(st.bt.pages[:keep]), new_pos, st.first, st.res, st.guard, st.committed)
-                dropped.append(st.bt.pages[keep:])
-                if keep < len(st.bt) or not keep:     # the old last page goes, with its residual
-                    dropped.append(st.res)
-                    new.res = _NO_PAGES
-                if keep and rows < P and was_full:
-                    if self.k4:
-                        # its keys are quantized over the whole page: reopen them as residual rows
-                        self._reopen(new, rows, taken, dropped)
-                    else:
-                        new.guard = P                 # commits may list the page whole
-                elif keep:
-                    new.guard = max(st.guard, self.last_rows(st))
-                new_layers.append(new)
-        except BaseException:
-            self.alloc.unalloc(taken)
-            raise
+        new_layers, dropped = [], []
+        for st in s.layers:
+            if n >= st.length:
+                new_layers.append(st)
+                continue
+            new_pos = st.first + n
+            keep = -(-new_pos // P)
+            rows = new_pos - (keep - 1) * P if keep else 0
+            was_full = keep <= self.full_pages(st)       # the new last page was full
+            new = LayerState(BlockTable(st.bt.pages[:keep]), new_pos, st.first, st.res, st.guard, st.committed)
+            dropped.append(st.bt.pages[keep:])
+            if keep < len(st.bt) or not keep:     # the old last page goes, with its residual
+                dropped.append(st.res)
+                new.res = _NO_PAGES
+            if keep and rows < P and was_full:
+                # commits may list the page whole: the next append copies it first (int4
+                # keys: into residual rows again, from their quantized values)
+                new.guard = P
+            elif keep:
+                new.guard = max(st.guard, self.last_rows(st))
+            new_layers.append(new)
         if dropped:
             self.alloc.decref(np.concatenate(dropped))
         s.layers = new_layers
         self.dirty.add(s.seq_id)
-
-    def _reopen(self, st: LayerState, rows: int, taken: list, release: list) -> None:
-        """Copy the full last page of ``st`` to a fresh page whose key rows ``0 .. rows - 1``
-        are residual float16 rows again (int4 keys)."""
-        old = int(st.bt.pages[-1])
-        k = quant.dequantize(self.arena.page_q("k", old, 0, rows))              # [H, rows, D]
-        (page,) = self.take_pages(1, taken)
-        self.arena.copy_page(old, page)
-        st.bt.set_last(int(page))
-        st.res = self.take_pages(self.res_pages, taken)
-        self._res_write(st.res, 0, k)
-        st.guard = 0
-        release.append(np.array([old], np.uint32))
 
     def shift_left(self, seq, n: int) -> None:
         s = self.get(seq)
@@ -275,17 +257,30 @@ class SequenceTable:
                     f"the pool is full: {in_use} of its {self.max_pages} pages (max_bytes) are in use or waiting "
                     f"for a commit, and {n} more are needed; free, truncate or shift_left sequences, then flush")
 
-    def prepare_pages(self, n: int) -> None:
+    def prepare_pages(self, n: int, meta: bool = False) -> None:
         """Make sure handing out ``n`` pages cannot fail for lack of room.
 
         The arena grows (a file: extended, sparse) and the disk blocks of every page that
         could be handed out are reserved, all *before* any page is handed out: a full
         disk, ``ulimit -f`` (EFBIG) or a failed map raise here, with nothing changed but
         the file's size. Pages are then written through the map without a SIGBUS.
+        Pages of tokens (not ``meta``) leave ``meta_spare`` reserved pages beyond them
+        for the next commit's metadata: on a full disk, appends fail first and the
+        process can still commit what it holds.
         """
         need = self.alloc.high_water + self.alloc.fresh_needed(n)
-        self.arena.ensure_capacity(need)
-        self.arena.reserve_upto(need)
+        want = need if meta else need + self.meta_spare
+        self.arena.ensure_capacity(want)
+        self.arena.reserve_upto(want)
+
+    def reserve_meta_ahead(self, pages: int) -> None:
+        """After a commit that wrote ``pages`` metadata pages: keep room reserved for one of
+        about twice its size. If the disk is full already, the next commit says so."""
+        self.meta_spare = 2 * pages + 2
+        try:
+            self.prepare_pages(0)
+        except OSError:
+            pass
 
     def take_pages(self, n: int, taken: list) -> np.ndarray:
         """Hand out ``n`` pages (room made first); ``taken`` collects them for an undo."""
@@ -343,12 +338,20 @@ class SequenceTable:
             self.alloc.decref(np.array(old, np.uint32))
 
     def _own_last(self, st: LayerState, taken: list, release: list) -> None:
-        """Copy-on-write: give ``st`` its own copy of its last page (and residual pages)."""
+        """Copy-on-write: give ``st`` its own copy of its last page (and residual pages).
+
+        int4 keys of a page cut short by ``truncate`` are still quantized over the whole
+        page (no residual pages): the copy gets residual rows again, from those values."""
         old = int(st.bt.pages[-1])
         (page,) = self.take_pages(1, taken)
         self.arena.copy_page(old, int(page))
         release.append(old)
-        if len(st.res):
+        if self.k4 and not len(st.res):
+            rows = self.last_rows(st)
+            k = quant.dequantize(self.arena.page_q("k", old, 0, rows))           # [H, rows, D]
+            st.res = self.take_pages(self.res_pages, taken)
+            self._res_write(st.res, 0, self._as_fp16(k))
+        elif len(st.res):
             res = self.take_pages(len(st.res), taken)
             for a, b in zip(st.res.tolist(), res.tolist()):
                 self.arena.copy_page(a, b)
@@ -511,7 +514,7 @@ class SequenceTable:
         and of its residual pages' rows."""
         rows = st.n_pos % self.page_size if rows is None else rows
         page = int(st.bt.pages[-1])
-        crc = self.arena.rows_crc(page, rows, skip_k=self.k4)
+        crc = self.arena.rows_crc(page, rows, skip_k=self.k4 and len(st.res) > 0)
         rpp = self.res_rows_per_page
         res_crc = [self.arena.bytes_crc(int(p), min(rpp, rows - j * rpp) * self.res_row_bytes)
                    for j, p in enumerate(st.res.tolist())]

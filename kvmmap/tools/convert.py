@@ -33,7 +33,7 @@ import zipfile
 import numpy as np
 from tqdm import tqdm
 
-from ..cache import PagedKVCache
+from ..cache import PagedKVCache, copy_v1
 from ..core.fileio import fsync_dir, lock_existing, open_regular, partial_path, remove_stale_partials
 from ..core.legacy import MAGIC, V1File, is_v1, read_v1
 from ..errors import CacheFileError, ConfigError, DTypeError, KVMmapError, ShapeError, describe
@@ -472,26 +472,12 @@ def _upgrade_into(src: V1File, dst: str, progress) -> dict:
                             page_size=src.page_size, k_format=src.k_format, v_format=src.v_format,
                             v_group_size=src.v_group_size or None, fingerprint=src.fingerprint,
                             overwrite=True)
-    worst = {"k": 0.0, "v": 0.0}
-    tokens, step = 0, max(1, UPGRADE_CHUNK // src.page_size) * src.page_size
     try:
         bar = tqdm(total=len(seqs) * src.num_layers, desc="upgrade", unit="layer",
                    disable=None if progress is None else not progress)
         with bar:
-            for sid, s in seqs.items():
-                d.new_sequence(s.name, max_tokens=None, seq_id=sid)
-                _restore_dropped(src, d, s)
-                for layer, st in enumerate(s.layers):
-                    # chunks end on page boundaries of the grid (visible token i is row first + i)
-                    for row in range(st.first, st.n_pos, step):
-                        a, b = row - st.first, min((row // step + 1) * step, st.n_pos) - st.first
-                        k, v = src.read(sid, layer, a, b)
-                        d.append(sid, layer, k, v)
-                        for side, x, y in zip("kv", (k, v), d.read(sid, layer, a, b)):
-                            worst[side] = max(worst[side], float(np.abs(x - y).max(initial=0.0)))
-                    tokens += st.length
-                    bar.update()
-        _keep_next_id(src, d)
+            tokens, worst = copy_v1(src, d, step=max(1, UPGRADE_CHUNK // src.page_size) * src.page_size,
+                                    on_layer=bar.update)
         d.flush()
         version = d.version
         # renamed while still open: its writer lock marks the complete partial file as
@@ -511,24 +497,3 @@ def _upgrade_into(src: V1File, dst: str, progress) -> dict:
             "k_max_error": worst["k"], "v_max_error": worst["v"]}
 
 
-def _restore_dropped(src: V1File, d: PagedKVCache, s) -> None:
-    """Give each layer of a new, empty sequence the ``first`` dropped positions of ``s``.
-
-    ``shift_left`` drops the same count from every layer that holds tokens and leaves
-    empty layers alone; so, for each distinct count, the layers dropping it get their
-    dropped rows and one ``shift_left`` drops exactly those (every other layer is empty
-    then). The visible tokens appended next continue on the same page grid as in ``src``.
-    """
-    for first in sorted({st.first for st in s.layers} - {0}):
-        for layer, st in enumerate(s.layers):
-            if st.first == first:
-                d.append(s.seq_id, layer, *src.read(s.seq_id, layer, 0, first, dropped=True))
-        d.shift_left(s.seq_id, first)
-
-
-def _keep_next_id(src: V1File, d: PagedKVCache) -> None:
-    """Make the new cache's next sequence id that of ``src``: ids of sequences freed in
-    ``src`` above every live one must not be handed out again."""
-    live = max(src.sequences, default=-1)
-    if src.next_sequence_id > live + 1:
-        d.free(d.new_sequence(seq_id=src.next_sequence_id - 1))
