@@ -102,10 +102,10 @@ class PagedKVCache:
             Up to 32 bytes identifying the model (e.g. a hash of its config), stored in the
             header and readable as :attr:`fingerprint`.
         max_bytes : int, optional
-            Pool limit: the most bytes of pages holding tokens (pages in use, and pages
-            dropped but waiting for commits). An append past it raises CapacityError and
-            changes nothing. Metadata pages (a few per commit) come on top. Kept in the
-            file. Default: no limit.
+            Pool limit: the most bytes of pages the sequences list (tokens, and float16
+            key rows of int4 pages not yet full). An append past it raises CapacityError
+            and changes nothing. Metadata pages (a few per commit) and pages dropped but
+            not reusable yet (two commits) come on top. Kept in the file. Default: no limit.
         overwrite : bool
             Replace an existing file instead of refusing. The new file is built under a
             temporary name and renamed over the old one while holding its writer lock.
@@ -1094,9 +1094,8 @@ class PagedKVCache:
         """Tokens that can still be appended to every layer of ``seq``, or None without limits.
 
         The smallest of what the sequence's ``max_tokens`` leaves (in its fullest layer) and
-        what the pool's ``max_bytes`` leaves (free page slots shared by all sequences, so a
-        figure for this sequence alone). Pages dropped but not yet reusable (waiting for two
-        commits) count as used: ``flush`` to get them back.
+        what the pool's ``max_bytes`` leaves (page slots shared by all sequences, so a figure
+        for this sequence alone, if no other grows meanwhile).
 
         Raises
         ------
@@ -1113,7 +1112,7 @@ class PagedKVCache:
         table = self._table
         if table.max_pages:
             alloc, P = table.alloc, self.page_size
-            spare = max(0, table.max_pages - (alloc.high_water - alloc.num_free - table.meta_pages))
+            spare = max(0, table.max_pages - table.data_pages())
             room = min((P - st.n_pos % P) % P for st in s.layers)      # rows left in the last pages
             pool = room + (spare // self.num_layers) * P
             left = pool if left is None else min(left, pool)
@@ -1185,11 +1184,14 @@ class PagedKVCache:
         """Give the space of dropped pages back to the file system (or to RAM).
 
         Commits twice, so that pages dropped until now are listed by neither commit on disk
-        and become free; then punches holes where free pages lie in the file (Linux
-        ``fallocate(PUNCH_HOLE)``; the file keeps its length, its blocks go) and in the
-        unused end of both metadata slots. A RAM cache shrinks its arena to the pages in
-        use. Crash-safe: only bytes no commit refers to are given back. Readers opened at
-        older commits that read such a page get the stale-view error of :meth:`read`.
+        and become free; copies pages in use near the end of the file into free pages
+        lower down (the commits that follow list the copies and rewrite every sequence's
+        record low); cuts the file after the last page in use once both commits on disk
+        say so; and punches holes where free pages remain (Linux ``fallocate(PUNCH_HOLE)``).
+        A RAM cache shrinks its arena to the pages in use. Crash-safe: only pages no
+        commit on disk lists are overwritten or given back. Readers opened at older commits
+        that read such a page get the stale-view error of :meth:`read`. Page ids change:
+        views from :meth:`paged_layout` and :meth:`pool_views` must be taken again.
 
         Returns
         -------
@@ -1212,13 +1214,24 @@ class PagedKVCache:
         if self.path is None:
             given = self._pool.give_back(alloc.free_pages(), alloc.shrink())
         else:
-            given = self._pool.give_back(alloc.free_pages(), alloc.high_water)
+            table = self._table
+            # Pages of tokens move down below a bound that leaves room for a rewrite of all
+            # metadata; the next commits list the copies, rewrite every record low, and free
+            # the originals; then both roots name the lower high-water mark before the file is
+            # cut to it. At every step both commits on disk list only intact pages.
+            bound = table.data_pages() + 2 * table.meta_pages + 8
+            if table.relocate(bound):
+                self.flush()
+                self.flush()
+                alloc = table.alloc
             hw = alloc.high_water
             if alloc.shrink() < hw:
-                # both roots name the lower high-water mark before the file is cut to it
-                self._commits.save(self._table)
-                self._commits.save(self._table)
-                given += self._pool.truncate_to(alloc.high_water)
+                self._commits.save(table)
+                self._commits.save(table)
+                given = self._pool.truncate_to(alloc.high_water)
+            else:
+                given = 0
+            given += self._pool.give_back(alloc.free_pages(), alloc.high_water)
         return {"bytes_on_disk_before": before, "bytes_on_disk_after": self._space(),
                 "bytes_given_back": int(given), "pages_free": alloc.num_free}
 

@@ -133,6 +133,18 @@ class PageAllocator:
         self._free.extend(sorted(pages, reverse=True))
         self._free.sort(reverse=True)
 
+    def move(self, old, new) -> None:
+        """Pages ``old`` were copied to the free pages ``new`` (compaction): ``new`` take
+        their counts, ``old`` are dropped (pending: commits on disk still list them)."""
+        old, new = [int(p) for p in old], [int(p) for p in new]
+        taken = set(new)
+        if len(taken) != len(new) or not taken <= set(self._free) or any(self._refcounts[p] == 0 for p in old):
+            raise PageTableError("a move needs free destination pages and listed source pages")
+        self._free = [p for p in self._free if p not in taken]
+        self._refcounts[new] = self._refcounts[old]
+        self._refcounts[old] = 0
+        self._pending.extend(old)
+
     def free_pages(self) -> np.ndarray:
         """Ids of the free pages (no commit on disk lists them), increasing."""
         return np.array(sorted(self._free), np.int64)

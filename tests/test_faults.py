@@ -469,3 +469,56 @@ def test_full_file_system_is_an_error_not_sigbus(small_fs):
         with km.PagedKVCache.open(path, mode=mode) as c:
             assert c.verify() == []
             np.testing.assert_array_equal(c.read(c.find_sequence("s"), 0)[0], want)
+
+
+def test_full_file_system_at_commit_then_space_freed(small_fs):
+    """A commit that needs more metadata pages than were kept in reserve meets a full file
+    system: flush() raises ENOSPC, nothing moves, reads still work; once space is freed the
+    same writer commits everything it holds, and the file reopens with it."""
+    path, filler = small_fs / "c.kvm", small_fs / "filler"
+    r = run_child(f"""
+        path, filler = {str(path)!r}, {str(filler)!r}
+        c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=H, head_dim=D, page_size=16,
+                                   k_format="fp32", v_format="fp32")
+        s = c.new_sequence("s")
+        c.append(s, 0, tok(40, 0), tok(40, 0))
+        c.flush()
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)   # fill the file system to the last block
+        try:
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        os.close(fd)
+        for i in range(200):                         # sequences without tokens: only records to write
+            c.new_sequence(f"t{{i}}")
+        try:
+            c.flush()
+            print("committed-while-full")
+        except OSError as e:
+            print("refused", errno.errorcode[e.errno])
+        np.testing.assert_array_equal(c.read(s, 0)[0], tok(40, 0))     # reads still work
+        try:
+            c.append(s, 0, tok(16, 1), tok(16, 1))
+            print("appended-while-full")
+        except OSError as e:
+            print("append-refused", errno.errorcode[e.errno])
+        os.unlink(filler)                            # space comes back
+        c.append(s, 0, tok(16, 2), tok(16, 2))
+        c.flush()
+        c.close()
+        print("ok")
+    """)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-3000:]}"
+    words = r.stdout.split()
+    assert words[:2] == ["refused", "ENOSPC"] and words[-1] == "ok", r.stdout
+    appended = "appended-while-full" in words
+    want = [tok_np(0, 40)] + ([tok_np(1, 16)] if appended else []) + [tok_np(2, 16)]
+    for mode in ("r", "r+"):
+        with km.PagedKVCache.open(path, mode=mode) as c:
+            assert c.verify() == [] and len(c.sequences()) == 201
+            np.testing.assert_array_equal(c.read(c.find_sequence("s"), 0)[0], np.concatenate(want))
+
+
+def tok_np(seed, n):
+    return np.random.default_rng(seed).standard_normal((n, H, D), dtype=np.float32)

@@ -251,11 +251,16 @@ class SequenceTable:
     def check_pool(self, n: int) -> None:
         """Refuse (CapacityError) ``n`` new pages of tokens past the pool limit."""
         if self.max_pages and n:
-            in_use = self.alloc.high_water - self.alloc.num_free - self.meta_pages
+            in_use = self.data_pages()
             if in_use + n > self.max_pages:
                 raise CapacityError(
-                    f"the pool is full: {in_use} of its {self.max_pages} pages (max_bytes) are in use or waiting "
-                    f"for a commit, and {n} more are needed; free, truncate or shift_left sequences, then flush")
+                    f"the pool is full: {in_use} of its {self.max_pages} pages (max_bytes) hold tokens and {n} more "
+                    "are needed; free, truncate or shift_left sequences")
+
+    def data_pages(self) -> int:
+        """Pages listed by the sequences (tokens and residual rows)."""
+        a = self.alloc
+        return a.high_water - a.num_free - a.num_pending - self.meta_pages
 
     def prepare_pages(self, n: int, meta: bool = False) -> None:
         """Make sure handing out ``n`` pages cannot fail for lack of room.
@@ -433,6 +438,12 @@ class SequenceTable:
         start = sts[0].length
         for s, st in zip(seqs, sts):
             self.check_capacity(s, st, n)
+        if all(st.guard <= st.n_pos % P and 0 < st.n_pos % P and st.n_pos % P + n < P
+               and self.alloc.refcount(int(st.bt.pages[-1])) == 1 for st in sts):
+            self._write_in_place(sts, k, v)
+            for s in seqs:
+                self.dirty.add(s.seq_id)
+            return start
         for side, x in (("k", k), ("v", v)):       # one read each; refuses before any change
             quant.check_storable(x, self.layout.formats[side].name)
         if self.k4:
@@ -443,6 +454,24 @@ class SequenceTable:
         for s in seqs:
             self.dirty.add(s.seq_id)
         return start
+
+    def _write_in_place(self, sts: list, k: np.ndarray, v: np.ndarray) -> None:
+        """Decode steps: rows that stay inside each state's own last page, past what any
+        commit lists. Rows past a state's length are not visible, so a refusal (NonFiniteError)
+        changes nothing visible; the lengths move after every row succeeded."""
+        lay, arena, n = self.layout, self.arena, k.shape[2]
+        for side, x in (("k", k), ("v", v)):
+            if lay.formats[side].grouped and not (side == "k" and self.k4):
+                quant.check_storable(x, lay.formats[side].name)
+        for b, st in enumerate(sts):
+            page, row = int(st.bt.pages[-1]), st.n_pos % self.page_size
+            if self.k4:
+                self._res_write(st.res, row, self._as_fp16(k[b]))
+            else:
+                quant.quantize_into(k[b], arena.page_q("k", page, row, row + n))
+            quant.quantize_into(v[b], arena.page_q("v", page, row, row + n))
+        for st in sts:
+            st.n_pos += n
 
     # ------------------------------------------------------------------ reading
 
@@ -537,6 +566,37 @@ class SequenceTable:
                     st.committed = (int(st.bt.pages[-1]), rows, crc, res_crc)
                 else:
                     st.committed = (int(st.bt.pages[-1]), rows, None, None) if len(st.bt) else None
+
+    def relocate(self, bound: int) -> int:
+        """Copy the pages listed by sequences at ids ``>= bound`` into free pages below it,
+        lowest first, and list the copies instead (compaction; every sequence becomes
+        dirty). The originals are dropped like any page: reusable after two commits.
+        Returns the pages moved."""
+        a, arena = self.alloc, self.arena
+        free = a.free_pages()
+        free = free[free < bound]
+        listed = [st.pages_listed() for s in self.seqs.values() for st in s.layers]
+        listed = np.unique(np.concatenate(listed)) if listed else np.zeros(0, np.uint32)
+        movers = listed[listed >= bound][:len(free)]
+        if not len(movers):
+            return 0
+        targets = free[:len(movers)]
+        a.move(movers, targets)
+        mapping = np.arange(a.high_water, dtype=np.uint32)
+        mapping[movers] = targets
+        for old, new in zip(movers.tolist(), targets.tolist()):
+            arena.copy_page(old, new)
+            arena.page_crc[new] = arena.page_crc[old]
+            arena.stamp += 1
+            arena.page_stamp[new] = arena.stamp
+        for s in self.seqs.values():
+            for st in s.layers:
+                st.bt = BlockTable(mapping[st.bt.pages])
+                st.res = mapping[st.res] if len(st.res) else st.res
+                if st.committed is not None:
+                    st.committed = (int(mapping[st.committed[0]]),) + tuple(st.committed[1:])
+            self.dirty.add(s.seq_id)
+        return len(movers)
 
     # ------------------------------------------------------------------ whole-table views
 
