@@ -27,7 +27,7 @@ def cache_file(tmp_path):
     path = tmp_path / "c.kvm"
     rng = np.random.default_rng(0)
     c = km.PagedKVCache.create(path, num_layers=L, num_kv_heads=H, head_dim=D, page_size=P,
-                               k_format="int8", v_format="fp16", fingerprint="tiny", meta_slot_bytes=1 << 16)
+                               k_format="int8", v_format="fp16", fingerprint="tiny")
     s = c.new_sequence("prompt")
     for layer in range(L):
         c.append(s, layer, *rng.standard_normal((2, 30, H, D)).astype(np.float32))
@@ -84,9 +84,10 @@ def test_inspect_text_and_json(cache_file, tmp_path):
     assert (info["num_layers"], info["num_kv_heads"], info["head_dim"], info["page_size"]) == (L, H, D, P)
     seqs = {s["name"]: s for s in info["sequences"]}
     assert seqs["prompt"]["tokens"] == 30 and seqs["fork"]["tokens"] == 40 and seqs[None]["tokens"] == 0
-    assert seqs["prompt"]["pages"] == 3 * L and seqs["fork"]["pages"] == 5 * L
+    # every token is in a page: 30 tokens in 4 pages of 8, 40 in 5
+    assert seqs["prompt"]["pages"] == 4 * L and seqs["fork"]["pages"] == 5 * L
     assert seqs["fork"]["shared_pages"] == 3 * L == info["pages"]["shared"]
-    assert info["pages"]["used"] == 5 * L + 3 * L - 3 * L        # shared pages counted once
+    assert info["pages"]["used"] == 4 * L + 5 * L - 3 * L        # shared (full) pages counted once
     k, v = info["formats"]
     assert (k["format"], v["format"]) == ("int8", "fp16")
     assert k["bytes_per_token"] == H * D + 4 * H                  # int8 codes + a float32 scale per head
@@ -95,7 +96,7 @@ def test_inspect_text_and_json(cache_file, tmp_path):
 
 def test_verify_clean_and_damaged_page(cache_file, tmp_path):
     r = run(tmp_path, "verify", cache_file.name)
-    assert r.returncode == 0 and "ok: 10 page checksums match" in r.stdout
+    assert r.returncode == 0 and "ok: 12 page checksums match" in r.stdout
     page, off = page_offset(cache_file, 1, 1, 4)                 # a page of the fork only
     flip(cache_file, off + 100)
     r = run(tmp_path, "verify", cache_file.name)
@@ -111,7 +112,7 @@ def test_verify_clean_and_damaged_page(cache_file, tmp_path):
 
 
 def test_damaged_header_and_metadata_give_clean_errors(cache_file, tmp_path):
-    raw = cache_file.read_bytes()[:4096 + 2 * (1 << 16)]
+    raw = cache_file.read_bytes()[:3 * 4096]                       # superblock and both roots
     header = tmp_path / "header.kvm"
     header.write_bytes(raw)
     flip(header, 24)                                              # head_dim
@@ -121,12 +122,12 @@ def test_damaged_header_and_metadata_give_clean_errors(cache_file, tmp_path):
     magic = tmp_path / "magic.kvm"
     magic.write_bytes(b"\0" + raw[1:])
     fails(run(tmp_path, "inspect", magic.name), 1, "not a kvmmap cache")
-    flip(cache_file, 4096 + 70)                                   # the older commit (generation 1)
+    flip(cache_file, 4096 + 20)                                   # root 0: the older commit (generation 1)
     r = run(tmp_path, "verify", cache_file.name)
-    assert r.returncode == 0 and "slot 0 damaged, slot 1 generation 2" in r.stdout
-    flip(cache_file, 4096 + (1 << 16) + 70)                       # and the newest
+    assert r.returncode == 0 and "commit roots: root 0 damaged, root 1 generation 2" in r.stdout
+    flip(cache_file, 8192 + 20)                                   # and root 1, the newest
     r = run(tmp_path, "verify", cache_file.name)
-    assert r.returncode == 1 and "neither metadata slot holds a valid commit" in r.stdout
+    assert r.returncode == 1 and "neither commit root is valid" in r.stdout
 
 
 def test_bad_paths(tmp_path, cache_file):
@@ -252,8 +253,7 @@ def test_convert_removes_stale_partials_but_not_a_live_one(tmp_path):
     np.savez(tmp_path / "kv.npz", kv=np.ones((L, 2, H, 5, D), np.float32))
     stale = tmp_path / ".out.kvm.partial-99999999"
     stale.write_bytes(b"x" * 100)
-    live = km.PagedKVCache.create(tmp_path / ".out.kvm.partial-1", num_layers=L, num_kv_heads=H, head_dim=D,
-                                  meta_slot_bytes=1 << 16)
+    live = km.PagedKVCache.create(tmp_path / ".out.kvm.partial-1", num_layers=L, num_kv_heads=H, head_dim=D)
     assert run(tmp_path, "convert", "kv.npz", "out.kvm").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == [".out.kvm.partial-1"]
     live.close()

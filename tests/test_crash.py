@@ -1,20 +1,28 @@
 """SIGKILL a writer anywhere; every reopen holds exactly a committed state, at least the last flushed.
 
-A writer process (tests/workers/crash_writer.py) follows a seeded plan of steps, each a few
-operations (append, fork, truncate, shift_left, new, free) then ``flush()``, printing the
-step number once ``flush`` returns. It is killed with SIGKILL
+A writer process (tests/workers/crash_writer.py) follows a plan of steps, each a few
+operations (append, fork, truncate, shift_left, new, free, compact) then ``flush()``,
+printing the step number once ``flush`` returns: a seeded random plan, or a short
+scenario that leads a format-2 writer into one situation in its last step (a partly
+filled page growing in place after a commit, copy-on-write of a page shared by a fork,
+an append after truncating into a committed page, compact). It is killed with SIGKILL
 
 * at chosen points *inside* operations, by hooks that make the writer kill itself on the
-  n-th call of a low-level function while a given operation runs: mid-append, right
-  after the file grows (capacity doubling), mid-fork, mid-truncate, mid-shift_left,
-  mid-free, and inside ``flush`` between the payload and header writes of a slot;
+  n-th call of a low-level function while a given operation runs (in a given step): mid-
+  append, right after the file grows, mid-fork, mid-truncate, mid-shift_left, mid-free,
+  mid-compact, and inside ``flush`` between writing the blobs and writing the root, and
+  after the root write but before its fsync;
 * by the test, as soon as it reads a given step number, wherever the writer is then.
 
 The file is then reopened for writing (so the dead writer's lock must be gone), must pass
-``verify()`` and must equal, page table and bytes, the state after step s of the same plan
-replayed in RAM, where s is the last step reported (or the next one, if the writer died
-between its flush and its print). With exact formats (fp32 K, fp16 V) every value is
-also compared with plain numpy. Finally the reopened file takes the next step and commits.
+``verify()`` and must equal, block tables and values, the state after step s of the same
+plan replayed into a file by an undisturbed writer, where s is the last step reported (or
+the next one, if the writer died between its flush and its print). Independently of
+kvmmap, the values are compared with the plan's numpy model (exactly for exact formats,
+within the quantization step for the others) and with the numpy decoder of the file's
+bytes (tests/reference.py). The commit before it (``commit="previous"``) must open and
+verify too, holding the step before. Finally the reopened file takes the next step and
+commits.
 
 `kvmmap compress` is killed the same two ways (a hook at the n-th call that changes its
 output; the test, on reading a call number from the pipe). The source must be untouched,
@@ -30,6 +38,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -40,23 +49,12 @@ import kvmmap as km
 from kvmmap.tools.rewrite import compress_cache
 
 from helpers import WORKERS
+from reference import int4_token_bound, int8_roundtrip_bound, parse_cache_file, stored_kv
 from workers.compress_server import WAIT_FOR_KILL
-from workers.crash_plan import CONFIGS, GEOMETRY, NSTEPS, apply_op, plan
+from workers.crash_plan import CONFIGS, GEOMETRY, NSTEPS, SCENARIOS, apply_op, plan, steps_for
 
 
-# ------------------------------------------------------------------ the plan replayed in RAM
-
-def replay(config: str, steps, upto: int):
-    """An in-RAM cache (and numpy model) after steps 0..upto, flushing after each like the writer."""
-    kf, vf = CONFIGS[config]
-    c = km.PagedKVCache.create(None, **GEOMETRY, k_format=kf, v_format=vf)
-    ids, model = {}, {}
-    for ops in steps[: upto + 1]:
-        for op in ops:
-            apply_op(c, op, ids, model)
-        c.flush()
-    return c, model
-
+# ------------------------------------------------------------------ the plan replayed
 
 def snapshot(c) -> dict:
     """{name: per layer (k bytes, v bytes, block table)} of every sequence."""
@@ -67,13 +65,74 @@ def snapshot(c) -> dict:
     return out
 
 
+_REPLAYS: dict = {}
+
+
+def replay(config: str, plan_name: str) -> list:
+    """[(snapshot, numpy model)] after each step of the plan, written by an undisturbed
+    writer into a file like the killed one (so page ids agree too); index -1: the empty
+    cache that ``create`` commits."""
+    key = (config, plan_name)
+    if key not in _REPLAYS:
+        kf, vf = CONFIGS[config]
+        with tempfile.TemporaryDirectory() as d:
+            c = km.PagedKVCache.create(os.path.join(d, "replay.kvm"), **GEOMETRY, k_format=kf, v_format=vf)
+            ids, model, out = {}, {}, []
+            for ops in steps_for(plan_name):
+                for op in ops:
+                    apply_op(c, op, ids, model)
+                c.flush()
+                out.append((snapshot(c), {n: [list(kv) for kv in layers] for n, layers in model.items()}))
+            c.close()
+        _REPLAYS[key] = out + [({}, {})]
+    return _REPLAYS[key]
+
+
+def largest_value(plan_name: str) -> float:
+    """The largest magnitude of any value the plan appends."""
+    L, H, D = GEOMETRY["num_layers"], GEOMETRY["num_kv_heads"], GEOMETRY["head_dim"]
+    return max([float(np.abs(np.random.default_rng(op[3]).standard_normal((L, 2, op[2], H, D), dtype=np.float32)).max())
+                for ops in steps_for(plan_name) for op in ops if op[0] == "append"] + [0.0])
+
+
+def check_model(config: str, plan_name: str, got: dict, model: dict, v_group: int) -> None:
+    """The values read equal the numpy model: exactly (fp32, fp16 rounding), or within
+    the quantization error of the format (another sequence's rows are off by far more)."""
+    assert sorted(model) == sorted(got)
+    kf, vf = CONFIGS[config]
+    H, D = GEOMETRY["num_kv_heads"], GEOMETRY["head_dim"]
+    for name, layers in model.items():
+        for layer, want in enumerate(layers):
+            for side, fmt in enumerate((kf, vf)):
+                x = want[side]
+                stored = np.frombuffer(got[name][layer][side], np.float32).reshape(x.shape)
+                if fmt == "fp32":
+                    np.testing.assert_array_equal(stored, x)
+                elif fmt == "fp16":
+                    np.testing.assert_array_equal(stored, x.astype(np.float16).astype(np.float32))
+                else:
+                    if fmt == "int8":
+                        bound = int8_roundtrip_bound(x)
+                    elif side == 1:
+                        bound = int4_token_bound(x, v_group)
+                    else:
+                        # keys: one step per channel over a page (2 A / 15 at most), twice
+                        # when a truncated page was reopened and quantized again
+                        bound = np.full(x.shape, 2 * largest_value(plan_name) / 15)
+                    # scales rounded up and zero points down to float16
+                    tol = 1.01 * bound + 2e-3 * np.abs(x).max(initial=0) + 1e-6
+                    err = np.abs(stored - x)
+                    assert np.all(err <= tol), (name, layer, side, float((err - tol).max()))
+    assert all(len(layers) == GEOMETRY["num_layers"] for layers in got.values()) and H and D
+
+
 # ------------------------------------------------------------------ the test side
 
-def run_writer(path, config, seed, kill="-", stop_at=None) -> int:
+def run_writer(path, config, plan_name, kill="-", stop_at=None) -> int:
     """Start a writer, let it die (or kill it on reading step ``stop_at``); last step it reported."""
-    proc = subprocess.Popen([sys.executable, str(WORKERS / "crash_writer.py"), str(path), config, str(seed), kill],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=path.parent)
+    proc = subprocess.Popen([sys.executable, str(WORKERS / "crash_writer.py"), str(path), config, str(plan_name),
+                             kill], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=path.parent)
     reported = -1
     if stop_at is not None:
         for line in proc.stdout:
@@ -87,26 +146,46 @@ def run_writer(path, config, seed, kill="-", stop_at=None) -> int:
     return reported
 
 
-def check_recovery(path, config, seed, reported, candidates):
-    """The reopened file equals the replayed state after one of ``candidates`` steps; returns it."""
-    steps = plan(seed)
+def matching_step(got: dict, states: list, candidates) -> int:
+    found = [s for s in candidates if states[s][0] == got]
+    assert found, f"the state matches no committed step among {list(candidates)}; sequences {sorted(got)}"
+    return found[0]
+
+
+def check_recovery(path, config, plan_name, reported, candidates) -> int:
+    """The reopened file equals the replayed state after one of ``candidates`` steps;
+    returns it."""
+    states = replay(config, plan_name)
+    plan_name = str(plan_name)
     with km.PagedKVCache.open(path, mode="r+") as c:       # r+: the dead writer's lock is gone
         assert c.verify() == []
         got = snapshot(c)
-    matches = []
-    for s in candidates:
-        ref, model = replay(config, steps, s)
-        if snapshot(ref) == got:
-            matches.append((s, model))
-    assert matches, (f"reopened state matches no committed step among {candidates} "
-                     f"(last reported {reported}); sequences {sorted(got)}")
-    s, model = matches[0]
-    if config == "exact":                                   # independent of kvmmap: plain numpy
-        assert sorted(model) == sorted(got)
-        for name, layers in model.items():
-            for layer, (k, v) in enumerate(layers):
-                assert got[name][layer][0] == k.tobytes()
-                assert got[name][layer][1] == v.astype(np.float16).astype(np.float32).tobytes()
+        sids = {name: sid for sid, name in c.sequences().items()}
+    s = matching_step(got, states, candidates)
+    raw = path.read_bytes()
+    parsed = parse_cache_file(raw)                          # independent of kvmmap: plain numpy
+    check_model(config, plan_name, got, states[s][1], parsed["v_group"])
+    for name, sid in sids.items():
+        for layer in range(GEOMETRY["num_layers"]):
+            for side, want in enumerate(stored_kv(parsed, raw, sid, layer)):
+                have = np.frombuffer(got[name][layer][side], np.float32).reshape(want.shape)
+                if CONFIGS[config][side] == "int4":
+                    # code * scale + zero may be fused into one rounding: a few ulp
+                    tol = 4 * np.finfo(np.float32).eps * (np.abs(want) + np.abs(want).max(initial=0))
+                    assert np.all(np.abs(have - want) <= tol), (name, layer, side)
+                else:
+                    np.testing.assert_array_equal(have, want)
+    # the commit before it is whole too; a compact commits several times with one content
+    steps = steps_for(plan_name)
+    compacting = any(op[0] == "compact" for ops in steps[s:s + 2] for op in ops)
+    previous = [s - 1, s] if compacting else [s - 1]
+    if s == -1:                                             # create's commit is the only one
+        with pytest.raises(km.CacheFileError, match="no previous commit"):
+            km.PagedKVCache.open(path, mode="r", commit="previous")
+    else:
+        with km.PagedKVCache.open(path, mode="r", commit="previous") as c:
+            assert c.verify() == []
+            matching_step(snapshot(c), states, previous)
     # the recovered file takes the next step and commits it
     if s + 1 < len(steps):
         with km.PagedKVCache.open(path) as c:
@@ -114,20 +193,21 @@ def check_recovery(path, config, seed, reported, candidates):
             for op in steps[s + 1]:
                 apply_op(c, op, ids)
             c.flush()
-        ref, _ = replay(config, steps, s + 1)
         with km.PagedKVCache.open(path, mode="r") as c:
             assert c.verify() == []
-            want = {n: [kv[:2] for kv in layers] for n, layers in snapshot(ref).items()}
+            want = {n: [kv[:2] for kv in layers] for n, layers in states[s + 1][0].items()}
             assert {n: [kv[:2] for kv in layers] for n, layers in snapshot(c).items()} == want
     return s
 
 
-# (operation, hooked call, n-th call): where the writer kills itself
+# (operation, hooked call, n-th call): where the writer of plan(1) kills itself. A flush
+# syncs twice (the pages it lists, then the root) and writes once (the root: blobs and rows
+# go through the map); create's calls are not counted.
 KILL_POINTS = [
     ("append", "quantize_into", 41),
-    ("append", "ftruncate", 1),          # the first page makes the file grow
-    ("append", "ftruncate", 2),          # capacity doubling: 64 -> 128 pages
-    ("append", "ftruncate", 3),          # 128 -> 256 pages
+    ("append", "ftruncate", 1),          # the first pages make the file grow
+    ("append", "ftruncate", 2),          # growth by half again
+    ("append", "ftruncate", 3),
     ("fork", "incref", 1),               # between the layers of a fork
     ("fork", "incref", 5),
     ("truncate", "decref", 1),
@@ -135,34 +215,92 @@ KILL_POINTS = [
     ("shift_left", "decref", 1),
     ("shift_left", "decref", 3),
     ("free", "decref", 1),
-    ("flush", "fsync", 13),              # odd calls sync the data pages: those of the 7th commit
-    ("flush", "pwrite", 13),             # 7th commit: payload written, header not: torn slot
-    ("flush", "pwrite", 14),             # 7th commit: header written, not yet fsynced
+    ("flush", "fsync", 13),              # 7th commit: blobs written, not yet synced, no root
+    ("flush", "pwrite", 7),              # 7th commit: root written, not yet synced
+    ("flush", "fsync", 14),              # the same point, seen from the second sync
 ]
+
+
+def committed_by_kill(op: str, point: str, n: int) -> bool:
+    """Whether the step being run when the hook fires is committed: its root was written
+    (the page cache outlives the process)."""
+    return op == "flush" and (point == "pwrite" or (point == "fsync" and n % 2 == 0))
 
 
 @pytest.mark.parametrize("i", range(len(KILL_POINTS)), ids=[":".join(map(str, k)) for k in KILL_POINTS])
 def test_kill_inside_an_operation(tmp_path, i):
     op, point, n = KILL_POINTS[i]
-    config = ("exact", "quant")[i % 2]
+    config = ("exact", "quant", "k4")[i % 3]
     path = tmp_path / "c.kvm"
-    reported = run_writer(path, config, seed=1, kill=f"{op}:{point}:{n}")
-    if (op, point) == ("flush", "pwrite") and n % 2 == 0:
-        # the header reached the page cache, which outlives the process: that commit holds
-        assert check_recovery(path, config, 1, reported, [reported + 1]) == reported + 1
+    reported = run_writer(path, config, 1, kill=f"{op}:{point}:{n}")
+    extra = 1 if committed_by_kill(op, point, n) else 0
+    assert check_recovery(path, config, 1, reported, [reported + extra]) == reported + extra
+
+
+# (scenario, operation, hooked call, n-th call) in the scenario's last step
+SCENARIO_KILLS = [
+    ("grow_in_place", "append", "quantize_into", 1),    # rows written in place past the committed ones
+    ("grow_in_place", "flush", "fsync", 1),             # blobs written, no root
+    ("grow_in_place", "flush", "pwrite", 1),            # root written, not synced: committed
+    ("fork_append", "append", "quantize_into", 1),
+    ("fork_append", "flush", "fsync", 1),
+    ("truncate_append", "append", "quantize_into", 1),
+    ("truncate_append", "flush", "fsync", 1),
+    ("truncate_full_append", "append", "quantize_into", 1),
+    ("truncate_full_append", "flush", "fsync", 1),
+    ("shift_append", "flush", "fsync", 1),
+    ("free_reuse", "append", "quantize_into", 3),       # pages freed two commits ago, written again
+    ("free_reuse", "flush", "fsync", 1),
+    ("compact", "compact", "pwrite", 1),
+    ("compact", "compact", "pwrite", 2),
+    ("compact", "compact", "fsync", 5),                 # before the third commit's pages are synced
+    ("compact", "compact", "ftruncate", 1),             # the file cut after the free pages
+    ("compact", "compact", "pwrite", 4),
+]
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("i", range(len(SCENARIO_KILLS)), ids=[":".join(map(str, k)) for k in SCENARIO_KILLS])
+def test_kill_in_a_scenario(tmp_path, i, config):
+    name, op, point, n = SCENARIO_KILLS[i]
+    last = len(SCENARIOS[name]) - 1
+    path = tmp_path / "c.kvm"
+    reported = run_writer(path, config, name, kill=f"{op}:{point}:{n}:{last}")
+    assert reported == last - 1
+    if op == "compact":
+        candidates = [last - 1, last]               # compact changes no contents
     else:
-        # killed before this step's commit was complete: the previous one holds
-        assert check_recovery(path, config, 1, reported, [reported]) == reported
+        candidates = [last] if committed_by_kill(op, point, n) else [last - 1]
+    check_recovery(path, config, name, reported, candidates)
 
 
-@pytest.mark.parametrize("trial", range(8))
-def test_kill_at_random_points(tmp_path, trial):
-    rng = np.random.default_rng(1000 + trial)
-    config = ("exact", "quant")[trial % 2]
-    seed = 100 + trial
-    path = tmp_path / "c.kvm"
-    reported = run_writer(path, config, seed, stop_at=int(rng.integers(0, NSTEPS - 5)))
-    check_recovery(path, config, seed, reported, [reported, reported + 1])
+def test_scenarios_reach_their_situations(tmp_path):
+    """The scenarios do what their kill points assume, seen in the file (int4 keys)."""
+    kf, vf = CONFIGS["k4"]
+    for name in ("grow_in_place", "fork_append", "truncate_append", "compact"):
+        path = tmp_path / f"{name}.kvm"
+        c = km.PagedKVCache.create(path, **GEOMETRY, k_format=kf, v_format=vf)
+        ids, pages = {}, []
+        for ops in SCENARIOS[name][:-1]:
+            for op in ops:
+                apply_op(c, op, ids)
+            c.flush()
+            pages.append(c.block_table(ids["s0"], 0).tolist())
+        size = path.stat().st_size
+        for op in SCENARIOS[name][-1]:
+            apply_op(c, op, ids)
+        c.flush()
+        after = c.block_table(ids["s0"], 0).tolist()
+        c.close()
+        if name == "grow_in_place":
+            assert after[:2] == pages[-1] and len(after) == 3      # the page grew in place, then one more
+        elif name == "fork_append":
+            s1 = parse_cache_file(path.read_bytes())["seqs"][1]["layers"][0]
+            assert s1["pages"][0] == pages[-1][0] and s1["pages"][1] != pages[-1][1]    # shared, copied
+        elif name == "truncate_append":
+            assert after[0] == pages[-1][0] and after[1] != pages[-1][1]                # copied
+        else:
+            assert path.stat().st_size < size                                          # cut
 
 
 def test_plan_exercises_every_kill_point():
@@ -173,6 +311,16 @@ def test_plan_exercises_every_kill_point():
             counts[op[0]] = counts.get(op[0], 0) + 1
     assert counts["fork"] >= 3 and counts["truncate"] >= 4 and counts["shift_left"] >= 3 and counts["free"] >= 1
     assert sum(op[2] for ops in plan(1) for op in ops if op[0] == "append") > 400
+
+
+@pytest.mark.parametrize("trial", range(9))
+def test_kill_at_random_points(tmp_path, trial):
+    rng = np.random.default_rng(1000 + trial)
+    config = ("exact", "quant", "k4")[trial % 3]
+    seed = 100 + trial
+    path = tmp_path / "c.kvm"
+    reported = run_writer(path, config, seed, stop_at=int(rng.integers(0, NSTEPS - 5)))
+    check_recovery(path, config, seed, reported, [reported, reported + 1])
 
 
 # ------------------------------------------------------------------ kills during `kvmmap compress`
@@ -266,8 +414,7 @@ def compress_setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("compress")
     runner = CompressRunner(d / "server.err")
     src = d / "src.kvm"
-    c = km.PagedKVCache.create(src, **GEOMETRY, k_format="fp32", v_format="fp16", fingerprint="crash-test",
-                               meta_slot_bytes=1 << 17)
+    c = km.PagedKVCache.create(src, **GEOMETRY, k_format="fp32", v_format="fp16", fingerprint="crash-test")
     ids = {}
     for ops in plan(1)[:SOURCE_STEPS + 1]:
         for op in ops:
@@ -311,22 +458,23 @@ def compress_kill_points(trace: list[str]) -> dict[str, int]:
     """Chosen events (1-based) of a compress trace to kill at."""
     appends = [i + 1 for i, e in enumerate(trace) if e == "append"]
     final = len(trace) - trace[::-1].index("replace")         # the rename of the finished file
-    assert trace[final - 6:final + 1] == ["append", "fsync", "pwrite", "pwrite", "fsync", "replace", "replaced"]
+    # the commit: sync the pages (blobs included), write the root, sync it
+    assert trace[final - 5:final + 1] == ["append", "fsync", "pwrite", "fsync", "replace", "replaced"]
     return {
         "first append": appends[0],
         "between the layers of a sequence": appends[len(appends) // 2],   # appends go layer 0, layer 1, ...
         "after a fork": trace.index("fork") + 1,
         "last append, nothing committed": appends[-1],
-        "before the data fsync of the commit": final - 4,
-        "slot payload written": final - 3,
-        "slot header written": final - 2,
+        "before the data fsync of the commit": final - 3,
+        "root written, not synced": final - 2,
+        "before the root's fsync": final - 1,
         "committed, before the rename": final,
         "renamed, before the directory fsync": final + 1,
     }
 
 
 COMPRESS_KILLS = ["first append", "between the layers of a sequence", "after a fork", "last append, nothing committed",
-                  "before the data fsync of the commit", "slot payload written", "slot header written",
+                  "before the data fsync of the commit", "root written, not synced", "before the root's fsync",
                   "committed, before the rename", "renamed, before the directory fsync"]
 
 
@@ -384,7 +532,7 @@ def test_stale_partials_are_removed_but_not_a_live_one(tmp_path):
     dead_tmp.write_bytes(b"x")
     other = tmp_path / ".other.kvm.partial-1"
     other.write_bytes(b"x")
-    live = km.PagedKVCache.create(tmp_path / ".out.kvm.partial-1", **GEOMETRY, meta_slot_bytes=1 << 16)
+    live = km.PagedKVCache.create(tmp_path / ".out.kvm.partial-1", **GEOMETRY)
     removed = km.core.fileio.remove_stale_partials(dst)
     assert sorted(map(os.path.basename, removed)) == sorted([dead.name, dead_tmp.name])
     assert partials(dst) == [".out.kvm.partial-1"] and other.exists()

@@ -193,12 +193,12 @@ def test_open_previous_commit(tmp_path):
 
 def test_previous_commit_must_exist(tmp_path):
     path = tmp_path / "one.kvm"
-    km.PagedKVCache.create(path, **GEO).close()     # one commit: slot 1 written, slot 0 empty
+    km.PagedKVCache.create(path, **GEO).close()     # one commit: root 0 written, root 1 empty
     with pytest.raises(km.CacheFileError, match="no previous commit"):
         km.PagedKVCache.open(path, mode="r", commit="previous")
 
 
-def test_writer_keeps_the_other_slots_pages_after_reopening(tmp_path):
+def test_writer_keeps_the_other_roots_pages_after_reopening(tmp_path):
     """Reopened for writing, the pages only the previous commit lists are not reused
     before the next commit: a crash right after reusing them would otherwise leave a
     previous commit (the fallback after damage) pointing at overwritten pages."""
@@ -247,25 +247,23 @@ def test_names_must_be_encodable():
 
 
 def set_next_id(path, value):
-    """Rewrite the newest slot's next_sequence_id (and its checksums)."""
+    """Rewrite the newest root's next_sequence_id (and its checksum), as FORMAT.md lays it out."""
     raw = bytearray(path.read_bytes())
     best = None
-    for i in (0, 1):
-        off = 4096 + i * (1 << 16)
-        magic, gen, length, _, _ = struct.unpack_from("<8sQQII", raw, off)
-        if magic == b"KVMSLOT\0" and (best is None or gen > best[1]):
-            best = (off, gen, length)
-    off, gen, length = best
-    struct.pack_into("<I", raw, off + 64 + 12, value)
-    payload = bytes(raw[off + 64: off + 64 + length])
-    head = struct.pack("<8sQQI", b"KVMSLOT\0", gen, length, crc32c.crc32c(payload))
-    raw[off: off + 32] = head + struct.pack("<I", crc32c.crc32c(head))
+    for off in (4096, 8192):
+        magic, gen = struct.unpack_from("<8sQ", raw, off)
+        if magic == b"KVMROOT\0" and struct.unpack_from("<I", raw, off + 60)[0] == crc32c.crc32c(bytes(raw[off:off + 60])) \
+                and (best is None or gen > best[1]):
+            best = (off, gen)
+    off = best[0]
+    struct.pack_into("<I", raw, off + 40, value)
+    struct.pack_into("<I", raw, off + 60, crc32c.crc32c(bytes(raw[off:off + 60])))
     path.write_bytes(bytes(raw))
 
 
 def test_exhausted_sequence_ids_are_an_error_not_a_broken_flush(tmp_path):
     path = tmp_path / "ids.kvm"
-    make(path, meta_slot_bytes=1 << 16).close()
+    make(path).close()
     set_next_id(path, 0xFFFFFFFF)
     with km.PagedKVCache.open(path) as c:
         with pytest.raises(km.SequenceError, match="every sequence id"):

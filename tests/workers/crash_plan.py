@@ -1,12 +1,18 @@
-"""The seeded plan of the crash campaign (tests/test_crash.py), shared by the writer
-(tests/workers/crash_writer.py) and the test that replays it in RAM."""
+"""The plans of the crash campaign (tests/test_crash.py), shared by the writer
+(tests/workers/crash_writer.py) and the test that replays them.
+
+A plan is a list of steps, each a list of operations, committed by ``flush()`` after each
+step: a seeded random plan (:func:`plan`), or one of the short :data:`SCENARIOS` that
+lead a format-2 writer into one chosen situation (a page growing in place after a commit,
+copy-on-write of a shared partly filled page, ...) in its last step.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 GEOMETRY = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4)
-CONFIGS = {"exact": ("fp32", "fp16"), "quant": ("int8", "int4")}
+CONFIGS = {"exact": ("fp32", "fp16"), "quant": ("int8", "int4"), "k4": ("int4", "fp16")}
 NSTEPS = 60
 
 
@@ -43,13 +49,46 @@ def plan(seed: int, nsteps: int = NSTEPS) -> list[list[tuple]]:
     return steps
 
 
+# P = 4 in GEOMETRY. Each scenario's last step is the one the writer is killed in.
+SCENARIOS = {
+    # rows 2, 3 of a committed page with 2 rows are written in place, then a new page
+    "grow_in_place": [[("new", "s0"), ("append", "s0", 6, 1)], [("append", "s0", 1, 2)],
+                      [("append", "s0", 3, 3)]],
+    # s1 shares s0's partly filled last page: each must copy it before writing row 2
+    "fork_append": [[("new", "s0"), ("append", "s0", 6, 1)], [("fork", "s0", "s1")],
+                    [("append", "s1", 1, 2), ("append", "s0", 2, 3)], [("append", "s1", 2, 4)]],
+    # rows 1, 2 of the last page are committed: appending after the truncate must copy it
+    "truncate_append": [[("new", "s0"), ("append", "s0", 6, 1)], [("append", "s0", 1, 2)],
+                        [("truncate", "s0", 5), ("append", "s0", 2, 3)]],
+    # the last page was full when committed (int4 keys: quantized over the page, reopened)
+    "truncate_full_append": [[("new", "s0"), ("append", "s0", 8, 1)], [("append", "s0", 4, 2)],
+                             [("truncate", "s0", 6), ("append", "s0", 1, 3)]],
+    "shift_append": [[("new", "s0"), ("append", "s0", 10, 1)], [("append", "s0", 1, 2)],
+                     [("shift_left", "s0", 5), ("append", "s0", 3, 3)]],
+    "free_reuse": [[("new", "s0"), ("append", "s0", 9, 1), ("new", "s1"), ("append", "s1", 9, 2)],
+                   [("free", "s0")], [("append", "s1", 1, 3)], [("new", "s2"), ("append", "s2", 13, 4)]],
+    # compact alone in its step: every commit inside it holds the previous step's contents
+    "compact": [[("new", "s0"), ("append", "s0", 9, 1), ("new", "s1"), ("append", "s1", 30, 2)],
+                [("free", "s1")], [("append", "s0", 1, 3)], [("compact",)]],
+}
+
+
+def steps_for(name: str) -> list[list[tuple]]:
+    """A scenario's steps, or the seeded plan of ``name`` (an integer)."""
+    return SCENARIOS[name] if name in SCENARIOS else plan(int(name))
+
+
 def apply_op(c, op, ids: dict, model: dict | None = None) -> None:
     """Run one planned operation on cache ``c``; mirror it on the numpy ``model`` if given.
 
     ``ids`` maps sequence names to ids; ``model`` maps names to per-layer [k, v] arrays.
     """
     L, H, D = GEOMETRY["num_layers"], GEOMETRY["num_kv_heads"], GEOMETRY["head_dim"]
-    kind, name = op[0], op[1]
+    kind = op[0]
+    if kind == "compact":
+        c.compact()
+        return
+    name = op[1]
     if kind == "new":
         ids[name] = c.new_sequence(name)
         if model is not None:
