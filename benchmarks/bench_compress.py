@@ -13,8 +13,9 @@ are a floor.
 
 Every row is measured on the same K/V of an *evaluation* prompt:
 
-* baselines: kvmmap.quantize to fp16, int8 (a scale per token), int4 (groups of 32
-  along head_dim) and int4 KIVI-style (keys per channel over groups of 32 tokens);
+* baselines: kvmmap.quantize to fp16, int8 (a scale per token), int4 (default groups: 64
+  along head_dim where it divides it) and int4 KIVI-style (keys per channel over groups of
+  32 tokens);
 * ``self``: the compressor fitted on the evaluation prompt itself; ``ratio`` counts
   every stored byte, basis / codebooks included;
 * ``calib``: the compressor fitted once on a *different* prompt of the same model and

@@ -27,7 +27,7 @@ def numpy_int8_dequantize(codes, scale):
     return codes.astype(np.float32) * scale[..., None]
 
 
-def numpy_int4_quantize(x, group=32):
+def numpy_int4_quantize(x, group):
     g = x.reshape(-1, group)
     lo = g.min(axis=1, keepdims=True)
     hi = g.max(axis=1, keepdims=True)
@@ -76,8 +76,9 @@ def main() -> None:
             c, s = numpy_int8_quantize(x)
             ref_dq = lambda: numpy_int8_dequantize(c, s)
         else:
-            ref_q = lambda: numpy_int4_quantize(x)
-            p, s, lo = numpy_int4_quantize(x)
+            group = km.get_format("int4").default_group_size(x.shape[-1])    # what km.quantize uses
+            ref_q = lambda: numpy_int4_quantize(x, group)
+            p, s, lo = numpy_int4_quantize(x, group)
             ref_dq = lambda: numpy_int4_dequantize(p, s, lo, x.shape)
         t_np_q = median_time(ref_q, args.repeat)
         t_np_dq = median_time(ref_dq, args.repeat)

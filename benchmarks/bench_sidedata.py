@@ -33,6 +33,13 @@ Ratios: error over the kvmmap reference row of the same family (int8, fp8, int4)
 Bits per element, K and V averaged, side data included, for full groups: at this model's
 head_dim (32) and at head_dim 128 (typical LLM; per-row side data shrinks 4x there; int4
 groups along head_dim and along tokens do not depend on head_dim). Timing is not measured.
+
+Last, kvmmap's own quantizers with float32 side data (format 1.0) against float16 side data
+(format 2.0, ``kvmmap.quantize(..., side_dtype=np.float16)``: scales rounded up, int4 zero
+points rounded down, codes against the rounded values), one line per format: int8,
+fp8_e4m3, fp8_e5m2, and int4 with K per channel over 16 tokens and V in the default groups
+along head_dim; the same errors as above for each side dtype, and their ratio (float16 over
+float32).
 """
 
 from __future__ import annotations
@@ -221,16 +228,17 @@ def q_int4_channel(x, G: int, sdt: str):
     return _asym(g, 2, sdt).reshape(x.shape).astype(np.float32)
 
 
-def km_roundtrip(x, fmt: str, keys: bool = False, group=None):
-    """kvmmap's own quantize/dequantize; keys in int4 per channel over ``group`` tokens."""
+def km_roundtrip(x, fmt: str, keys: bool = False, group=None, side_dtype=np.float32):
+    """kvmmap's own quantize/dequantize; keys in int4 per channel over ``group`` tokens;
+    scales and zeros stored as ``side_dtype``."""
     import kvmmap as km
     if fmt == "int4" and keys:
         xt = np.ascontiguousarray(x.transpose(0, 2, 1, 3))           # [S, H, T, D]: tokens on axis -2
-        y = km.dequantize(km.quantize(xt, "int4", grouping="channel", group_size=group))
+        y = km.dequantize(km.quantize(xt, "int4", grouping="channel", group_size=group, side_dtype=side_dtype))
         return np.ascontiguousarray(y.transpose(0, 2, 1, 3))
     if fmt == "int4":
-        return km.dequantize(km.quantize(x, "int4", grouping="token", group_size=group))
-    return km.dequantize(km.quantize(x, fmt))
+        return km.dequantize(km.quantize(x, "int4", grouping="token", group_size=group, side_dtype=side_dtype))
+    return km.dequantize(km.quantize(x, fmt, side_dtype=side_dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +322,41 @@ def attention(q, k, v):
     return np.einsum("shtu,suhd->sthd", p, v.astype(np.float64))
 
 
+SIDE_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "int4")
+K_PAGE = 16     # int4 keys: per channel over a page (the default page_size)
+
+
+def side_dtype_rows(layers, D: int, H: int) -> list[dict]:
+    """kvmmap with float32 against float16 side data, one row per format (K and V alike)."""
+    import kvmmap as km
+    v_group = km.get_format("int4").default_group_size(D)
+    rows = []
+    for fmt in SIDE_FORMATS:
+        err = {}
+        for name, sdt in (("fp32", np.float32), ("fp16", np.float16)):
+            k = [km_roundtrip(K, fmt, True, K_PAGE, sdt) for (_q, K, _v) in layers]
+            v = [km_roundtrip(V, fmt, False, v_group if fmt == "int4" else None, sdt) for (_q, _k, V) in layers]
+            err[name] = {
+                "k": float(np.mean([rel(k[i], layers[i][1]) for i in range(len(layers))])),
+                "v": float(np.mean([rel(v[i], layers[i][2]) for i in range(len(layers))])),
+                "attn": float(np.mean([rel(attention(layers[i][0], k[i], v[i]), attention(*layers[i]))
+                                       for i in range(len(layers))])),
+            }
+        side_bits = {"fp32": 32, "fp16": 16}
+        if fmt == "int4":
+            bits = {n: 4 + (2 * b / K_PAGE + 2 * b / v_group) / 2 for n, b in side_bits.items()}
+        else:
+            bits = {n: 8 + b / D for n, b in side_bits.items()}
+        row = {"format": fmt, "k_group": K_PAGE if fmt == "int4" else 0, "v_group": v_group if fmt == "int4" else 0}
+        for key in ("k", "v", "attn"):
+            row[f"{key}_rel_err_fp32_side"] = err["fp32"][key]
+            row[f"{key}_rel_err_fp16_side"] = err["fp16"][key]
+            row[f"{key}_ratio"] = err["fp16"][key] / err["fp32"][key]
+        row["bits_fp32_side"], row["bits_fp16_side"] = bits["fp32"], bits["fp16"]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence, a multiple of 128 (256)")
@@ -357,7 +400,9 @@ def main() -> None:
     baseline = {fam: {"k": b["k"], "v": b["v"], "side_data": "float32",
                       "attn_rel_err": b["attn_rel_err"], "bits": b["bits"], "bits_d128": b["bits_d128"]}
                 for fam, b in base.items()}
+    side_rows = side_dtype_rows(layers, D, H)
     if args.json:
+        info = dict(info, kvmmap_side_dtype_rows=side_rows)
         emit_json("bench_sidedata", args, baseline, rows, info)
         return
 
@@ -379,6 +424,17 @@ def main() -> None:
             show(f"{r['k']:28} {r['v']:28} {r['k_rel_err']:8.5f} {r['k_rel_err_ratio']:5.2f} "
                  f"{r['v_rel_err']:8.5f} {r['v_rel_err_ratio']:5.2f} {r['attn_rel_err']:9.5f} "
                  f"{r['attn_rel_err_ratio']:5.2f} {r['bits']:8.3f} {r['bits_d128']:8.3f}")
+
+    show("")
+    show(f"kvmmap side data: float32 (format 1.0, baseline) vs float16 (format 2.0), same run; int4: K per "
+         f"channel over {K_PAGE} tokens, V in the default groups along head_dim. x = float16 / float32.")
+    show(f"{'format':10} {'K f32':>9} {'K f16':>9} {'x':>6} {'V f32':>9} {'V f16':>9} {'x':>6} "
+         f"{'attn f32':>9} {'attn f16':>9} {'x':>6} {'bits f32':>8} {'bits f16':>8}")
+    for r in side_rows:
+        name = r["format"] + (f" g{r['v_group']}" if r["v_group"] else "")
+        show(f"{name:10} " + " ".join(
+            f"{r[key + '_rel_err_fp32_side']:9.6f} {r[key + '_rel_err_fp16_side']:9.6f} {r[key + '_ratio']:6.4f}"
+            for key in ("k", "v", "attn")) + f" {r['bits_fp32_side']:8.3f} {r['bits_fp16_side']:8.3f}")
 
 
 if __name__ == "__main__":

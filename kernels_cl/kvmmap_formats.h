@@ -27,11 +27,21 @@
 #define KVMMAP_ROW_BYTES(fmt, d) ((fmt) == KVMMAP_FP32 ? 4 * (d) \
                                   : ((fmt) == KVMMAP_FP16 || (fmt) == KVMMAP_BF16) ? 2 * (d) \
                                   : (fmt) == KVMMAP_INT4 ? (d) / 2 : (d))
-/* the format keeps a float32 scale (and, int4, a float32 zero point) beside its codes */
+/* the format keeps a scale (and, int4, a zero point) beside its codes */
 #define KVMMAP_SCALED(fmt) ((fmt) >= KVMMAP_INT8)
 #define KVMMAP_HAS_ZERO(fmt) ((fmt) == KVMMAP_INT4)
 
 typedef __global const uchar *kvmmap_row;
+
+/* Element i (elements i .. i+3) of side data (scales or zeros) starting at byte address p:
+ * float16 if side_half (format 2.0 pages; vload_half, core OpenCL), else float32 (1.0).
+ * side_half is a compile-time constant in every caller. */
+inline float kvmmap_side(__global const uchar *p, size_t i, const int side_half) {
+    return side_half ? vload_half(i, (__global const half *)p) : ((__global const float *)p)[i];
+}
+inline float4 kvmmap_side4(__global const uchar *p, size_t i, const int side_half) {
+    return side_half ? vload_half4(0, (__global const half *)p + i) : vload4(0, (__global const float *)p + i);
+}
 
 inline float kvmmap_bf16(ushort h) { return as_float(((uint)h) << 16); }
 

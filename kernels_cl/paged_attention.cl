@@ -19,7 +19,8 @@
  * Compile-time constants (-D): K_FORMAT, V_FORMAT (kvmmap format ids), HEAD_DIM,
  * PAGE_SIZE, NUM_KV_HEADS, GQA (query heads per kv head), V_GROUP (int4 values: group
  * size), PAGE_BYTES, K_CODES_OFF, K_SCALES_OFF, K_ZEROS_OFF, V_CODES_OFF, V_SCALES_OFF,
- * V_ZEROS_OFF (byte offsets inside a page, kvmmap/storage.py PageLayout), WG_SIZE,
+ * V_ZEROS_OFF (byte offsets inside a page, kvmmap/core/layout.py PageLayout), K_SIDE_HALF,
+ * V_SIDE_HALF (1: that side's scales and zeros are float16, else float32), WG_SIZE,
  * SPLIT_TOKENS. The pool may be sharded over up to 8 buffers of PAGES_PER_SHARD pages.
  */
 #include "kvmmap_formats.h"
@@ -32,6 +33,12 @@
 #endif
 #ifndef SPLIT_TOKENS
 #define SPLIT_TOKENS 512
+#endif
+#ifndef K_SIDE_HALF
+#define K_SIDE_HALF 0
+#endif
+#ifndef V_SIDE_HALF
+#define V_SIDE_HALF 0
 #endif
 #define D HEAD_DIM
 #define P PAGE_SIZE
@@ -63,11 +70,11 @@ inline float4 load_k4(gptr page, int h, int a, int d) {
     float4 code = kvmmap_code4(K_FORMAT, page + K_CODES_OFF + row * KVMMAP_ROW_BYTES(K_FORMAT, D), d);
 #if KVMMAP_HAS_ZERO(K_FORMAT)
     /* int4 keys: scale and zero per channel over the page, [H, 1, D] */
-    return kvmmap_value4(K_FORMAT, code, vload4(0, (__global const float *)(page + K_SCALES_OFF) + h * D + d),
-                         vload4(0, (__global const float *)(page + K_ZEROS_OFF) + h * D + d));
+    return kvmmap_value4(K_FORMAT, code, kvmmap_side4(page + K_SCALES_OFF, (size_t)h * D + d, K_SIDE_HALF),
+                         kvmmap_side4(page + K_ZEROS_OFF, (size_t)h * D + d, K_SIDE_HALF));
 #elif KVMMAP_SCALED(K_FORMAT)
     /* a scale per token per head, [H, P] */
-    return kvmmap_value4(K_FORMAT, code, (float4)(((__global const float *)(page + K_SCALES_OFF))[row]), (float4)(0.0f));
+    return kvmmap_value4(K_FORMAT, code, (float4)(kvmmap_side(page + K_SCALES_OFF, row, K_SIDE_HALF)), (float4)(0.0f));
 #else
     return code;
 #endif
@@ -80,10 +87,10 @@ inline float load_v(gptr page, int h, int a, int d) {
 #if KVMMAP_HAS_ZERO(V_FORMAT)
     /* int4 values: scale and zero per token per group of V_GROUP channels, [H, P, D / V_GROUP] */
     size_t g = row * (D / V_GROUP) + d / V_GROUP;
-    return kvmmap_value(V_FORMAT, code, ((__global const float *)(page + V_SCALES_OFF))[g],
-                        ((__global const float *)(page + V_ZEROS_OFF))[g]);
+    return kvmmap_value(V_FORMAT, code, kvmmap_side(page + V_SCALES_OFF, g, V_SIDE_HALF),
+                        kvmmap_side(page + V_ZEROS_OFF, g, V_SIDE_HALF));
 #elif KVMMAP_SCALED(V_FORMAT)
-    return kvmmap_value(V_FORMAT, code, ((__global const float *)(page + V_SCALES_OFF))[row], 0.0f);
+    return kvmmap_value(V_FORMAT, code, kvmmap_side(page + V_SCALES_OFF, row, V_SIDE_HALF), 0.0f);
 #else
     return code;
 #endif

@@ -19,7 +19,7 @@ from libc.stdlib cimport free, malloc
 
 from kvmmap.codecs._convert cimport bits_f32, round_even
 from kvmmap.codecs._pages cimport Side, decode_rows, init_side
-from kvmmap.codecs._rows cimport FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_INT8, fill_fp8_table
+from kvmmap.codecs._rows cimport FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_INT8, fill_fp8_table, load_side
 
 cdef float[2][256] FP8_TABLES
 fill_fp8_table(FP8_TABLES[0], FMT_FP8_E4M3)
@@ -196,7 +196,6 @@ cdef void attend_item(
     cdef float* pg
     cdef float* ag
     cdef const uint8_t* page
-    cdef const float* sc
     for r in range(H * G):
         m_out[r] = -INFINITY
         l_out[r] = 0
@@ -214,9 +213,8 @@ cdef void attend_item(
         for h in range(H):
             if page != NULL and ks.fmt == FMT_INT8:
                 scores(q + h * D, <const int8_t*>(page + ks.codes_off) + (h * P + a) * D, n, D, p)
-                sc = <const float*>(page + ks.scales_off) + h * P + a
                 for t in range(n):
-                    p[t] = p[t] * sc[t]
+                    p[t] = p[t] * load_side(page + ks.scales_off, h * P + a + t, ks.half)
             else:
                 gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
                 g = 0
@@ -245,9 +243,8 @@ cdef void attend_item(
                     m_out[r] = mnew
                 l_out[r] = l_out[r] + lsum
             if page != NULL and vs.fmt == FMT_INT8:
-                sc = <const float*>(page + vs.scales_off) + h * P + a
                 for t in range(n):      # fold each row's scale into its weight
-                    pw[t] = p[t] * sc[t]
+                    pw[t] = p[t] * load_side(page + vs.scales_off, h * P + a + t, vs.half)
                 accumulate(acc + h * D, pw, <const int8_t*>(page + vs.codes_off) + (h * P + a) * D, n, D)
             else:
                 gather(arena, page_bytes, vs, pages, num_pages, tail_v, pos, pos + n, h, P, D, buf)
@@ -264,14 +261,18 @@ cdef void attend_item(
 def attend(
     const uint8_t[::1] arena, Py_ssize_t page_bytes,
     int k_fmt, Py_ssize_t k_codes_off, Py_ssize_t k_scales_off, Py_ssize_t k_zeros_off, Py_ssize_t k_row_bytes,
+    bint k_side_half,
     int v_fmt, Py_ssize_t v_codes_off, Py_ssize_t v_scales_off, Py_ssize_t v_zeros_off, Py_ssize_t v_row_bytes,
-    Py_ssize_t v_group,
+    bint v_side_half, Py_ssize_t v_group,
     const int64_t[::1] page_indptr, const int32_t[::1] page_indices,
     const float[:, :, :, ::1] tail_k, const float[:, :, :, ::1] tail_v,
     const int64_t[:, ::1] items, const float[:, :, ::1] q, float sm_scale, Py_ssize_t block,
     float[:, ::1] m, float[:, ::1] l, float[:, :, ::1] acc, int nthreads,
 ):
     """Run every work item; its partial results go to m, l [N, H * G] and acc [N, H * G, D].
+
+    ``k_fmt`` .. ``k_side_half`` and ``v_fmt`` .. ``v_side_half``: ``PageLayout.side_offsets``
+    of K and of V (side data float16 where ``*_side_half``, else float32).
 
     items [N, 3]: (sequence index b, first logical position, end position), ranges starting
     on multiples of ``block`` (a multiple of the page size) except a sequence's first.
@@ -283,9 +284,9 @@ def attend(
     cdef float* work
     cdef float* qs
     # int4 keys are grouped per channel over the page: group 0
-    init_side(&ks, k_fmt, k_codes_off, k_scales_off, k_zeros_off, k_row_bytes, 0, D,
+    init_side(&ks, k_fmt, k_codes_off, k_scales_off, k_zeros_off, k_row_bytes, k_side_half, 0, D,
               &FP8_TABLES[0][0], &FP8_TABLES[1][0])
-    init_side(&vs, v_fmt, v_codes_off, v_scales_off, v_zeros_off, v_row_bytes, v_group, D,
+    init_side(&vs, v_fmt, v_codes_off, v_scales_off, v_zeros_off, v_row_bytes, v_side_half, v_group, D,
               &FP8_TABLES[0][0], &FP8_TABLES[1][0])
     cdef const uint8_t* base = &arena[0] if arena.shape[0] else NULL
     if N == 0:

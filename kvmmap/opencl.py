@@ -131,7 +131,8 @@ def dequantize_rows(q) -> np.ndarray:
 
     Runs ``kernels_cl/dequant.cl``, which decodes with the same ``kvmmap_formats.h``
     functions as the attention kernels (so the tests of this function test theirs).
-    Every format and int4 grouping. Returns float32 of shape ``q.shape``.
+    Every format and int4 grouping, float32 or float16 side data. Returns float32 of
+    shape ``q.shape``.
     """
     f = get_format(q.format)
     ctx, queue = context()
@@ -140,7 +141,8 @@ def dequantize_rows(q) -> np.ndarray:
     out = np.empty(q.shape, np.float32)
     if out.size == 0:
         return out
-    options = [f"-DKVMMAP_FORMAT={f.format_id}", f"-DHEAD_DIM={head_dim}"]
+    options = [f"-DKVMMAP_FORMAT={f.format_id}", f"-DHEAD_DIM={head_dim}",
+               f"-DSIDE_HALF={int(q.side_dtype == np.float16)}"]
     if f.zero_point:
         channel = q.grouping == "channel"
         options += [f"-DGROUP_SIZE={q.group_size}", f"-DCHANNEL_GROUPS={int(channel)}",
@@ -276,9 +278,9 @@ def _attention_kernels(cache, G: int, split_tokens: int):
         f"-DWG_SIZE={WG_SIZE}", f"-DSPLIT_TOKENS={split_tokens}",
     ]
     for side in ("k", "v"):
-        regs = lay.regions[side]
-        for name in ("codes", "scales", "zeros"):
-            opts.append(f"-D{side.upper()}_{name.upper()}_OFF={regs[name].offset if name in regs else 0}")
+        _, codes_off, scales_off, zeros_off, _, side_half = lay.side_offsets(side)
+        opts += [f"-D{side.upper()}_CODES_OFF={codes_off}", f"-D{side.upper()}_SCALES_OFF={scales_off}",
+                 f"-D{side.upper()}_ZEROS_OFF={zeros_off}", f"-D{side.upper()}_SIDE_HALF={side_half}"]
     return _kernels(context()[0], tuple(opts))
 
 

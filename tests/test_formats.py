@@ -56,11 +56,22 @@ def test_code_and_side_shapes_are_what_quantize_makes(fmt, shape):
 
 def test_default_group_sizes():
     int4 = km.get_format("int4")
-    assert int4.default_group_size(128) == formats.DEFAULT_TOKEN_GROUP == 32
-    assert int4.default_group_size(96) == 32
-    assert int4.default_group_size(40) == 40          # 32 does not divide it: the whole row
+    assert int4.default_group_size(128) == formats.DEFAULT_TOKEN_GROUP == 64
+    assert int4.default_group_size(64) == 64
+    # 64 does not divide it: the largest even divisor below 64
+    assert [int4.default_group_size(d) for d in (96, 40, 32, 80, 20, 2, 130, 192)] == [48, 40, 32, 40, 20, 2, 26, 64]
     assert int4.default_group_size(128, "channel") == formats.DEFAULT_CHANNEL_GROUP
     assert km.get_format("int8").default_group_size(128) == 0
+    with pytest.raises(km.ShapeError, match="even head_dim"):
+        int4.default_group_size(33)
+
+
+@pytest.mark.parametrize("head_dim", range(2, 300, 2))
+def test_default_group_is_the_largest_even_divisor_up_to_64(head_dim):
+    g = km.get_format("int4").default_group_size(head_dim)
+    want = max(d for d in range(2, 65, 2) if head_dim % d == 0)
+    assert g == want
+    km.get_format("int4").resolve_grouping((1, head_dim), "token", None)     # and it is accepted
 
 
 @pytest.mark.parametrize("fmt", km.FORMATS)

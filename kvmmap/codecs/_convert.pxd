@@ -69,6 +69,23 @@ cdef inline float f16_to_f32(uint16_t h) noexcept nogil:
     o = special if e == 0x0F800000 else (sub if e == 0 else normal)
     return bits_f32(o | sign)
 
+cdef inline float f16_up(float x) noexcept nogil:
+    """The smallest float16 value >= x (as float32); inf past 65504. Side data stored as
+    float16 rounds scales up with it, so that no code clips."""
+    cdef uint16_t h = f32_to_f16(x)
+    if f16_to_f32(h) < x:          # a step up: +1 in magnitude, or -1 for a negative value
+        h = h + 1 if h < 0x8000 else (0x0001 if h == 0x8000 else h - 1)
+    return f16_to_f32(h)
+
+
+cdef inline float f16_down(float x) noexcept nogil:
+    """The largest float16 value <= x (as float32); -inf below -65504. Zero points stored
+    as float16 round down with it, so that a group's minimum keeps a code."""
+    cdef uint16_t h = f32_to_f16(x)
+    if f16_to_f32(h) > x:
+        h = h - 1 if (h < 0x8000 and h != 0) else (0x8001 if h == 0 else h + 1)
+    return f16_to_f32(h)
+
 # ---- bf16 -------------------------------------------------------------------------
 
 cdef inline uint16_t f32_to_bf16(float x) noexcept nogil:

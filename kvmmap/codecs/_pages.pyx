@@ -15,10 +15,13 @@ fill_fp8_table(FP8_TABLES[1], FMT_FP8_E5M2)
 def read_pages(
     const uint8_t[::1] arena, Py_ssize_t page_bytes, Py_ssize_t P,
     int fmt, Py_ssize_t codes_off, Py_ssize_t scales_off, Py_ssize_t zeros_off, Py_ssize_t row_bytes,
-    Py_ssize_t group, const int32_t[::1] pages, Py_ssize_t pos,
+    bint side_half, Py_ssize_t group, const int32_t[::1] pages, Py_ssize_t pos,
     float[:, :, ::1] out, int nthreads,
 ):
     """Decode positions pos .. pos + n - 1 (all in the sealed pages listed) into out [n, H, D].
+
+    ``fmt`` .. ``side_half``: one side's ``PageLayout.side_offsets``; ``side_half``: its
+    scales and zeros are float16 (else float32).
 
     Logical page i of ``pages`` holds positions i * P .. i * P + P - 1. Pages are decoded
     in parallel, each straight into its token-major rows.
@@ -29,8 +32,8 @@ def read_pages(
     if n == 0:
         return
     last = (pos + n - 1) // P
-    init_side(&s, fmt, codes_off, scales_off, zeros_off, row_bytes, group, D, &FP8_TABLES[0][0],
-              &FP8_TABLES[1][0])
+    init_side(&s, fmt, codes_off, scales_off, zeros_off, row_bytes, side_half, group, D,
+              &FP8_TABLES[0][0], &FP8_TABLES[1][0])
     for i in prange(first, last + 1, nogil=True, schedule="static",
                     num_threads=max(1, min(nthreads, (last - first + 1) // 8))):
         a = pos - i * P if i == first else 0

@@ -8,12 +8,16 @@
 #   int8, fp8        scales[0]: the row's scale
 #   int4, group > 0  scales[g], zeros[g]: group g of ``group`` consecutive elements (values)
 #   int4, group == 0 scales[j], zeros[j]: channel j (keys, per channel over a token group)
+# Side data is float32 (format 1.0) or float16 (``half``, format 2.0), so its pointers are
+# untyped and read with load_side / written with store_side. Encoders writing float16 side
+# data round each scale up and each zero point down to a float16 value first, and quantize
+# against the rounded values: a decoded element is then within half a step of its input.
 
 from libc.stdint cimport int8_t, int32_t, uint8_t, uint16_t, uint32_t
 
 from kvmmap.codecs._convert cimport (
-    abs_bits, bf16_to_f32, bits_f32, f16_to_f32, f32_to_bf16, f32_to_f16, f32_to_fp8,
-    ordered_bits, ordered_float, round_even,
+    abs_bits, bf16_to_f32, bits_f32, f16_down, f16_to_f32, f16_up, f32_to_bf16, f32_to_f16,
+    f32_to_fp8, ordered_bits, ordered_float, round_even,
 )
 
 # Format ids: the ``format_id`` of kvmmap/formats.py (stored in cache files), the only
@@ -32,6 +36,7 @@ cdef enum:
     STATUS_OK = 0
     STATUS_NONFINITE = 1
     STATUS_OVERFLOW = 2
+    STATUS_SIDE_OVERFLOW = 4    # a scale or zero point beyond float16 side data
     FINITE_LIMIT = 0x7F800000   # abs_bits() at or above this: inf or NaN
     FP16_LIMIT = 0x477FF000     # abs_bits() at or above this rounds past 65504: inf in fp16
     BF16_LIMIT = 0x7F7F8000     # abs_bits() at or above this rounds to inf in bf16
@@ -44,6 +49,65 @@ cdef inline float tiny() noexcept nogil:
     # 2**-100, the flush threshold of the scaled formats: below it, a row's reciprocal
     # scale would overflow float32 and its scale would be subnormal.
     return <float>7.888609052210118e-31
+
+
+cdef inline float load_side(const void* p, Py_ssize_t i, bint half) noexcept nogil:
+    """Element i of side data: float16 (``half``) or float32."""
+    if half:
+        return f16_to_f32((<const uint16_t*>p)[i])
+    return (<const float*>p)[i]
+
+
+cdef inline void store_side(void* p, Py_ssize_t i, float v, bint half) noexcept nogil:
+    """Store element i of side data; with ``half``, v must be a float16 value (exact)."""
+    if half:
+        (<uint16_t*>p)[i] = f32_to_f16(v)
+    else:
+        (<float*>p)[i] = v
+
+
+cdef inline const void* side_at(const void* p, Py_ssize_t i, bint half) noexcept nogil:
+    """Address of element i of side data."""
+    return <const uint8_t*>p + i * (2 if half else 4)
+
+
+cdef inline int scale_params(float amax, float fmax, bint half, float* scale,
+                             float* inv) noexcept nogil:
+    """Scale and its reciprocal of a symmetric row whose (flushed) absmax is amax, mapped
+    onto the codes' largest magnitude fmax. float16 side data: the scale rounded up."""
+    if not half:
+        inv[0] = fmax / amax if amax > 0 else <float>0.0
+        scale[0] = amax / fmax
+        return STATUS_OK
+    scale[0] = f16_up(amax / fmax)
+    if scale[0] > <float>65504.0:
+        return STATUS_SIDE_OVERFLOW
+    inv[0] = <float>1.0 / scale[0] if scale[0] > 0 else <float>0.0
+    return STATUS_OK
+
+
+cdef inline int int4_params(float lo, float hi, bint half, float* scale, float* zero,
+                            float* inv) noexcept nogil:
+    """Scale, zero point and reciprocal scale of an int4 group spanning [lo, hi]: zero = lo,
+    scale = (hi - lo) / 15, a span below tiny() flushed to scale 0. float16 side data: the
+    zero point rounded down, then the scale of what it leaves rounded up."""
+    cdef float span
+    if half:
+        lo = f16_down(lo)
+        if lo < <float>-65504.0:
+            return STATUS_SIDE_OVERFLOW
+    span = hi - lo
+    span = span if span >= tiny() else <float>0.0
+    zero[0] = lo
+    if not half:
+        inv[0] = <float>15.0 / span if span > 0 else <float>0.0
+        scale[0] = span / <float>15.0
+        return STATUS_OK
+    scale[0] = f16_up(span / <float>15.0)
+    if scale[0] > <float>65504.0:
+        return STATUS_SIDE_OVERFLOW
+    inv[0] = <float>1.0 / scale[0] if scale[0] > 0 else <float>0.0
+    return STATUS_OK
 
 
 cdef inline uint32_t limit_bits(int fmt) noexcept nogil:
@@ -147,15 +211,24 @@ cdef inline void decode_row_fp8(const uint8_t* src, const float* table, float sc
         out[j] = table[src[j]] * scale
 
 
-cdef inline void decode_row_int4(const uint8_t* src, const float* scales, const float* zeros,
-                                 Py_ssize_t group, float* out, Py_ssize_t D) noexcept nogil:
+cdef inline void decode_row_int4(const uint8_t* src, const void* scales, const void* zeros,
+                                 bint half, Py_ssize_t group, float* out, Py_ssize_t D) noexcept nogil:
     """x = code * scale + zero; element 2k in the low nibble of byte k, 2k+1 in the high."""
     cdef Py_ssize_t j, g
     cdef float scale, zero
+    cdef const float* sc = <const float*>scales
+    cdef const float* zp = <const float*>zeros
+    cdef const uint16_t* sc16 = <const uint16_t*>scales
+    cdef const uint16_t* zp16 = <const uint16_t*>zeros
+    if group == 0 and half:          # one loop per side dtype: a test inside would not vectorize
+        for j in range(D // 2):
+            out[2 * j] = (src[j] & 15) * f16_to_f32(sc16[2 * j]) + f16_to_f32(zp16[2 * j])
+            out[2 * j + 1] = (src[j] >> 4) * f16_to_f32(sc16[2 * j + 1]) + f16_to_f32(zp16[2 * j + 1])
+        return
     if group == 0:
         for j in range(D // 2):
-            out[2 * j] = (src[j] & 15) * scales[2 * j] + zeros[2 * j]
-            out[2 * j + 1] = (src[j] >> 4) * scales[2 * j + 1] + zeros[2 * j + 1]
+            out[2 * j] = (src[j] & 15) * sc[2 * j] + zp[2 * j]
+            out[2 * j + 1] = (src[j] >> 4) * sc[2 * j + 1] + zp[2 * j + 1]
         return
     # unpack the row, then scale each group: two simple loops vectorize where one nested
     # loop does not
@@ -163,16 +236,17 @@ cdef inline void decode_row_int4(const uint8_t* src, const float* scales, const 
         out[2 * j] = src[j] & 15
         out[2 * j + 1] = src[j] >> 4
     for g in range(D // group):
-        scale = scales[g]
-        zero = zeros[g]
+        scale = load_side(scales, g, half)
+        zero = load_side(zeros, g, half)
         for j in range(g * group, (g + 1) * group):
             out[j] = out[j] * scale + zero
 
 
-cdef inline void decode_row(int fmt, const uint8_t* codes, const float* scales,
-                            const float* zeros, Py_ssize_t group, const float* table,
+cdef inline void decode_row(int fmt, const uint8_t* codes, const void* scales,
+                            const void* zeros, bint half, Py_ssize_t group, const float* table,
                             float* out, Py_ssize_t D) noexcept nogil:
-    """Decode one row of ``fmt`` (codes, side data as in the header) into out [D] float32.
+    """Decode one row of ``fmt`` (codes, side data as in the header; float16 if ``half``)
+    into out [D] float32.
 
     ``table``: the fp8 format's 256 values (fill_fp8_table); unused by other formats."""
     if fmt == FMT_FP32:
@@ -182,19 +256,20 @@ cdef inline void decode_row(int fmt, const uint8_t* codes, const float* scales,
     elif fmt == FMT_BF16:
         decode_row_bf16(<const uint16_t*>codes, out, D)
     elif fmt == FMT_INT8:
-        decode_row_int8(<const int8_t*>codes, scales[0], out, D)
+        decode_row_int8(<const int8_t*>codes, load_side(scales, 0, half), out, D)
     elif fmt == FMT_FP8_E4M3 or fmt == FMT_FP8_E5M2:
-        decode_row_fp8(codes, table, scales[0], out, D)
+        decode_row_fp8(codes, table, load_side(scales, 0, half), out, D)
     else:
-        decode_row_int4(codes, scales, zeros, group, out, D)
+        decode_row_int4(codes, scales, zeros, half, group, out, D)
 
 
 cdef inline void decode_block(int fmt, const uint8_t* codes, Py_ssize_t code_stride,
-                              const float* scales, const float* zeros, Py_ssize_t side_stride,
-                              Py_ssize_t group, const float* table, float* out, Py_ssize_t ld,
-                              Py_ssize_t n, Py_ssize_t D) noexcept nogil:
+                              const void* scales, const void* zeros, Py_ssize_t side_stride,
+                              bint half, Py_ssize_t group, const float* table, float* out,
+                              Py_ssize_t ld, Py_ssize_t n, Py_ssize_t D) noexcept nogil:
     """decode_row for n rows: codes + t * code_stride (bytes), side data + t * side_stride
-    (floats; 0 when rows share it, as int4 keys of one group do), into out + t * ld.
+    (elements, float16 if ``half`` else float32; 0 when rows share it, as int4 keys of one
+    group do), into out + t * ld.
 
     The format is dispatched once per block, so each format's row loop runs on its own."""
     cdef Py_ssize_t t
@@ -209,14 +284,16 @@ cdef inline void decode_block(int fmt, const uint8_t* codes, Py_ssize_t code_str
             decode_row_bf16(<const uint16_t*>(codes + t * code_stride), out + t * ld, D)
     elif fmt == FMT_INT8:
         for t in range(n):
-            decode_row_int8(<const int8_t*>(codes + t * code_stride), scales[t * side_stride], out + t * ld, D)
+            decode_row_int8(<const int8_t*>(codes + t * code_stride), load_side(scales, t * side_stride, half),
+                            out + t * ld, D)
     elif fmt == FMT_FP8_E4M3 or fmt == FMT_FP8_E5M2:
         for t in range(n):
-            decode_row_fp8(codes + t * code_stride, table, scales[t * side_stride], out + t * ld, D)
+            decode_row_fp8(codes + t * code_stride, table, load_side(scales, t * side_stride, half),
+                           out + t * ld, D)
     else:
         for t in range(n):
-            decode_row_int4(codes + t * code_stride, scales + t * side_stride, zeros + t * side_stride,
-                            group, out + t * ld, D)
+            decode_row_int4(codes + t * code_stride, side_at(scales, t * side_stride, half),
+                            side_at(zeros, t * side_stride, half), half, group, out + t * ld, D)
 
 
 # ---- encoders ---------------------------------------------------------------------
@@ -250,23 +327,24 @@ cdef inline int encode_row_bf16(const float* src, uint16_t* dst, Py_ssize_t D) n
     return limit_status(worst, FMT_BF16)
 
 
-cdef inline int encode_row_int8(const float* src, int8_t* dst, float* scale,
+cdef inline int encode_row_int8(const float* src, int8_t* dst, void* scale, bint half,
                                 Py_ssize_t D) noexcept nogil:
     """Symmetric: scale = row absmax / 127."""
     cdef uint32_t worst = row_absmax_bits(src, D)
-    cdef float amax, inv
+    cdef float amax, inv, s
     cdef Py_ssize_t j
     if worst >= FINITE_LIMIT:
         return STATUS_NONFINITE
     amax = bits_f32(worst) if worst >= TINY_BITS else 0.0
-    inv = 127.0 / amax if amax > 0 else 0.0
-    scale[0] = amax / 127.0
+    if scale_params(amax, 127.0, half, &s, &inv) != STATUS_OK:
+        return STATUS_SIDE_OVERFLOW
+    store_side(scale, 0, s, half)
     for j in range(D):
         dst[j] = <int8_t>round_even(src[j] * inv)
     return STATUS_OK
 
 
-cdef inline int encode_row_fp8(int fmt, const float* src, uint8_t* dst, float* scale,
+cdef inline int encode_row_fp8(int fmt, const float* src, uint8_t* dst, void* scale, bint half,
                                Py_ssize_t D) noexcept nogil:
     """Symmetric: scale = row absmax / the format's largest value; saturating."""
     # (mantissa bits, exponent bias, largest finite code, its value)
@@ -274,15 +352,16 @@ cdef inline int encode_row_fp8(int fmt, const float* src, uint8_t* dst, float* s
     cdef uint32_t maxcode = 0x7E
     cdef float fmax = 448.0
     cdef uint32_t worst = row_absmax_bits(src, D)
-    cdef float amax, inv, y
+    cdef float amax, inv, y, s
     cdef Py_ssize_t j
     if fmt == FMT_FP8_E5M2:
         mant, bias, maxcode, fmax = 2, 15, 0x7B, 57344.0
     if worst >= FINITE_LIMIT:
         return STATUS_NONFINITE
     amax = bits_f32(worst) if worst >= TINY_BITS else 0.0
-    inv = fmax / amax if amax > 0 else 0.0
-    scale[0] = amax / fmax
+    if scale_params(amax, fmax, half, &s, &inv) != STATUS_OK:
+        return STATUS_SIDE_OVERFLOW
+    store_side(scale, 0, s, half)
     for j in range(D):
         y = src[j] * inv
         # saturate: the scaled row max may round a hair past the format's max
@@ -312,31 +391,56 @@ cdef inline void pack_group(const float* src, uint8_t* dst, Py_ssize_t G, float 
         dst[j] = tmp[2 * j] | (tmp[2 * j + 1] << 4)
 
 
-cdef inline int encode_row_int4(const float* src, uint8_t* dst, float* scales, float* zeros,
-                                Py_ssize_t group, Py_ssize_t D) noexcept nogil:
+cdef inline void group_range(const float* src, Py_ssize_t n, float* lo, float* hi) noexcept nogil:
+    """Smallest and largest of n finite floats (integer compares: they vectorize)."""
+    cdef int32_t a = ordered_bits(src[0]), z = a, b
+    cdef Py_ssize_t j
+    for j in range(n):
+        b = ordered_bits(src[j])
+        a = b if b < a else a
+        z = b if b > z else z
+    lo[0], hi[0] = ordered_float(a), ordered_float(z)
+
+
+cdef inline int encode_row_int4(const float* src, uint8_t* dst, void* scales, void* zeros,
+                                bint half, Py_ssize_t group, Py_ssize_t D) noexcept nogil:
     """Asymmetric, per group of ``group`` elements (even, <= MAX_TOKEN_GROUP, dividing D):
-    zero = group min, scale = (max - min) / 15."""
+    zero = group min, scale = (max - min) / 15 (see int4_params)."""
     cdef uint32_t worst = row_absmax_bits(src, D)
-    cdef int32_t lo, hi, b
-    cdef float flo, inv, span
-    cdef Py_ssize_t g, j
+    cdef float lo, hi, scale, zero, inv
+    cdef Py_ssize_t g
     if worst >= INT4_LIMIT:
         return limit_status(worst, FMT_INT4)
     for g in range(D // group):
-        lo = ordered_bits(src[g * group])
-        hi = lo
-        for j in range(g * group, g * group + group):
-            b = ordered_bits(src[j])
-            lo = b if b < lo else lo
-            hi = b if b > hi else hi
-        flo = ordered_float(lo)
-        span = ordered_float(hi) - flo
-        span = span if span >= tiny() else <float>0.0
-        inv = 15.0 / span if span > 0 else 0.0
-        scales[g] = span / 15.0
-        zeros[g] = flo
-        pack_group(src + g * group, dst + g * group // 2, group, flo, inv)
+        group_range(src + g * group, group, &lo, &hi)
+        if int4_params(lo, hi, half, &scale, &zero, &inv) != STATUS_OK:
+            return STATUS_SIDE_OVERFLOW
+        store_side(scales, g, scale, half)
+        store_side(zeros, g, zero, half)
+        pack_group(src + g * group, dst + g * group // 2, group, zero, inv)
     return STATUS_OK
+
+
+cdef inline int half_side_status(int fmt, const float* src, Py_ssize_t group,
+                                 Py_ssize_t D) noexcept nogil:
+    """STATUS_* that encode_row would return for one row with float16 side data, with
+    nothing written: callers check every row before writing any."""
+    cdef uint32_t worst = row_absmax_bits(src, D)
+    cdef float amax, lo, hi, scale, zero, inv
+    cdef Py_ssize_t g
+    if fmt == FMT_INT4:
+        if worst >= INT4_LIMIT:
+            return limit_status(worst, FMT_INT4)
+        for g in range(D // group):
+            group_range(src + g * group, group, &lo, &hi)
+            if int4_params(lo, hi, True, &scale, &zero, &inv) != STATUS_OK:
+                return STATUS_SIDE_OVERFLOW
+        return STATUS_OK
+    if worst >= FINITE_LIMIT:
+        return STATUS_NONFINITE
+    amax = bits_f32(worst) if worst >= TINY_BITS else 0.0
+    return scale_params(amax, 448.0 if fmt == FMT_FP8_E4M3 else (57344.0 if fmt == FMT_FP8_E5M2 else 127.0),
+                        True, &scale, &inv)
 
 
 cdef inline void encode_row_int4_channel(const float* src, const float* scales,
@@ -349,10 +453,10 @@ cdef inline void encode_row_int4_channel(const float* src, const float* scales,
             | (nibble_div(src[2 * j + 1], zeros[2 * j + 1], scales[2 * j + 1]) << 4)
 
 
-cdef inline int encode_row(int fmt, const float* src, uint8_t* codes, float* scales,
-                           float* zeros, Py_ssize_t group, Py_ssize_t D) noexcept nogil:
+cdef inline int encode_row(int fmt, const float* src, uint8_t* codes, void* scales,
+                           void* zeros, bint half, Py_ssize_t group, Py_ssize_t D) noexcept nogil:
     """Encode one row of every format grouped along the row (all but int4 keys, whose
-    groups span tokens: see encode_row_int4_channel)."""
+    groups span tokens: see encode_row_int4_channel); side data float16 if ``half``."""
     if fmt == FMT_FP32:
         return encode_row_fp32(src, <float*>codes, D)
     if fmt == FMT_FP16:
@@ -360,7 +464,7 @@ cdef inline int encode_row(int fmt, const float* src, uint8_t* codes, float* sca
     if fmt == FMT_BF16:
         return encode_row_bf16(src, <uint16_t*>codes, D)
     if fmt == FMT_INT8:
-        return encode_row_int8(src, <int8_t*>codes, scales, D)
+        return encode_row_int8(src, <int8_t*>codes, scales, half, D)
     if fmt == FMT_FP8_E4M3 or fmt == FMT_FP8_E5M2:
-        return encode_row_fp8(fmt, src, codes, scales, D)
-    return encode_row_int4(src, codes, scales, zeros, group, D)
+        return encode_row_fp8(fmt, src, codes, scales, half, D)
+    return encode_row_int4(src, codes, scales, zeros, half, group, D)

@@ -1,7 +1,8 @@
 """Quantize and dequantize float arrays into the storage formats of :mod:`kvmmap.formats`.
 
 Arrays are ``[..., head_dim]``: the last axis is one token's vector for one head. Scales
-are float32 and live beside the codes:
+live beside the codes, float32 (what :func:`quantize` makes by default, and format 1.0
+pages) or float16 (format 2.0 pages; ``quantize(..., side_dtype=np.float16)``):
 
 ========== ======================= =========================================================
 format     codes                   side arrays
@@ -28,10 +29,23 @@ the per-row scale maps the row's absmax onto the format's largest value.
 Scaled formats flush a row (int4: a group) whose absmax (range) is below ``TINY`` =
 2**-100 to zero codes with scale 0: its reciprocal scale would overflow float32. The
 error this adds is below 2**-100.
+
+float16 side data: the scale is computed in float32 and rounded *up* to a float16 value,
+an int4 zero point (the group minimum) rounded *down*, and the codes are computed against
+the rounded values, so no code clips and every decoded element is within half a step
+(the stored scale) of its input, as with float32 side data; the steps are up to 2**-10
+coarser (int4: plus the zero point's rounding, at most 2**-10 of the group minimum, spread
+over 15 steps). float16 cannot hold a scale above 65504, so such destinations refuse, with
+:class:`~kvmmap.errors.NonFiniteError` and nothing written, a row whose absmax exceeds
+``65504 * max code`` (int8 8319008, fp8_e4m3 29345792, fp8_e5m2 3756269568) and an int4
+group whose minimum is below -65504 or whose range exceeds about ``15 * 65504``. A scale
+below float16's smallest step (2**-24, rows of absmax below about 1e-6) rounds up to it:
+such rows keep only their larger elements.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,13 +55,17 @@ from ..formats import GROUPINGS, Format, get_format
 from ..parallel import get_num_threads
 from . import _quant
 
-__all__ = ["GROUPINGS", "TINY", "QTensor", "check_storable", "dequantize", "fp8_values", "quantize",
+__all__ = ["GROUPINGS", "SIDE_DTYPES", "TINY", "QTensor", "check_storable", "dequantize", "fp8_values", "quantize",
            "quantize_into"]
 
 #: Rows (int4: groups) of scaled formats whose absmax (range) is below this are zeroed.
 TINY = _quant.TINY
-# side arrays passed to the kernels for formats that have none (never read or written)
-_NO_SIDE = np.zeros((1, 1, 1), np.float32)
+#: dtypes of scales and zero points: format 1.0 pages and the default, format 2.0 pages
+SIDE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# side arrays passed to the kernels for formats that have none (never read or written),
+# one per side dtype (a kernel takes scales and zeros of one dtype)
+_NO_SIDE = {np.dtype(np.float32): np.zeros((1, 1, 1), np.float32),
+            np.dtype(np.float16): np.zeros((1, 1, 1), np.uint16)}
 
 
 @dataclass(frozen=True)
@@ -59,9 +77,10 @@ class QTensor:
     codes : numpy.ndarray
         Codes, shape ``shape`` (``shape[:-1] + (D // 2,)`` for int4), dtype of the format.
     scales : numpy.ndarray or None
-        float32 scales (see the module docstring for their shape), None when unscaled.
+        float32 or float16 scales (see the module docstring for their shape), None when
+        unscaled.
     zeros : numpy.ndarray or None
-        float32 zero points, same shape as ``scales`` (int4 only).
+        Zero points, same shape and dtype as ``scales`` (int4 only).
     format : str
         Format name, one of :data:`kvmmap.FORMATS`.
     shape : tuple of int
@@ -84,6 +103,11 @@ class QTensor:
     def nbytes(self) -> int:
         """Bytes held by codes and side arrays together."""
         return sum(a.nbytes for a in (self.codes, self.scales, self.zeros) if a is not None)
+
+    @property
+    def side_dtype(self) -> np.dtype:
+        """dtype of the scales and zeros (float32 when the format has none)."""
+        return self.scales.dtype if isinstance(self.scales, np.ndarray) else SIDE_DTYPES[0]
 
 
 # ---------------------------------------------------------------------------------
@@ -148,17 +172,35 @@ def _check_input(x) -> np.ndarray:
 
 
 def _status(status: int, fmt: Format) -> None:
+    if status & _quant.NO_MEMORY:
+        raise MemoryError(f"quantizing into {fmt.name} could not allocate its scratch rows")
     if status & _quant.NONFINITE:
         raise NonFiniteError(f"cannot store NaN or infinity in {fmt.name}: the input holds non-finite values")
     if status & _quant.OVERFLOW:
         raise NonFiniteError(f"the input holds values beyond {fmt.name}'s range (|x| <= {fmt.overflow_limit})")
+    if status & _quant.SIDE_OVERFLOW:
+        f16max = float(np.finfo(np.float16).max)
+        if fmt.zero_point:
+            need = (f"every group's minimum >= {-f16max:g} and its range <= about {15 * f16max:g}")
+        else:
+            need = f"|x| <= {f16max:g} * {fmt.max_code_value:g} = {f16max * fmt.max_code_value:.10g}"
+        raise NonFiniteError(f"the input holds values whose {fmt.name} scale or zero point float16 side data "
+                             f"cannot represent (it needs {need}); nothing was written")
+
+
+def _side_dtype(a, name: str) -> np.dtype:
+    if not isinstance(a, np.ndarray) or a.dtype not in SIDE_DTYPES:
+        raise DTypeError(f"{name} must be a float32 or float16 numpy array, found "
+                         f"{describe(a) if isinstance(a, np.ndarray) else type(a).__name__}")
+    return a.dtype
 
 
 # ---------------------------------------------------------------------------------
 # Public API
 
 
-def quantize(x, fmt: str, *, grouping: str = "token", group_size: int | None = None) -> QTensor:
+def quantize(x, fmt: str, *, grouping: str = "token", group_size: int | None = None,
+             side_dtype=np.float32) -> QTensor:
     """Quantize ``x`` into storage format ``fmt``.
 
     Parameters
@@ -171,8 +213,12 @@ def quantize(x, fmt: str, *, grouping: str = "token", group_size: int | None = N
     grouping : {"token", "channel"}
         int4 only: group along each row (values) or along axis -2 (keys, KIVI).
     group_size : int, optional
-        int4 group length: elements per group along the row (default 32, or head_dim if 32
-        does not divide it) or tokens per group along axis -2 (default 32).
+        int4 group length: elements per group along the row (default 64 if it divides
+        head_dim, else the largest even divisor of head_dim below 64) or tokens per group
+        along axis -2 (default 32).
+    side_dtype : numpy.float32 or numpy.float16
+        dtype of the scales and zeros (default float32); float16 rounds them as the module
+        docstring says and refuses rows whose scale it cannot hold.
 
     Returns
     -------
@@ -195,11 +241,14 @@ def quantize(x, fmt: str, *, grouping: str = "token", group_size: int | None = N
     f = get_format(fmt)
     x = _check_input(x)
     grouping, group_size = f.resolve_grouping(x.shape, grouping, group_size)
+    sdt = np.dtype(side_dtype)
+    if sdt not in SIDE_DTYPES:
+        raise DTypeError(f"side_dtype must be float32 or float16, found {sdt}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     codes = np.empty(f.code_shape(x.shape), dtype=f.code_dtype)
     side = f.side_shape(x.shape, grouping, group_size)
-    scales = np.empty(side, np.float32) if side is not None else None
-    zeros = np.empty(side, np.float32) if f.zero_point else None
+    scales = np.empty(side, sdt) if side is not None else None
+    zeros = np.empty(side, sdt) if f.zero_point else None
     q = QTensor(codes, scales, zeros, f.name, tuple(x.shape), grouping, group_size)
     quantize_into_checked_shapes(x, q)
     return q
@@ -210,7 +259,8 @@ def quantize_into(x, out: QTensor) -> None:
 
     ``out`` names the format, grouping and destination arrays, which may be views into a
     pool's pages: only their last axis must be contiguous and their leading axes must merge
-    into one without a copy. ``x`` must be float32 with a contiguous last axis.
+    into one without a copy. ``x`` must be float32 with a contiguous last axis. Scales and
+    zeros are float32 or float16 (both the same).
 
     Parameters
     ----------
@@ -221,8 +271,10 @@ def quantize_into(x, out: QTensor) -> None:
     Raises
     ------
     DTypeError, ShapeError, LayoutError, NonFiniteError
-        On a rejected input nothing is promised about the destination's contents, so
-        write into space that is not yet visible (the pool does).
+        On a rejected input nothing is promised about the destination's contents with
+        float32 side data, so write into space that is not yet visible (the pool does).
+        A destination with float16 side data is checked whole before anything is written:
+        refused input leaves it unchanged.
     """
     if not isinstance(out, QTensor):
         raise DTypeError(f"quantize_into writes into a QTensor (see quantize), found {type(out).__name__}")
@@ -239,37 +291,53 @@ def quantize_into(x, out: QTensor) -> None:
     _check_out(out.codes, "codes", f.code_dtype, f.code_shape(x.shape))
     side = f.side_shape(x.shape, grouping, group_size)
     if side is not None:
-        _check_out(out.scales, "scales", np.float32, side)
-    if f.zero_point:
-        _check_out(out.zeros, "zeros", np.float32, side)
+        sdt = _side_dtype(out.scales, "scales")
+        _check_out(out.scales, "scales", sdt, side)
+        if f.zero_point:
+            _check_out(out.zeros, "zeros", sdt, side)
     quantize_into_checked_shapes(x, out)
 
 
-def _side(f: Format, a: np.ndarray | None, name: str) -> np.ndarray:
-    """Side data as the kernels take it, [A, rows, width]: per-row scales [..., T] get a
-    width of 1, absent side data a [1, 1, 1] placeholder."""
+def _side(f: Format, a: np.ndarray | None, name: str, sdt: np.dtype) -> np.ndarray:
+    """Side data as the kernels take it, [A, rows, width] float32 or float16 bits (uint16):
+    per-row scales [..., T] get a width of 1, absent side data a [1, 1, 1] placeholder."""
     if a is None:
-        return _NO_SIDE
-    return _as_3d(a, name) if f.grouped else _as_2d(a, name)[:, :, None]
+        return _NO_SIDE[sdt]
+    a = _as_3d(a, name) if f.grouped else _as_2d(a, name)[:, :, None]
+    return a.view(np.uint16) if sdt == np.float16 else a
 
 
 def quantize_into_checked_shapes(x: np.ndarray, q: QTensor) -> None:
     """:func:`quantize_into` for a caller that knows ``x`` and ``q`` agree in shape and
     dtype (float32, last axis contiguous): only the values are checked (NonFiniteError
-    for what the format cannot store, with nothing written)."""
+    for what the format cannot store; with float16 side data, before anything is
+    written)."""
     if x.size == 0:
         return
     f = get_format(q.format)
     n = get_num_threads()
+    sdt = q.side_dtype
     x3 = _as_3d(x, "x")
     c3 = _as_3d(q.codes, "codes").view(np.uint8)
-    if q.grouping == "channel":
-        status = _quant.quantize_int4_channel(x3, c3, _as_3d(q.scales, "scales"), _as_3d(q.zeros, "zeros"),
-                                              q.group_size, n)
-    else:
-        status = _quant.quantize_rows(f.format_id, x3, c3, _side(f, q.scales, "scales"),
-                                      _side(f, q.zeros, "zeros"), q.group_size, n)
-    _status(status, f)
+    sc, zp = _side(f, q.scales, "scales", sdt), _side(f, q.zeros, "zeros", sdt)
+    kernel = _quant.quantize_int4_channel if q.grouping == "channel" else \
+        functools.partial(_quant.quantize_rows, f.format_id)
+    # float16 side data: a refused row must leave the destination as it was. One fast
+    # pass for the largest |x| clears most inputs; past that bound, rows (groups) are
+    # checked one by one before anything is written.
+    if sdt == np.float16 and _quant.max_abs_bits(x3, n) > _half_side_safe_bits(f):
+        _status(kernel(x3, c3, sc, zp, q.group_size, n, True), f)
+    _status(kernel(x3, c3, sc, zp, q.group_size, n), f)
+
+
+@functools.lru_cache(maxsize=None)
+def _half_side_safe_bits(f: Format) -> int:
+    """abs bits of float32 up to which every row fits float16 side data: |x| <= 65504 *
+    the largest code (int8, fp8: exactly the limit), or |x| <= 65504 for int4 (a sufficient
+    bound: zero points >= -65504 and scales <= 2 * 65504 / 15)."""
+    f16max = float(np.finfo(np.float16).max)
+    bound = f16max if f.zero_point else f16max * f.max_code_value
+    return int(np.array(bound, np.float32).view(np.uint32))
 
 
 def dequantize(q: QTensor, out: np.ndarray | None = None) -> np.ndarray:
@@ -297,10 +365,12 @@ def dequantize(q: QTensor, out: np.ndarray | None = None) -> np.ndarray:
             f"{f.name} codes for shape {shape} must be {f.code_dtype}{list(f.code_shape(shape))}, found {describe(q.codes)}"
         )
     side = f.side_shape(shape, grouping, group_size)
+    sdt = q.side_dtype
     for name in ("scales", "zeros") if f.zero_point else ("scales",) if f.scaled else ():
         a = getattr(q, name)
-        if a is None or a.dtype != np.float32 or a.shape != side:
-            raise ShapeError(f"{f.name} {name} for shape {shape} must be float32{list(side)}, found {describe(a) if a is not None else None}")
+        if a is None or a.dtype != sdt or sdt not in SIDE_DTYPES or a.shape != side:
+            raise ShapeError(f"{f.name} {name} for shape {shape} must be float32{list(side)} or "
+                             f"float16{list(side)} (both alike), found {describe(a) if a is not None else None}")
     if out is None:
         out = np.empty(shape, np.float32)
     else:
@@ -310,7 +380,7 @@ def dequantize(q: QTensor, out: np.ndarray | None = None) -> np.ndarray:
     o3 = _as_3d(out, "out")
     c3 = _as_3d(q.codes, "codes").view(np.uint8)
     channel = grouping == "channel"
-    _quant.dequantize_rows(f.format_id, c3, _side(f, q.scales, "scales"), _side(f, q.zeros, "zeros"),
+    _quant.dequantize_rows(f.format_id, c3, _side(f, q.scales, "scales", sdt), _side(f, q.zeros, "zeros", sdt),
                            0 if channel else group_size, group_size if channel else 1, o3, get_num_threads())
     return out
 

@@ -78,11 +78,15 @@ class Arena:
             self._install(self._map(num_pages), num_pages)
 
     def ensure_capacity(self, num_pages: int) -> None:
-        """Grow to hold at least ``num_pages`` pages, by half again at least: the file's
-        apparent size stays within 1.5x of the pages handed out (their blocks reserved)."""
+        """Grow to hold at least ``num_pages`` pages: a file by half again at least (its
+        apparent size stays within 1.5x of the pages handed out, whose blocks are reserved),
+        RAM by doubling (each growth copies)."""
         if num_pages <= self.capacity:
             return
-        cap = max(num_pages, self.capacity + self.capacity // 2, 4)
+        if self.path is None:               # RAM: each growth copies, so double
+            cap = max(num_pages, 2 * self.capacity, 64)
+        else:
+            cap = max(num_pages, self.capacity + self.capacity // 2, 4)
         pb = self.page_bytes
         if self.path is None:
             data = np.zeros(cap * pb, np.uint8)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import DTypeError
 from ..formats import get_format
 from ..codecs.quant import QTensor
 
@@ -41,9 +42,19 @@ class PageLayout:
     contiguous codes per page. Scales: int8 / fp8 ``[H, P]`` (one per token per head);
     int4 keys ``[H, 1, D]`` (per channel over the page, KIVI); int4 values
     ``[H, P, D / G]``; zero points like the scales (int4 only).
+
+    ``side_dtype`` is the dtype of scales and zero points: float32 (format 1.0) or float16
+    (format 2.0); the shapes and the 64-byte alignment of the regions are the same.
     """
 
-    def __init__(self, num_kv_heads, head_dim, page_size, k_format, v_format, v_group_size):
+    SIDE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+    def __init__(self, num_kv_heads, head_dim, page_size, k_format, v_format, v_group_size, *,
+                 side_dtype=np.float32):
+        side_dtype = np.dtype(side_dtype)
+        if side_dtype not in self.SIDE_DTYPES:
+            raise DTypeError(f"side_dtype must be float32 or float16, found {side_dtype}")
+        self.side_dtype = side_dtype
         self.num_kv_heads, self.head_dim, self.page_size = num_kv_heads, head_dim, page_size
         self.formats = {"k": get_format(k_format), "v": get_format(v_format)}
         self.group_size = {"k": page_size if self.formats["k"].grouped else 0,
@@ -63,7 +74,7 @@ class PageLayout:
                 else:
                     side_shape = (H, P, D // self.group_size["v"])
                 for name in ("scales", "zeros") if f.zero_point else ("scales",):
-                    regs[name] = Region(off, np.dtype(np.float32), side_shape)
+                    regs[name] = Region(off, side_dtype, side_shape)
                     off = _align(off + regs[name].nbytes)
             self.regions[side] = regs
         self.page_bytes = off
@@ -112,13 +123,14 @@ class PageLayout:
         zeros = views["zeros"][page][:, a:b] if f.zero_point else None
         return QTensor(codes, scales, zeros, f.name, shape, "token", self.group_size[side])
 
-    def side_offsets(self, side: str) -> tuple[int, int, int, int, int]:
+    def side_offsets(self, side: str) -> tuple[int, int, int, int, int, int]:
         """(format id, byte offsets of codes, scales, zeros inside a page, bytes of one
-        token's codes for one head) of one side: what the page-reading kernels take.
-        Offsets of regions a format lacks are 0."""
+        token's codes for one head, 1 if scales and zeros are float16 else 0) of one side:
+        what the page-reading kernels take. Offsets of regions a format lacks are 0."""
         regs, f = self.regions[side], self.formats[side]
         return (f.format_id, regs["codes"].offset, regs["scales"].offset if "scales" in regs else 0,
-                regs["zeros"].offset if "zeros" in regs else 0, f.code_width(self.head_dim) * f.code_dtype.itemsize)
+                regs["zeros"].offset if "zeros" in regs else 0, f.code_width(self.head_dim) * f.code_dtype.itemsize,
+                int(self.side_dtype == np.float16))
 
     def kernel_group(self, side: str) -> int:
         """The group size the page kernels take: int4 values' group along head_dim; 0 for

@@ -438,6 +438,12 @@ class SequenceTable:
         start = sts[0].length
         for s, st in zip(seqs, sts):
             self.check_capacity(s, st, n)
+        if all(st.guard <= st.n_pos % P and 0 < st.n_pos % P and st.n_pos % P + n < P
+               and self.alloc.refcount(int(st.bt.pages[-1])) == 1 for st in sts):
+            self._write_in_place(sts, k, v)
+            for s in seqs:
+                self.dirty.add(s.seq_id)
+            return start
         for side, x in (("k", k), ("v", v)):       # one read each; refuses before any change
             quant.check_storable(x, self.layout.formats[side].name)
         if self.k4:
@@ -448,6 +454,24 @@ class SequenceTable:
         for s in seqs:
             self.dirty.add(s.seq_id)
         return start
+
+    def _write_in_place(self, sts: list, k: np.ndarray, v: np.ndarray) -> None:
+        """Decode steps: rows that stay inside each state's own last page, past what any
+        commit lists. Rows past a state's length are not visible, so a refusal (NonFiniteError)
+        changes nothing visible; the lengths move after every row succeeded."""
+        lay, arena, n = self.layout, self.arena, k.shape[2]
+        for side, x in (("k", k), ("v", v)):
+            if lay.formats[side].grouped and not (side == "k" and self.k4):
+                quant.check_storable(x, lay.formats[side].name)
+        for b, st in enumerate(sts):
+            page, row = int(st.bt.pages[-1]), st.n_pos % self.page_size
+            if self.k4:
+                self._res_write(st.res, row, self._as_fp16(k[b]))
+            else:
+                quant.quantize_into(k[b], arena.page_q("k", page, row, row + n))
+            quant.quantize_into(v[b], arena.page_q("v", page, row, row + n))
+        for st in sts:
+            st.n_pos += n
 
     # ------------------------------------------------------------------ reading
 
