@@ -145,7 +145,7 @@ def dequantize(fmt: str, codes, scales=None, zeros=None, grouping="token", group
     return x * s + z
 
 
-SIDE_DTYPE = {1: np.dtype("<f4"), 2: np.dtype("<f4")}      # scales / zero points by major version
+SIDE_DTYPE = {1: np.dtype("<f4"), 2: np.dtype("<f2")}      # scales / zero points by major version
 FORMAT_NAMES = {i: name for name, i in FORMAT_IDS.items()}
 
 

@@ -62,32 +62,40 @@ class Commits:
     def load(self, table: SequenceTable, commit: str):
         """Fill an empty ``table`` from the newest (or ``"previous"``) commit and map its
         pages. Returns the other valid root (or None). Raises CacheFileError."""
-        valid = self._roots()
-        if commit == "previous" and len(valid) < 2:
-            raise CacheFileError(f"{self.path}: no previous commit: root {1 - valid[0][1]} is not valid "
-                                 f"(root {valid[0][1]} holds the only commit, generation {valid[0][0]})")
-        chosen = valid[0] if commit == "previous" else valid[-1]
-        other = [v for v in valid if v is not chosen]
-        gen, slot, root = chosen
-        self.generation, self.active_slot, self.newest_seen = gen, slot, valid[-1][0]
-        try:
-            self._load(table, root)
-        except CacheFileError as e:
-            # Refused, and the other root is not used in its place: a root is checksummed and
-            # written last, after every page it lists was synced, so a crash leaves a root that
-            # fails its checksum, never a valid root over invalid metadata. Such a commit was
-            # written by a bug, forged, or the file was cut short: falling back would hand out
-            # a state its writer had replaced, and the next commit would destroy the evidence.
-            which = "previous" if commit == "previous" else "newest"
-            age = "a newer" if commit == "previous" else "an older"
-            rest = (f"Root {1 - slot} holds {age} commit (generation {other[0][0]}), not used" if other
-                    else f"Root {1 - slot} holds no valid commit")
-            raise CacheFileError(
-                f"{self.path}: damaged metadata: the {which} commit (root {slot}, generation {gen}) passes its "
-                f"checksum but is invalid: {e}. {rest}: a root whose checksum holds was written after "
-                "everything it lists, so this is a bug, a forged or damaged file or a truncated file, not an "
-                "interrupted write") from None
-        return other[0][2] if other else None
+        for attempt in range(5):
+            valid = self._roots()
+            if commit == "previous" and len(valid) < 2:
+                raise CacheFileError(f"{self.path}: no previous commit: root {1 - valid[0][1]} is not valid "
+                                     f"(root {valid[0][1]} holds the only commit, generation {valid[0][0]})")
+            chosen = valid[0] if commit == "previous" else valid[-1]
+            other = [v for v in valid if v is not chosen]
+            gen, slot, root = chosen
+            self.generation, self.active_slot, self.newest_seen = gen, slot, valid[-1][0]
+            try:
+                self._load(table, root)
+                return other[0][2] if other else None
+            except CacheFileError as e:
+                table.clear()
+                # A reader racing a writer: once two newer commits are on disk, the writer may
+                # reuse the pages of the commit being read. Look again rather than call it damage.
+                if attempt < 4 and not self.is_current():
+                    continue
+                error = e
+                break
+        # Refused, and the other root is not used in its place: a root is checksummed and
+        # written last, after every page it lists was synced, so a crash leaves a root that
+        # fails its checksum, never a valid root over invalid metadata. Such a commit was
+        # written by a bug, forged, or the file was cut short: falling back would hand out
+        # a state its writer had replaced, and the next commit would destroy the evidence.
+        which = "previous" if commit == "previous" else "newest"
+        age = "a newer" if commit == "previous" else "an older"
+        rest = (f"Root {1 - slot} holds {age} commit (generation {other[0][0]}), not used" if other
+                else f"Root {1 - slot} holds no valid commit")
+        raise CacheFileError(
+            f"{self.path}: damaged metadata: the {which} commit (root {slot}, generation {gen}) passes its "
+            f"checksum but is invalid: {error}. {rest}: a root whose checksum holds was written after "
+            "everything it lists, so this is a bug, a forged or damaged file or a truncated file, not an "
+            "interrupted write") from None
 
     def _load(self, table: SequenceTable, root: Root) -> None:
         arena, sb = table.arena, self.sb

@@ -119,6 +119,12 @@ class SequenceTable:
         self.meta_pages = 0                   # pages holding the commit's metadata blobs
         self.meta_spare = 4                   # pages kept reserved for the next commit's metadata
 
+    def clear(self) -> None:
+        """Forget every sequence (a load that failed half-way)."""
+        self.alloc = PageAllocator()
+        self.seqs, self.names, self.next_id, self.dirty, self.dropped_records = {}, {}, 0, set(), []
+        self.meta_pages = 0
+
     # ------------------------------------------------------------------ lookups
 
     def get(self, seq) -> Sequence:
@@ -439,7 +445,8 @@ class SequenceTable:
         for s, st in zip(seqs, sts):
             self.check_capacity(s, st, n)
         if all(st.guard <= st.n_pos % P and 0 < st.n_pos % P and st.n_pos % P + n < P
-               and self.alloc.refcount(int(st.bt.pages[-1])) == 1 for st in sts):
+               and self.alloc.refcount(int(st.bt.pages[-1])) == 1 and (len(st.res) or not self.k4)
+               for st in sts):
             self._write_in_place(sts, k, v)
             for s in seqs:
                 self.dirty.add(s.seq_id)
@@ -558,9 +565,9 @@ class SequenceTable:
                 continue
             for st in s.layers:
                 rows = self.last_rows(st)
-                prev = st.committed
-                same = prev is not None and len(st.bt) and prev[0] == int(st.bt.pages[-1])
-                st.guard = max(rows, st.guard if same else 0)
+                # the guard always concerns the current last page (a new page or a copy
+                # resets it): what the commits on disk list of it only grows
+                st.guard = max(rows, st.guard)
                 if len(st.bt) and rows < self.page_size:
                     crc, res_crc = self.last_page_crc(st)
                     st.committed = (int(st.bt.pages[-1]), rows, crc, res_crc)

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 import crc32c
+import numpy as np
 
 from .._validate import is_int
 from ..errors import CacheFileError, ConfigError, FormatError, ShapeError
@@ -32,6 +33,7 @@ MAX_INT4_K_PAGE_SIZE = (1 << 16) - 1        # int4 keys: page_size is stored in 
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_INT4_K_PAGE_SIZE = 64               # int4 keys are grouped per channel over the page (KIVI)
 MAX_POOL_BYTES = 1 << 62
+SIDE_DTYPE = np.float16                     # scales and zero points in pages (format 1.0: float32)
 
 
 def file_version(raw: bytes) -> tuple[int, int] | None:
@@ -135,8 +137,8 @@ class Superblock:
                 f"misplaced (expected {ROOT_OFFSET}, {ROOT_BYTES}, {ARENA_OFFSET})")
         if k4 and layout.page_bytes < 2 * self.num_kv_heads * self.head_dim:
             bad(f"page_bytes={layout.page_bytes} cannot hold one float16 row of open int4 keys")
-        if not 0 <= self.max_bytes <= MAX_POOL_BYTES:
-            bad(f"max_bytes={self.max_bytes} is beyond {MAX_POOL_BYTES}")
+        if self.max_bytes and not self.page_bytes <= self.max_bytes <= MAX_POOL_BYTES:
+            bad(f"max_bytes={self.max_bytes} is outside {self.page_bytes} (one page)..{MAX_POOL_BYTES}")
 
     def check_file_size(self, size: int, path: str) -> None:
         """Refuse a file too short to hold its own header and commit roots."""
@@ -152,7 +154,7 @@ class Superblock:
     def layout(self) -> PageLayout:
         try:
             return PageLayout(self.num_kv_heads, self.head_dim, self.page_size,
-                              self.k_format, self.v_format, self.v_group_size)
+                              self.k_format, self.v_format, self.v_group_size, side_dtype=SIDE_DTYPE)
         except (ValueError, ZeroDivisionError) as e:
             raise CacheFileError(f"damaged header: inconsistent geometry ({e})") from None
 
@@ -199,7 +201,7 @@ def geometry_superblock(num_layers, num_kv_heads, head_dim, page_size, k_format,
         raise ConfigError(f"fingerprint must be bytes or str, found {type(fingerprint).__name__}")
     if len(fingerprint) > FINGERPRINT_BYTES:
         raise ShapeError(f"fingerprint holds at most {FINGERPRINT_BYTES} bytes, found {len(fingerprint)}")
-    layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size)
+    layout = PageLayout(num_kv_heads, head_dim, page_size, kf, vf, v_group_size, side_dtype=SIDE_DTYPE)
     if max_bytes is not None and not (is_int(max_bytes) and layout.page_bytes <= max_bytes <= MAX_POOL_BYTES):
         raise ShapeError(f"max_bytes must be None or an integer in {layout.page_bytes} (one page)..{MAX_POOL_BYTES}, "
                          f"found {max_bytes!r}")
