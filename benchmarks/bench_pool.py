@@ -343,6 +343,7 @@ def commit_cost(path: str, num_seqs: int, layers: int, repeat: int) -> dict:
             c.append_rows(seqs, layer, x, x)
         c.flush()
         build_s = time.perf_counter() - t0
+        os.sync()       # writeback left by earlier sections (GBs deleted) would slow these fsyncs
         step = np.ascontiguousarray(x[0, :, :1].transpose(1, 0, 2))      # [1 token, H, D]
         dirtied = {"step": [], "flush": []}
 
