@@ -200,7 +200,7 @@ def test_works_without_opencl(monkeypatch):
         x = np.ones((3, 1, 64), np.float32)
         c.append(s, 0, x, x)
         out = c.decode_attention(s, 0, np.ones((2, 64), np.float32), backend="auto")
-        np.testing.assert_allclose(out, 1.0, rtol=1e-6)
+        np.testing.assert_allclose(out, 1.0, rtol=2e-3)     # int8 with a float16 scale: 1 -> 127 * s
         with pytest.raises(km.errors.OpenCLUnavailableError, match="pyopencl"):
             c.decode_attention(s, 0, np.ones((2, 64), np.float32), backend="opencl")
     finally:

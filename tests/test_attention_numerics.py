@@ -156,9 +156,11 @@ def test_huge_scale(backend, scale):
     assert_close(attend(c, s, q, backend, scale=scale), reference(k, v, q, scale))
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
 def test_weighted_sum_of_values_near_the_maximum(tmp_path, backend, fmt):
-    """V near FLT_MAX under spread weights: the sum overflows float32, the mean does not."""
+    """V near FLT_MAX under spread weights: the sum overflows float32, the mean does not.
+    (The scaled formats keep float16 scales: they store |x| up to 65504 times their largest
+    code, and refuse more; see test_cache.py::test_refused_decode_steps_change_nothing.)"""
     rng = np.random.default_rng(2)
     T, H, D = 1100, 2, 64
     k = rng.standard_normal((T, H, D)).astype(np.float32) * 0.1

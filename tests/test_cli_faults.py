@@ -65,9 +65,6 @@ def start_writer(path, seconds):
     return w
 
 
-@pytest.mark.xfail(strict=False, reason="core race (see tests/test_concurrency.py::test_open_looks_again_when_commits_"
-                                        "race_its_blobs): an open racing two commits may call reused metadata "
-                                        "pages damaged")
 def test_verify_beside_a_writer_reports_no_false_damage(tmp_path):
     path = make_cache(tmp_path / "c.kvm", sequences=6, tokens=64)
     w = start_writer(path, 6.0)

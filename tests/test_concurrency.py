@@ -35,9 +35,6 @@ def spawn(role, path, **kw):
                             cwd=path.parent, **kw)
 
 
-@pytest.mark.xfail(strict=False, reason="core race (see test_concurrency.py::test_open_looks_again_when_commits_"
-                                        "race_its_blobs): an open racing two commits may call reused metadata "
-                                        "pages damaged")
 def test_readers_see_only_committed_states_while_a_writer_runs(tmp_path):
     path = tmp_path / "shared.kvm"
     w = spawn("writer", path)
@@ -111,9 +108,6 @@ def test_open_looks_again_when_a_commit_races_it(tmp_path, monkeypatch):
     assert calls == [0, 1, 0, 1]
 
 
-@pytest.mark.xfail(strict=True, reason="core: Commits.load reads the blobs of the root it chose without looking "
-                                       "again when a writer commits meanwhile: pages of that commit reused two "
-                                       "commits later are called damaged metadata instead of retried at the newer root")
 def test_open_looks_again_when_commits_race_its_blobs(tmp_path, monkeypatch):
     """A reader chose the newest root; before it read that commit's blobs a writer
     committed twice and reused their pages (allowed: no commit on disk lists them any

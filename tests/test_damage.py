@@ -588,8 +588,6 @@ def test_hostile_superblock_and_roots(tmp_path, pristine, case):
     assert open_hostile(write(tmp_path, fix_checksums(raw))) == "refused"
 
 
-@pytest.mark.xfail(strict=True, reason="core: Superblock.validate accepts 0 < max_bytes < page_bytes, which "
-                                       "FORMAT.md refuses ('0 = none; else at least page_bytes')")
 def test_max_bytes_below_one_page_is_refused(tmp_path, pristine):
     raw = pristine[0]
     refused(write(tmp_path, fix_checksums(set_field(raw, 104, 8, 1))), "max_bytes")
