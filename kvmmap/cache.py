@@ -1219,11 +1219,11 @@ class PagedKVCache:
             # metadata; the next commits list the copies, rewrite every record low, and free
             # the originals; then both roots name the lower high-water mark before the file is
             # cut to it. At every step both commits on disk list only intact pages.
-            bound = table.data_pages() + 2 * table.meta_pages + 8
-            if table.relocate(bound):
-                self.flush()
-                self.flush()
-                alloc = table.alloc
+            table.relocate(table.data_pages())
+            table.dirty.update(table.seqs)      # every record rewritten into the lowest free pages
+            self.flush()
+            self.flush()
+            alloc = table.alloc
             hw = alloc.high_water
             if alloc.shrink() < hw:
                 self._commits.save(table)

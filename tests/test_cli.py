@@ -90,7 +90,7 @@ def test_inspect_text_and_json(cache_file, tmp_path):
     assert info["pages"]["used"] == 4 * L + 5 * L - 3 * L        # shared (full) pages counted once
     k, v = info["formats"]
     assert (k["format"], v["format"]) == ("int8", "fp16")
-    assert k["bytes_per_token"] == H * D + 4 * H                  # int8 codes + a float32 scale per head
+    assert k["bytes_per_token"] == H * D + 2 * H                  # int8 codes + a float16 scale per head
     assert v["ratio_vs_fp32"] == pytest.approx(2.0)
 
 

@@ -31,14 +31,15 @@ def _format_summary(cache: PagedKVCache, pages_used: int) -> list[dict]:
         f = layout.formats[side]
         regions = layout.regions[side]
         side_bytes = sum(r.nbytes for r in regions.values())
+        dt = layout.side_dtype.name
         if not f.scaled:
             scales = "none"
         elif not f.grouped:
-            scales = "scale per token per head"
+            scales = f"{dt} scale per token per head"
         elif side == "k":
-            scales = f"scale + zero per channel over the {P} tokens of a page"
+            scales = f"{dt} scale + zero per channel over the {P} tokens of a page"
         else:
-            scales = f"scale + zero per {layout.group_size['v']} elements of a token"
+            scales = f"{dt} scale + zero per {layout.group_size['v']} elements of a token"
         out.append({
             "side": side,
             "format": f.name,
