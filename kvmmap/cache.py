@@ -32,7 +32,7 @@ from ._validate import as_float_array, check_layer, is_int
 from .core.batch import PagedBatch
 from .core.sequences import MAX_SEQUENCE_ID, SequenceTable
 from .core.superblock import ARENA_OFFSET, SUPERBLOCK_BYTES, Superblock, file_version, geometry_superblock
-from .errors import CacheFileError, CapacityError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
+from .errors import CacheFileError, ConfigError, DTypeError, ReadOnlyError, SequenceError, ShapeError, describe
 from .pagetable import PageAllocator, slot_mapping
 
 _SIDES = ("k", "v")
@@ -1111,7 +1111,7 @@ class PagedKVCache:
             left = max(0, s.max_tokens - max(st.length for st in s.layers))
         table = self._table
         if table.max_pages:
-            alloc, P = table.alloc, self.page_size
+            P = self.page_size
             spare = max(0, table.max_pages - table.data_pages())
             room = min((P - st.n_pos % P) % P for st in s.layers)      # rows left in the last pages
             pool = room + (spare // self.num_layers) * P

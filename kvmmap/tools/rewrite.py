@@ -18,7 +18,6 @@ from ..cache import PagedKVCache
 from ..compress import KVCacheCompressor, decompress_kv
 from ..core.fileio import fsync_dir, lock_existing, partial_path, remove_stale_partials
 from ..errors import CacheFileError
-from ..formats import get_format
 from .common import ChangedByWriterError, check_pages, check_regular_file, disk_usage, layer_tables, open_read_only
 
 
