@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 import kvmmap as km
 from kvmmap.tools.verify import verify_cache
 
-from reference import parse_cache_file, parse_superblock, read_blob, valid_roots
+from reference import parse_cache_file, parse_superblock, valid_roots
 
 GEO = dict(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4, k_format="int8", v_format="int4")
 SB = 4096

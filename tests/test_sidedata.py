@@ -370,7 +370,7 @@ class PagesOnly:
 
 def attention_numpy(cache, K, V, seqs, q, scale):
     """float64 softmax attention over the stored pages plus the open page."""
-    H, P, D = cache.num_kv_heads, cache.page_size, cache.head_dim
+    H, _P, D = cache.num_kv_heads, cache.page_size, cache.head_dim
     out = np.empty(q.shape)
     G = q.shape[1] // H
     for i, s in enumerate(seqs):
