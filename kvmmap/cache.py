@@ -20,13 +20,15 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import weakref
 
 import numpy as np
 
 from .core.arena import Arena
 from .core.commits import Commits
 from .core import legacy
-from .core.fileio import fsync_dir, lock_existing, lock_writer, open_regular, partial_path, pwrite_all, same_file
+from .core.fileio import (fsync_dir, lock_existing, lock_writer, mark_reader, open_regular, partial_path, pwrite_all,
+                          readers_present, same_file)
 from .core.layout import PageLayout
 from ._validate import as_float_array, check_layer, is_int
 from .core.batch import PagedBatch
@@ -36,6 +38,9 @@ from .errors import CacheFileError, ConfigError, DTypeError, ReadOnlyError, Sequ
 from .pagetable import PageAllocator, slot_mapping
 
 _SIDES = ("k", "v")
+# read-only views of files in this process, by (device, inode): compact() does not cut a file
+# they map (other processes mark themselves with a record lock, core.fileio.mark_reader)
+_LOCAL_READERS: dict[tuple[int, int], weakref.WeakSet] = {}
 
 
 def _locked(method):
@@ -249,6 +254,10 @@ class PagedKVCache:
                         self._fd, self._closed = None, True
                         os.close(fd)
                         continue
+                else:
+                    mark_reader(fd)         # compact() leaves the file's length alone while it reads
+                    st = os.fstat(fd)
+                    _LOCAL_READERS.setdefault((st.st_dev, st.st_ino), weakref.WeakSet()).add(self)
                 self._load_commit(commit)
             except BaseException:
                 if self is not None:        # its close() (or __del__) must not close fd a second time
@@ -358,14 +367,15 @@ class PagedKVCache:
             :attr:`layout` (``codes``, and ``scales`` / ``zeros`` where the format has
             them), each ``[high_water, *region.shape]``: codes ``[pages, num_kv_heads,
             page_size, code width]`` in the format's code dtype (float32, float16, uint16
-            for bf16, int8, uint8 for fp8 and packed int4); scales/zeros float32, ``[pages,
+            for bf16, int8, uint8 for fp8 and packed int4); scales/zeros float16, ``[pages,
             num_kv_heads, page_size]`` per token, ``[pages, num_kv_heads, 1, head_dim]`` for
             int4 keys (per channel over the page), ``[pages, num_kv_heads, page_size,
             head_dim / v_group_size]`` for int4 values. Page ids are those of
-            :meth:`block_table` / :meth:`paged_batch`; open pages are not in the arena in
-            format 1.0 (see ``paged_batch().tail_k``). Valid until the arena grows (an
-            append), :meth:`compact` or :meth:`close`; ``torch.from_numpy`` shares them
-            without a copy.
+            :meth:`block_table` / :meth:`paged_layout`: every token is in a page, except the
+            int4 keys of a partly filled last page, which are float16 residual rows until
+            the page fills (:meth:`paged_layout`'s ``res_indptr`` / ``res_indices``). Valid
+            until the arena grows (an append), :meth:`compact` or :meth:`close`;
+            ``torch.from_numpy`` shares them without a copy.
         """
         self._check_open()
         hw = self.high_water
@@ -424,8 +434,11 @@ class PagedKVCache:
             ``last_page_len`` int32 ``[B]`` (rows of each last page, 0 without pages), and
             ``first`` int32 ``[B]`` (positions dropped in front of page 0 by ``shift_left``:
             a kernel attends positions ``first[b] ..``). With :meth:`pool_views`, pages hold
-            every token; both stay valid until the next change of these sequences, commit
-            or :meth:`compact`. Rules: :func:`kvmmap.pagetable.check_paged_layout`.
+            every token, except int4 keys of a partly filled last page: float16 rows
+            ``[rows, num_kv_heads, head_dim]``, token-major, in the residual pages
+            ``res_indices[res_indptr[b]:res_indptr[b + 1]]`` (int32; docs/FORMAT.md). All stay
+            valid until the next change of these sequences, commit or :meth:`compact`.
+            Rules: :func:`kvmmap.pagetable.check_paged_layout`.
         """
         self._check_open()
         layer = self._check_layer(layer)
@@ -437,7 +450,11 @@ class PagedKVCache:
                    else np.zeros(0, np.int32))
         last = np.array([self._table.last_rows(st) for st in states], np.int32)
         first = np.array([st.first for st in states], np.int32)
-        return {"indptr": indptr, "indices": indices, "last_page_len": last, "first": first}
+        res_indptr = np.zeros(len(states) + 1, np.int32)
+        np.cumsum([len(st.res) for st in states], out=res_indptr[1:])
+        res = np.concatenate([st.res for st in states]).astype(np.int32) if states else np.zeros(0, np.int32)
+        return {"indptr": indptr, "indices": indices, "last_page_len": last, "first": first,
+                "res_indptr": res_indptr, "res_indices": res}
 
     def paged_batch(self, layer: int, seqs, window: int | None = None) -> PagedBatch:
         """The paged view of ``seqs`` in ``layer`` that attention kernels read.
@@ -844,7 +861,7 @@ class PagedKVCache:
         """
         if self.writable or self.path is None or self._commits.is_current():
             return
-        changed = self._pool.mismatched(pages)
+        changed = self.mismatched(pages)
         if changed:
             raise CacheFileError(
                 f"{self.path}: pages {changed[:8]} changed since this read-only view was opened at "
@@ -855,8 +872,9 @@ class PagedKVCache:
     def fork(self, seq: int, name: str | None = None) -> int:
         """A new sequence holding what ``seq`` holds, sharing its sealed pages.
 
-        Sealed pages are reference-counted, not copied; only the open tail of each layer
-        is copied. Later writes to either sequence never change the other.
+        Pages are reference-counted, not copied; a shared partly filled last page is
+        copied by whichever sequence appends to it first (copy-on-write). Later writes to
+        either sequence never change the other.
 
         Parameters
         ----------
@@ -908,8 +926,8 @@ class PagedKVCache:
     def truncate(self, seq: int, n: int) -> None:
         """Keep the first ``n`` tokens of every layer of ``seq`` (layers shorter keep all).
 
-        A sealed page cut in the middle is not changed: its kept tokens are copied into
-        the tail (copy-on-write) and the page is dropped.
+        A page cut in the middle is not changed: it stays listed with fewer rows, and
+        the next append copies it first (copy-on-write), since commits may list its rows.
 
         Parameters
         ----------
@@ -959,7 +977,7 @@ class PagedKVCache:
         self._table.shift_left(seq, n)
 
     def block_table(self, seq: int, layer: int = 0) -> np.ndarray:
-        """Physical ids of the sealed pages of one layer of ``seq``, in logical order.
+        """Physical ids of the pages of one layer of ``seq``, in logical order.
 
         Parameters
         ----------
@@ -969,9 +987,9 @@ class PagedKVCache:
 
         Returns
         -------
-        numpy.ndarray, uint32, shape ``[num_sealed_pages]``
-            A copy. Visible token ``i`` is in page ``[(first + i) // page_size]`` when
-            that index is below ``num_sealed_pages``, else in the open tail
+        numpy.ndarray, uint32, shape ``[num_pages]``
+            A copy: all full but perhaps the last. Visible token ``i`` is in page
+            ``[(first + i) // page_size]`` at row ``(first + i) % page_size``
             (docs/FORMAT.md; ``first`` < page_size tokens dropped by :meth:`shift_left`).
 
         Raises
@@ -1000,8 +1018,8 @@ class PagedKVCache:
         Returns
         -------
         numpy.ndarray, int64, shape ``[n]``
-            ``page * page_size + row`` of each token in the page arena; -1 for tokens in
-            the open tail (not in a sealed page yet).
+            ``page * page_size + row`` of each token in the page arena (int4 keys of a
+            partly filled page are elsewhere: residual rows, see :meth:`paged_layout`).
 
         Raises
         ------
@@ -1090,6 +1108,7 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ capacity
 
+    @_locked
     def remaining_capacity(self, seq: int) -> int | None:
         """Tokens that can still be appended to every layer of ``seq``, or None without limits.
 
@@ -1118,6 +1137,7 @@ class PagedKVCache:
             left = pool if left is None else min(left, pool)
         return left
 
+    @_locked
     def is_full(self, seq: int) -> bool:
         """Whether no token can be appended to ``seq`` (see :meth:`remaining_capacity`):
         the streaming pattern is ``if c.is_full(s): c.shift_left(s, n)``."""
@@ -1187,7 +1207,10 @@ class PagedKVCache:
         and become free; copies pages in use near the end of the file into free pages
         lower down (the commits that follow list the copies and rewrite every sequence's
         record low); cuts the file after the last page in use once both commits on disk
-        say so; and punches holes where free pages remain (Linux ``fallocate(PUNCH_HOLE)``).
+        say so (not while read-only views of the file are open, here or in other processes:
+        their mappings would fault past the new end; they get the stale-view error of
+        :meth:`read` instead); and punches holes where free pages remain (Linux
+        ``fallocate(PUNCH_HOLE)``). Do not run it beside reads of this cache in other threads.
         A RAM cache shrinks its arena to the pages in use. Crash-safe: only pages no
         commit on disk lists are overwritten or given back. Readers opened at older commits
         that read such a page get the stale-view error of :meth:`read`. Page ids change:
@@ -1225,7 +1248,9 @@ class PagedKVCache:
             self.flush()
             alloc = table.alloc
             hw = alloc.high_water
-            if alloc.shrink() < hw:
+            # read-only views in other processes map the file: cutting it under them would be
+            # a SIGBUS there, so with readers the free end only gets holes punched (below)
+            if not self._readers() and alloc.shrink() < hw:
                 self._commits.save(table)
                 self._commits.save(table)
                 given = self._pool.truncate_to(alloc.high_water)
@@ -1234,6 +1259,12 @@ class PagedKVCache:
             given += self._pool.give_back(alloc.free_pages(), alloc.high_water)
         return {"bytes_on_disk_before": before, "bytes_on_disk_after": self._space(),
                 "bytes_given_back": int(given), "pages_free": alloc.num_free}
+
+    def _readers(self) -> bool:
+        """Whether read-only views of this file are open (this process, or another)."""
+        st = os.fstat(self._fd)
+        local = [r for r in _LOCAL_READERS.get((st.st_dev, st.st_ino), ()) if not r._closed]
+        return bool(local) or readers_present(self._fd)
 
     def _space(self) -> int:
         return self._pool.data.nbytes if self.path is None else os.fstat(self._fd).st_blocks * 512
@@ -1265,14 +1296,18 @@ class PagedKVCache:
         for s in table.seqs.values():
             for st in s.layers:
                 c = st.committed
+                # still the page committed partly filled, still partly filled, with its keys
+                # where they were (residual rows or not): else a full page's checksum applies
                 if c is not None and c[2] is not None and len(st.bt) and int(st.bt.pages[-1]) == c[0] \
-                        and table.last_rows(st) >= c[1]:
+                        and c[1] <= table.last_rows(st) < self.page_size and bool(len(st.res)) == bool(c[3]):
                     out[c[0]] = (st, c[1], c[2], c[3])
         return out
 
+    @_locked
     def page_checksums(self, page: int, partial: dict | None = None) -> tuple[int, int]:
         """(stored, computed) CRC-32C of a page listed by a block table (a partly filled
         last page: of its committed rows and, for int4 keys, their residual rows too)."""
+        self._check_open()
         partial = self._partial_pages() if partial is None else partial
         if page not in partial:
             return int(self._pool.page_crc[page]), int(self._pool.crc_of(page))
@@ -1281,13 +1316,20 @@ class PagedKVCache:
         ok = now == crc and list(res_now) == list(res_crc)
         return crc, now if ok or now != crc else now ^ 0xFFFFFFFF
 
+    @_locked
     def mismatched(self, pages) -> list[int]:
         """The pages among ``pages`` (listed by block tables) whose bytes no longer match
         their checksum, in order."""
         self._check_open()
         partial = self._partial_pages()
+        table = self._table
+        # partly filled pages not committed so (yet): nothing to check them against
+        unchecked = {int(st.bt.pages[-1]) for q in table.seqs.values() for st in q.layers
+                     if st.n_pos % self.page_size} - set(partial)
         out = []
         for p in pages:
+            if int(p) in unchecked:
+                continue
             stored, now = self.page_checksums(int(p), partial)
             if stored != now:
                 out.append(int(p))

@@ -209,7 +209,6 @@ class Commits:
         index_len = 16 * nseq
         need = sum(pages_needed(len(c), pb) for c in contents.values()) + (pages_needed(index_len, pb) if nseq else 0)
         taken: list[int] = []
-        root_written = False
         try:
             table.prepare_pages(need, meta=True)
             new_rec = {}
@@ -228,11 +227,16 @@ class Commits:
             root = Root(self.generation + 1, alloc.high_water, ipage, len(index), icrc, table.next_id, nseq)
             slot = 1 - self.active_slot
             self._sync(self.fd)                 # every page the root lists, durable first
-            root_written = True
-            write_root(self.fd, self.sb, slot, root, sync=self._sync)
         except BaseException:
-            if not root_written or not self.sync_failed:
-                alloc.unalloc(taken)
+            alloc.unalloc(taken)                # no root names them: free again
+            raise
+        try:
+            write_root(self.fd, self.sb, slot, root, sync=self._sync)
+        except BaseException as e:
+            # The root may be on disk (whole, or torn) and may become durable: the pages it
+            # names must not be handed out again, and this cache no longer knows which commit
+            # is newest. It commits nothing more (like after a failed sync): reopen.
+            self.sync_failed = self.sync_failed or f"{type(e).__name__} while the commit root was written"
             raise
         self.generation += 1
         self.active_slot = slot

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import os
 import stat
+import struct
 
 from ..errors import CacheFileError
 
@@ -164,6 +165,44 @@ def lock_writer(fd: int, path: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise CacheFileError(f"{path} is open for writing in another process (its writer lock is held)") from None
+
+
+READER_LOCK_BYTE = 4095        # a record lock on this byte marks a read-only view
+
+
+def _byte_lock(fd: int, kind: int) -> bool:
+    """Set (F_RDLCK / F_WRLCK) or clear (F_UNLCK) a non-blocking lock on READER_LOCK_BYTE.
+
+    Linux's open-file-description locks (F_OFD_SETLK) belong to this descriptor, so closing
+    another descriptor of the same file (numpy.memmap opens and closes one) does not drop
+    them, as it drops classic POSIX record locks. Returns False if another holder conflicts."""
+    cmd = getattr(fcntl, "F_OFD_SETLK", None)
+    if cmd is None:                         # elsewhere: classic record locks, best effort
+        op = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}[kind]
+        try:
+            fcntl.lockf(fd, op | (fcntl.LOCK_NB if kind != fcntl.F_UNLCK else 0), 1, READER_LOCK_BYTE)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.fcntl(fd, cmd, struct.pack("hhqqi4x", kind, os.SEEK_SET, READER_LOCK_BYTE, 1, 0))
+        return True
+    except OSError:
+        return False
+
+
+def mark_reader(fd: int) -> None:
+    """Mark a read-only view of the file (a shared lock on one byte of this descriptor), so a
+    writer's ``compact`` does not cut the file under its mapping (SIGBUS)."""
+    _byte_lock(fd, fcntl.F_RDLCK)
+
+
+def readers_present(fd: int) -> bool:
+    """Whether another descriptor holds a read-only view of the file (see :func:`mark_reader`)."""
+    if not _byte_lock(fd, fcntl.F_WRLCK):
+        return True
+    _byte_lock(fd, fcntl.F_UNLCK)
+    return False
 
 
 def lock_existing(path: str):

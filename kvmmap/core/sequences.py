@@ -301,13 +301,18 @@ class SequenceTable:
         return pages
 
     def _pages_for(self, items) -> tuple[int, int]:
-        """(new pages of tokens, most pages in all) appending ``items`` can take: new
-        pages, plus a copy-on-write of the last page and residual pages."""
-        P, new = self.page_size, 0
+        """(pages the sequences list more after appending ``items``, most pages the call
+        can take): new pages, a copy of a last page another sequence still lists, and for
+        int4 keys the residual pages of a partly filled page less those given up."""
+        P, R, net = self.page_size, self.res_pages, 0
         for st, x in items:
-            row = st.n_pos % P
-            new += -(-(row + x["k"].shape[1]) // P) - (1 if row else 0)
-        return new, new + len(items) * (1 + 2 * self.res_pages)
+            row, n = st.n_pos % P, x["k"].shape[1]
+            shared = bool(row) and self.alloc.refcount(int(st.bt.pages[-1])) > 1
+            net += -(-(row + n) // P) - (1 if row else 0) + (1 if shared else 0)
+            if self.k4:
+                had, has = len(st.res) > 0, (row + n) % P != 0
+                net += (R if has else 0) - (R if had and not shared else 0)
+        return net, max(net, 0) + len(items) * (1 + 2 * R)
 
     def check_capacity(self, s: Sequence, st: LayerState, n: int) -> None:
         if s.max_tokens and st.length + n > s.max_tokens:
@@ -322,8 +327,8 @@ class SequenceTable:
         (MemoryError, KeyboardInterrupt), the lengths, block tables and residual pages go
         back to what they were and the pages handed out return to the free list.
         """
-        new, most = self._pages_for(items)
-        self.check_pool(new)
+        net, most = self._pages_for(items)
+        self.check_pool(net)
         self.prepare_pages(most)
         saved = [(st, st.n_pos, len(st.bt), int(st.bt.pages[-1]) if len(st.bt) else -1, st.res, st.guard)
                  for st, _ in items]
