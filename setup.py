@@ -42,6 +42,9 @@ if DEBUG:
 # The attention loops are dot products and sums; letting gcc reassociate float additions
 # (no other fast-math assumption: infinities and NaN keep their meaning) vectorizes them.
 REASSOCIATE = [] if sys.platform == "win32" else ["-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+# The codecs round to codes: a multiply-add fused into one instruction (FMA, -march=native)
+# would decide ties by the rounding error of 1/scale, so bytes would differ between builds.
+EXACT = [] if sys.platform == "win32" else ["-ffp-contract=off"]
 
 
 def ext(name, extra=()):
@@ -56,7 +59,7 @@ def ext(name, extra=()):
 
 
 setup(
-    ext_modules=cythonize([ext("codecs._quant"), ext("codecs._pages"), ext("_pagetable"), ext("_attention", REASSOCIATE)],
+    ext_modules=cythonize([ext("codecs._quant", EXACT), ext("codecs._pages", EXACT), ext("_pagetable"), ext("_attention", REASSOCIATE)],
                           compiler_directives=directives),
     package_dir={"kvmmap": "kvmmap", "kvmmap.kernels_cl": "kernels_cl"},
     packages=["kvmmap", "kvmmap.codecs", "kvmmap.compress", "kvmmap.core", "kvmmap.integrations", "kvmmap.kernels_cl",

@@ -405,12 +405,6 @@ def test_v2_writer_open_and_flush(golden2, which):
         assert c.new_sequence() == state["next_id"]          # ids continue, never reused
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core: codes are round_even(t * inv) with inv = float32(1 / scale), and gcc contracts the multiply into "
-    "round_even's add (an FMA under -march=native; setup.py sets no -ffp-contract=off): at an exact tie "
-    "t / scale = k + 1/2 the code follows the rounding error of inv, not half to even, and a "
-    "KVMMAP_PORTABLE=1 build writes other bytes for the same input (make_golden2.py records which rounding "
-    "wrote the golden files). On a build without FMA this passes: strict=True then reports it."))
 @pytest.mark.parametrize("side", ["k", "v"])
 def test_v2_codes_at_ties_round_half_to_even(side):
     """int4 keys (zero 0, scale 3 over the page) and int8 values (scale 381 / 127 = 3):
