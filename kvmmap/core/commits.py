@@ -231,12 +231,18 @@ class Commits:
             alloc.unalloc(taken)                # no root names them: free again
             raise
         try:
-            write_root(self.fd, self.sb, slot, root, sync=self._sync)
+            try:
+                write_root(self.fd, self.sb, slot, root, sync=self._sync)
+            except OSError:
+                if not self.sync_failed:        # the write failed: no whole root is on disk
+                    alloc.unalloc(taken)
+                raise
         except BaseException as e:
-            # The root may be on disk (whole, or torn) and may become durable: the pages it
-            # names must not be handed out again, and this cache no longer knows which commit
-            # is newest. It commits nothing more (like after a failed sync): reopen.
-            self.sync_failed = self.sync_failed or f"{type(e).__name__} while the commit root was written"
+            # Interrupted once the root may be on disk: it may become durable, so the pages
+            # it names must not be handed out again, and this cache no longer knows which
+            # commit is newest. It commits nothing more (like after a failed sync): reopen.
+            if not isinstance(e, OSError):
+                self.sync_failed = self.sync_failed or f"{type(e).__name__} while the commit root was written"
             raise
         self.generation += 1
         self.active_slot = slot
