@@ -1,5 +1,6 @@
 /* Paged decode attention with fused dequantization, split over the context
- * (flash-decoding), for every kvmmap storage format. Core OpenCL 1.2 only.
+ * (flash-decoding), for every kvmmap storage format. Core OpenCL 1.2 only. The
+ * attention of several query tokens (paged_prefill_split) is at the end of the file.
  *
  * Work-group (split s, sequence b, kv head h) covers visible tokens
  * [start[b] + s * SPLIT_TOKENS, ...) of one (sequence, kv head) for all GQA query

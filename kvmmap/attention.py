@@ -1,4 +1,6 @@
-"""Paged decode attention: one new query token per sequence against its cached K/V.
+"""Paged attention against each sequence's cached K/V: decode (one new query token per
+sequence, :func:`paged_decode_attention`) and several query tokens, causal among
+themselves (:func:`paged_attention`).
 
 The CPU path (:mod:`kvmmap._attention`) reads the quantized pages in place and decodes
 them inside the loop, a page at a time; no full-precision copy of the context is made.
@@ -11,12 +13,15 @@ For every sequence ``b`` and query head ``j`` (kv head ``h = j // G`` with
     out[b, j] = softmax(scale * K_b[:, h] @ q[b, j]) @ V_b[:, h]
 
 over the sequence's visible tokens (its last ``window`` tokens when a window is given),
-where ``K_b``, ``V_b`` are the *stored* (dequantized) keys and values.
+where ``K_b``, ``V_b`` are the *stored* (dequantized) keys and values. With several
+query tokens, token ``i`` of a sequence of ``n`` visible tokens sits at position
+``n - q_tokens + i`` and attends over positions up to its own (causal) or all ``n``, and
+from its own minus ``window - 1`` when a window is given.
 
 Finite inputs give finite outputs. Both kernels work in float32 and mark a row whose
 logits or sums overflowed (``q . k`` of finite float32 vectors can reach
-``head_dim * 3.4e38**2``) with NaN or inf; :func:`exact_decode` recomputes such rows in
-float64, as it does every row when ``scale`` is not a normal float32.
+``head_dim * 3.4e38**2``) with NaN or inf; :func:`exact_decode` (:func:`exact_attention`)
+recomputes such rows in float64, as it does every row when ``scale`` is not a normal float32.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ says whether a device can be used. The device is the one named by
 ``KVMMAP_OPENCL_DEVICE`` (a case-insensitive substring of ``platform name / device name``),
 else the first GPU, else the first CPU device (PoCL on machines without a GPU); a device
 that cannot build a probe kernel is passed over. Programs are built once per (context,
-source, options) and cached. :func:`decode` runs paged decode attention against a
-:class:`DevicePool`, the device's copy of a cache's pages.
+source, options) and cached. :func:`decode` runs paged decode attention and
+:func:`attention` attention of several query tokens against a :class:`DevicePool`, the
+device's copy of a cache's pages.
 """
 
 from __future__ import annotations
