@@ -4,7 +4,10 @@
 
 Run once per released format version; the files are committed and must never be
 regenerated for a version that has shipped (that would hide a format change), so it
-refuses to overwrite them without --force.
+refuses to overwrite them without --force. It writes through the library, so it needs a
+kvmmap that still writes format 1.0 (commit 3db7875 or earlier); today's kvmmap writes
+2.0 (tests/golden/make_golden2.py). The ``reference`` function below is still used by the
+tests.
 
 Four small caches together cover every storage format on the K side and the V side (int4
 on both, with a different V group size than the default). Each holds the same story:
