@@ -356,8 +356,9 @@ def merge_partials(const int64_t[:, ::1] items, const float[:, ::1] m, const flo
 # row by row under the causal / window mask, then acc += P V. The items of one
 # (sequence, kv head, query block) are merged by log-sum-exp (merge_query_blocks).
 
-DEF MR = 4      # rows of the register tile of gemm()
-DEF NR = 16     # columns of the register tile (two AVX2 vectors, one AVX-512 vector)
+cdef enum:
+    MR = 4      # rows of the register tile of gemm()
+    NR = 16     # columns of the register tile (two AVX2 vectors, one AVX-512 vector)
 
 
 cdef inline void gemm(const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,

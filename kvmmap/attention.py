@@ -231,7 +231,7 @@ QUERY_KEY_TOKENS = 64  # CPU: key positions decoded per step (rounded to whole p
 def check_queries(cache, layer, seqs, q, causal, scale, window):
     """Validate the arguments of :func:`paged_attention`.
 
-    Returns (layer, seqs, q float32 [B, T, Hq, D], scale, window int or None, lengths)."""
+    Returns (layer, seqs, q float32 [B, T, Hq, D], scale, window int or None)."""
     if not callable(getattr(cache, "paged_batch", None)):
         raise ConfigError(f"cache must be a PagedKVCache, found {type(cache).__name__}")
     if not isinstance(causal, (bool, np.bool_)):
@@ -247,7 +247,7 @@ def check_queries(cache, layer, seqs, q, causal, scale, window):
         raise ShapeError(
             f"q must be [batch={nseq}, q_tokens >= 1, num_q_heads (a multiple of num_kv_heads={H}), "
             f"head_dim={D}], found {describe(q)}")
-    B, T = q.shape[:2]
+    T = q.shape[1]
     # the checks of a decode step, on the first query token (q_tokens does not matter to them)
     layer, seqs, _, scale, _ = check_query(cache, layer, seqs, q[:, 0], scale, window)
     if not np.isfinite(q).all():
@@ -260,7 +260,7 @@ def check_queries(cache, layer, seqs, q, causal, scale, window):
     window = None if window is None else int(window)
     if window is not None and window >= max(lengths, default=0):
         window = None
-    return layer, seqs, np.ascontiguousarray(q, np.float32), scale, window, lengths
+    return layer, seqs, np.ascontiguousarray(q, np.float32), scale, window
 
 
 def _query_items(lo, hi, H: int, qb: int, block: int, nthreads: int):
@@ -425,7 +425,7 @@ def paged_attention(cache, layer: int, seqs, q, *, causal: bool = True, scale: f
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, found {backend!r}")
-    layer, seqs, q, scale, window, lengths = check_queries(cache, layer, seqs, q, causal, scale, window)
+    layer, seqs, q, scale, window = check_queries(cache, layer, seqs, q, causal, scale, window)
     T = q.shape[1]
     if T == 1:      # decode: the query sees every position before it, whatever causal says
         return paged_decode_attention(cache, layer, seqs, q[:, 0], scale=scale, window=window,

@@ -368,7 +368,8 @@ def attention(cache, layer: int, seqs, q: np.ndarray, causal: bool, scale: float
     first = np.arange(0, T, query_tokens)
     span = int((hi[:, np.minimum(first + query_tokens, T) - 1] + 1 - lo[:, first]).max())
     num_splits = max(1, min(-(-MIN_GROUPS // (num_blocks * B * H)), -(-span // tile)))
-    split_tokens = -(-(-(-span // num_splits)) // tile) * tile
+    per_split = -(-span // num_splits)
+    split_tokens = -(-per_split // tile) * tile
     num_splits = -(-span // split_tokens)
     mf = cl.mem_flags
 

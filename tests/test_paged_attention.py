@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import kvmmap as km
 from helpers import assert_close
 from reference import parse_cache_file, stored_kv
+
+import kvmmap as km
 
 FORMAT_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("int8", "int8"),
                 ("int4", "int4"), ("fp8_e4m3", "fp8_e5m2"), ("int8", "int4"), ("fp8_e5m2", "fp8_e4m3")]
@@ -56,7 +56,7 @@ def reference(cache, seqs, q, causal=True, scale=None, window=None):
     cache.flush()
     raw = Path(cache.path).read_bytes()
     parsed = parse_cache_file(raw)
-    B, T, Hq, D = q.shape
+    T, Hq, D = q.shape[1:]
     out = np.empty(q.shape, np.float64)
     for b, s in enumerate(seqs):
         k, v = (a.astype(np.float64) for a in stored_kv(parsed, raw, s, 0))
