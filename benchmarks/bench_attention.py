@@ -8,8 +8,15 @@ against this machine's memcpy bandwidth measured in the same run. Every time is 
 median of ``--repeat`` calls after a warm-up (benchmarks/_timing.py); ``--json`` prints
 the figures as one JSON object.
 
+A second section times prefill: ``--q-tokens`` query tokens (the last ones of each
+sequence, causal) with :func:`kvmmap.paged_attention` over ``--prefill-contexts``, against
+SDPA in float32 with the same causal mask on the same stored data (``--q-tokens`` with no
+value skips it). Its JSON rows carry ``"section": "prefill"``; the decode rows
+``"section": "decode"``.
+
     python benchmarks/bench_attention.py                       # 4k and 64k tokens
     python benchmarks/bench_attention.py --contexts 4096 131072 --batch 4 --backend opencl
+    python benchmarks/bench_attention.py --contexts --q-tokens 256 1024 --prefill-contexts 2048 8192
 """
 
 from __future__ import annotations
@@ -64,9 +71,55 @@ def fill(path, fmt, n, H, D, batch, rng):
     return c, seqs
 
 
+def prefill(args, torch, rng, show) -> list[dict]:
+    """The prefill section: causal attention of the last T tokens over contexts of n."""
+    H, Hq, D, B = args.kv_heads, args.q_heads, args.head_dim, args.batch
+    rows = []
+    show(f"\nprefill attention (causal, last q_tokens positions): batch={B}, q_heads={Hq}, kv_heads={H}, "
+         f"head_dim={D}, threads={args.threads}, backend={args.backend}")
+    show(f"{'context':>8} {'q_tokens':>8} {'format':>6} {'kvmmap ms':>10} {'GFLOP/s':>8} "
+         f"{'sdpa32 ms':>10} {'vs sdpa32':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.prefill_contexts:
+            for fmt in args.formats:
+                c, seqs = fill(os.path.join(tmp, f"{fmt}.kvm"), fmt, n, H, D, B, rng)
+                for T in args.q_tokens:
+                    if T > n:
+                        continue
+                    q = rng.standard_normal((B, T, Hq, D), dtype=np.float32)
+                    run = lambda: km.paged_attention(c, 0, seqs, q, backend=args.backend)
+                    t = median_time(run, max(3, args.repeat // 3))
+                    flops = 4 * B * T * n * Hq * D
+                    rec = {"section": "prefill", "context": n, "q_tokens": T, "format": fmt, "kvmmap_s": t,
+                           "gflop_s": flops / t / 1e9}
+                    row = f"{n:>8} {T:>8} {fmt:>6} {t * 1e3:>10.2f} {flops / t / 1e9:>8.1f}"
+                    if torch is not None:
+                        import torch.nn.functional as F
+                        # SDPA on this format's stored (dequantized) data, float32, same mask
+                        tk = torch.from_numpy(np.stack([c.read(s, 0)[0] for s in seqs])).transpose(1, 2)
+                        tv = torch.from_numpy(np.stack([c.read(s, 0)[1] for s in seqs])).transpose(1, 2)
+                        tq = torch.from_numpy(q).transpose(1, 2)
+                        mask = torch.ones(T, n, dtype=torch.bool).tril(n - T)
+                        sdpa = lambda: F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask, enable_gqa=True)
+                        with torch.inference_mode():
+                            ts = median_time(sdpa, max(3, args.repeat // 3))
+                            ref = sdpa().transpose(1, 2).numpy()
+                        err = np.abs(run() - ref).max() / np.abs(ref).max()
+                        if err > 2e-3:
+                            print(f"!! kvmmap and SDPA disagree: relative error {err:.2e}", file=sys.stderr)
+                        rec.update(sdpa32_s=ts, vs_sdpa32=ts / t)
+                        row += f" {ts * 1e3:>10.2f} {ts / t:>8.2f}x"
+                    rows.append(rec)
+                    show(row, flush=True)
+                c.close()
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 65536])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 65536])
+    ap.add_argument("--q-tokens", type=int, nargs="*", default=[256, 1024], help="prefill query tokens")
+    ap.add_argument("--prefill-contexts", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--formats", nargs="+", default=["int8", "fp16", "int4"])
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--q-heads", type=int, default=32)
@@ -115,7 +168,7 @@ def main(argv=None) -> int:
                 t = median_time(run, args.repeat)
                 pages = sum(len(c.block_table(s, 0)) for s in seqs)
                 kv_bytes = pages * c.superblock.page_bytes
-                rec = {"context": n, "format": fmt, "kvmmap_s": t, "kv_gb_s": kv_bytes / t / 1e9,
+                rec = {"section": "decode", "context": n, "format": fmt, "kvmmap_s": t, "kv_gb_s": kv_bytes / t / 1e9,
                        "vs_memcpy": kv_bytes / t / 1e9 / bw}
                 row = f"{n:>8} {fmt:>6} {t * 1e3:>10.3f} {kv_bytes / t / 1e9:>8.2f} {kv_bytes / t / 1e9 / bw:>8.2f}x"
                 if torch is not None:
@@ -145,9 +198,13 @@ def main(argv=None) -> int:
                 rows.append(rec)
                 show(row, flush=True)
                 c.close()
+    if args.q_tokens:
+        rows += prefill(args, torch, rng, show)
     if args.json:
         emit_json("bench_attention", args, baseline, rows)
         return 0
+    print("prefill: 'GFLOP/s' counts 4 * q_tokens * visible keys * q_heads * head_dim per call (the causal "
+          "mask's skipped half of the last block included); 'vs sdpa32' is SDPA time / kvmmap time.")
     print("KV GB/s counts the stored pages (codes + scales) read per decode step; "
           "'vs sdpaXX' is SDPA time / kvmmap time on the same context (SDPA reads the dequantized K/V "
           "of the first format as float32 / float16).")
