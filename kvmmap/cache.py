@@ -1242,7 +1242,8 @@ class PagedKVCache:
             # metadata; the next commits list the copies, rewrite every record low, and free
             # the originals; then both roots name the lower high-water mark before the file is
             # cut to it. At every step both commits on disk list only intact pages.
-            table.relocate(table.data_pages())
+            # below the bound: the pages of tokens, and room for two versions of the metadata
+            table.relocate(table.data_pages() + 2 * table.meta_pages + 2)
             table.dirty.update(table.seqs)      # every record rewritten into the lowest free pages
             self.flush()
             self.flush()

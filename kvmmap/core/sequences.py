@@ -589,7 +589,7 @@ class SequenceTable:
         free = free[free < bound]
         listed = [st.pages_listed() for s in self.seqs.values() for st in s.layers]
         listed = np.unique(np.concatenate(listed)) if listed else np.zeros(0, np.uint32)
-        movers = listed[listed >= bound][:len(free)]
+        movers = listed[listed >= bound][::-1][:len(free)]     # the highest first
         if not len(movers):
             return 0
         targets = free[:len(movers)]
