@@ -140,8 +140,10 @@ class Format:
         """
         if grouping not in GROUPINGS:
             raise FormatError(f"grouping must be one of {GROUPINGS}, found {grouping!r}")
-        grouped = ", ".join(f.name for f in _REGISTRY.values() if f.grouped)
         if not self.grouped:
+            if grouping == "token" and group_size in (None, 0):
+                return "token", 0
+            grouped = ", ".join(f.name for f in _REGISTRY.values() if f.grouped)
             if grouping != "token":
                 raise FormatError(f"grouping={grouping!r} is only available for {grouped}, not {self.name}")
             if group_size not in (None, 0):

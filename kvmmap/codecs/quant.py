@@ -254,7 +254,7 @@ def quantize(x, fmt: str, *, grouping: str = "token", group_size: int | None = N
     return q
 
 
-def quantize_into(x, out: QTensor) -> None:
+def quantize_into(x, out: QTensor, *, all_or_nothing: bool = True) -> None:
     """Quantize ``x`` into the preallocated arrays of ``out``, without temporaries.
 
     ``out`` names the format, grouping and destination arrays, which may be views into a
@@ -267,6 +267,11 @@ def quantize_into(x, out: QTensor) -> None:
     x : numpy.ndarray, float32, shape ``out.shape``
     out : QTensor
         Destination; its ``codes`` / ``scales`` / ``zeros`` are overwritten.
+    all_or_nothing : bool
+        With float16 side data, check every row before writing any (an extra pass), so
+        that refused input leaves the destination unchanged. False: skip that pass (a
+        refusal may leave some rows written), for callers writing where nothing reads
+        until the call succeeded (the pool's rows past a sequence's length).
 
     Raises
     ------
@@ -295,7 +300,7 @@ def quantize_into(x, out: QTensor) -> None:
         _check_out(out.scales, "scales", sdt, side)
         if f.zero_point:
             _check_out(out.zeros, "zeros", sdt, side)
-    quantize_into_checked_shapes(x, out)
+    quantize_into_checked_shapes(x, out, all_or_nothing)
 
 
 def _side(f: Format, a: np.ndarray | None, name: str, sdt: np.dtype) -> np.ndarray:
@@ -307,7 +312,7 @@ def _side(f: Format, a: np.ndarray | None, name: str, sdt: np.dtype) -> np.ndarr
     return a.view(np.uint16) if sdt == np.float16 else a
 
 
-def quantize_into_checked_shapes(x: np.ndarray, q: QTensor) -> None:
+def quantize_into_checked_shapes(x: np.ndarray, q: QTensor, all_or_nothing: bool = True) -> None:
     """:func:`quantize_into` for a caller that knows ``x`` and ``q`` agree in shape and
     dtype (float32, last axis contiguous): only the values are checked (NonFiniteError
     for what the format cannot store; with float16 side data, before anything is
@@ -325,7 +330,7 @@ def quantize_into_checked_shapes(x: np.ndarray, q: QTensor) -> None:
     # float16 side data: a refused row must leave the destination as it was. One fast
     # pass for the largest |x| clears most inputs; past that bound, rows (groups) are
     # checked one by one before anything is written.
-    if sdt == np.float16 and _quant.max_abs_bits(x3, n) > _half_side_safe_bits(f):
+    if all_or_nothing and sdt == np.float16 and _quant.max_abs_bits(x3, n) > _half_side_safe_bits(f):
         _status(kernel(x3, c3, sc, zp, q.group_size, n, True), f)
     _status(kernel(x3, c3, sc, zp, q.group_size, n), f)
 

@@ -398,12 +398,13 @@ class SequenceTable:
                     if take < P:
                         self._res_write(st.res, row, xs)
                         continue
-                quant.quantize_into(xs, arena.page_q(side, page, row, row + take))
+                quant.quantize_into(xs, arena.page_q(side, page, row, row + take), all_or_nothing=False)
             st.n_pos += take
             if row + take == P:
                 if self.k4 and len(st.res):
                     # the key group is complete: quantize it per channel over the page
-                    quant.quantize_into(self.res_read(st.res, P), arena.page_q("k", page, 0, P))
+                    quant.quantize_into(self.res_read(st.res, P), arena.page_q("k", page, 0, P),
+                                        all_or_nothing=False)
                     release.extend(st.res.tolist())
                     st.res = _NO_PAGES
                 arena.mark_sealed(page)
@@ -480,8 +481,8 @@ class SequenceTable:
             if self.k4:
                 self._res_write(st.res, row, self._as_fp16(k[b]))
             else:
-                quant.quantize_into(k[b], arena.page_q("k", page, row, row + n))
-            quant.quantize_into(v[b], arena.page_q("v", page, row, row + n))
+                quant.quantize_into(k[b], arena.page_q("k", page, row, row + n), all_or_nothing=False)
+            quant.quantize_into(v[b], arena.page_q("v", page, row, row + n), all_or_nothing=False)
         for st in sts:
             st.n_pos += n
 
