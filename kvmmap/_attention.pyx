@@ -308,6 +308,32 @@ def attend(
         free(work)
 
 
+cdef inline void merge_row(const float[:, ::1] m, const float[:, ::1] l, const float[:, :, ::1] acc,
+                           Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t r, float* o,
+                           Py_ssize_t D) noexcept nogil:
+    """Row ``r`` of the partial results of items ``k0 .. k1 - 1`` combined by log-sum-exp
+    into ``o[0 .. D - 1]`` (items with an empty sum take no part)."""
+    cdef Py_ssize_t k, j
+    cdef float mx = -INFINITY, wsum = 0, w
+    for k in range(k0, k1):
+        if l[k, r] != 0:
+            mx = m[k, r] if m[k, r] > mx else mx
+    for j in range(D):
+        o[j] = 0
+    for k in range(k0, k1):
+        if l[k, r] == 0:
+            continue
+        w = expf(m[k, r] - mx)
+        wsum = wsum + w * l[k, r]
+        for j in range(D):
+            o[j] = o[j] + w * acc[k, r, j]
+    # wsum >= 1 (the item holding the maximum has weight 1 and l >= 1) unless a score or a
+    # sum overflowed float32: then the NaN or inf it carries must reach the output, where
+    # the caller sees it and recomputes the row
+    for j in range(D):
+        o[j] = o[j] / wsum
+
+
 def merge_partials(const int64_t[:, ::1] items, const float[:, ::1] m, const float[:, ::1] l,
                    const float[:, :, ::1] acc, float[:, :, ::1] out):
     """Combine the items of each sequence by log-sum-exp into out [B, H * G, D].
@@ -325,25 +351,7 @@ def merge_partials(const int64_t[:, ::1] items, const float[:, ::1] m, const flo
             while e < N and items[e, 0] == b:
                 e += 1
             for r in range(Hq):
-                o = &out[b, r, 0]
-                mx = -INFINITY
-                for k in range(i, e):
-                    mx = m[k, r] if m[k, r] > mx else mx
-                for j in range(D):
-                    o[j] = 0
-                wsum = 0
-                for k in range(i, e):
-                    if l[k, r] == 0:
-                        continue
-                    w = expf(m[k, r] - mx)
-                    wsum = wsum + w * l[k, r]
-                    for j in range(D):
-                        o[j] = o[j] + w * acc[k, r, j]
-                # wsum >= 1 (the item holding the maximum has weight 1 and l >= 1) unless
-                # a score or a sum overflowed float32: then the NaN or inf it carries
-                # must reach the output, where the caller sees it and recomputes the row
-                for j in range(D):
-                    o[j] = o[j] / wsum
+                merge_row(m, l, acc, i, e, r, &out[b, r, 0], D)
             i = e
 
 
@@ -562,21 +570,4 @@ def merge_query_blocks(const int64_t[:, ::1] items, const int64_t[::1] group_ptr
         b, h, i0 = items[s0, 0], items[s0, 1], items[s0, 2]
         R = (items[s0, 3] - i0) * G
         for r in range(R):
-            o = &out[b, i0 + r // G, h * G + r % G, 0]
-            mx = -INFINITY
-            for k in range(s0, e):
-                if l[k, r] != 0:
-                    mx = m[k, r] if m[k, r] > mx else mx
-            for j in range(D):
-                o[j] = 0
-            wsum = 0
-            for k in range(s0, e):
-                if l[k, r] == 0:
-                    continue
-                w = expf(m[k, r] - mx)
-                wsum = wsum + w * l[k, r]
-                for j in range(D):
-                    o[j] = o[j] + w * acc[k, r, j]
-            # as in merge_partials: an overflow's NaN or inf reaches the output
-            for j in range(D):
-                o[j] = o[j] / wsum
+            merge_row(m, l, acc, s0, e, r, &out[b, i0 + r // G, h * G + r % G, 0], D)

@@ -40,6 +40,14 @@ EXACT_TOKENS = 4096   # exact_decode: tokens read per step
 FLT_MIN, FLT_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
+
+def _resolve(backend: str) -> str:
+    """"auto": OpenCL on a GPU, else the CPU."""
+    if backend != "auto":
+        return backend
+    from . import opencl
+    return "opencl" if opencl.has_gpu() else "cpu"
+
 def check_query(cache, layer, seqs, q, scale, window):
     """Validate the arguments of a batched decode.
 
@@ -201,9 +209,7 @@ def paged_decode_attention(cache, layer: int, seqs, q, *, scale: float | None = 
     layer, seqs, q, scale, window = check_query(cache, layer, seqs, q, scale, window)
     if not seqs:
         return np.empty(q.shape, np.float32)
-    if backend == "auto":
-        from . import opencl
-        backend = "opencl" if opencl.has_gpu() else "cpu"
+    backend = _resolve(backend)
     if not FLT_MIN <= scale <= FLT_MAX:     # the kernels take scale as a normal float32
         out = np.full(q.shape, np.nan, np.float32)
     elif backend == "opencl":
@@ -432,9 +438,7 @@ def paged_attention(cache, layer: int, seqs, q, *, causal: bool = True, scale: f
                                       backend=backend)[:, None]
     if not seqs:
         return np.empty(q.shape, np.float32)
-    if backend == "auto":
-        from . import opencl
-        backend = "opencl" if opencl.has_gpu() else "cpu"
+    backend = _resolve(backend)
     if not FLT_MIN <= scale <= FLT_MAX:     # the kernels take scale as a normal float32
         out = np.full(q.shape, np.nan, np.float32)
     elif backend == "opencl":
