@@ -255,3 +255,166 @@ __kernel void merge_splits(__global const float *part_o, __global const float *p
     }
     out[(size_t)r * D + d] = num / den;
 }
+
+/* Paged attention of several query tokens per sequence (prefill, chunked prefill).
+ *
+ * Work-group (split s, query block qb, sequence b * NUM_KV_HEADS + kv head h) takes
+ * QUERY_TOKENS query tokens of sequence b with every query head of kv head h (QR rows,
+ * token-major: row r is token r / G, query head h * G + r % G) and the split's part of
+ * the keys those tokens see, [lo of its first token, hi of its last + 1), a tile of
+ * TILE_TOKENS positions at a time:
+ *   1. the tile's K rows are decoded into local memory;
+ *   2. work-items compute scores of (row, token) pairs, masked to -inf outside the
+ *      positions the row's token sees (lo[b, i] .. hi[b, i]);
+ *   3. one work-item per row runs the online softmax step (new max, weights, sum, and
+ *      the factor alpha that rescales the row's accumulator);
+ *   4. the tile's V rows replace K in local memory, and each work-item updates the
+ *      accumulator elements (row, d) it owns, held in registers over all tiles.
+ * The partials (o unnormalised, m, l) of row (b, token i, query head j) go to
+ * [(b * q_tokens + i) * H * G + j, split] and merge_splits combines them. A row that saw
+ * no position in its split leaves l = 0, which merge_splits skips.
+ *
+ * Compile-time constants (-D) besides those of paged_decode_split: QUERY_TOKENS (query
+ * tokens per work-group), TILE_TOKENS (key positions per tile). */
+#ifndef QUERY_TOKENS
+#define QUERY_TOKENS 16
+#endif
+#ifndef TILE_TOKENS
+#define TILE_TOKENS 32
+#endif
+#define QR (QUERY_TOKENS * G)
+#define ACC_PER ((QR * D + WG_SIZE - 1) / WG_SIZE)
+
+__kernel __attribute__((reqd_work_group_size(WG_SIZE, 1, 1)))
+void paged_prefill_split(
+    gptr s0, gptr s1, gptr s2, gptr s3, gptr s4, gptr s5, gptr s6, gptr s7, const ulong pages_per_shard,
+    __global const int *page_indptr, __global const int *page_indices,
+    __global const float *tail_k, __global const float *tail_v,   /* [B, H, P, D] */
+    __global const float *q,                                        /* [B, T, H * G, D] */
+    __global const int *lo, __global const int *hi,                /* [B, T] */
+    const int q_tokens, const float scale, const int num_splits, const int split_tokens,
+    __global float *part_o, __global float *part_m, __global float *part_l)
+{
+    __local float q_l[QR * D];
+    __local float kv_l[TILE_TOKENS * D];
+    __local float s_l[QR * TILE_TOKENS];
+    __local float m_l[QR], l_l[QR], alpha_l[QR];
+    __local int lo_l[QUERY_TOKENS], hi_l[QUERY_TOKENS];
+
+    const int lid = get_local_id(0);
+    const int split = get_group_id(0);
+    const int i0 = get_group_id(1) * QUERY_TOKENS;
+    const int b = get_group_id(2) / NUM_KV_HEADS;
+    const int h = get_group_id(2) % NUM_KV_HEADS;
+    const int nq = min(QUERY_TOKENS, q_tokens - i0);
+    const int first_page = page_indptr[b];
+    const int num_pages = page_indptr[b + 1] - first_page;
+    const size_t qrow0 = (size_t)b * q_tokens + i0;        /* first query token of the block */
+    const int t0 = lo[qrow0] + split * split_tokens;
+    const int t1 = min(hi[qrow0 + nq - 1] + 1, t0 + split_tokens);
+
+    for (int e = lid; e < QR * D; e += WG_SIZE) {
+        int r = e / D, i = r / G;
+        q_l[e] = i < nq ? q[((qrow0 + i) * NUM_KV_HEADS * G + h * G + r % G) * D + e % D] * scale : 0.0f;
+    }
+    for (int i = lid; i < QUERY_TOKENS; i += WG_SIZE) {
+        lo_l[i] = i < nq ? lo[qrow0 + i] : INT_MAX;      /* tokens past the end see nothing */
+        hi_l[i] = i < nq ? hi[qrow0 + i] : -1;
+    }
+    for (int r = lid; r < QR; r += WG_SIZE) {
+        m_l[r] = -INFINITY;
+        l_l[r] = 0.0f;
+    }
+    float acc[ACC_PER];
+    for (int k = 0; k < ACC_PER; k++) acc[k] = 0.0f;
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    for (int tile = t0; tile < t1; tile += TILE_TOKENS) {
+        const int n = min(TILE_TOKENS, t1 - tile);
+        /* 1. K of the tile */
+        for (int e = lid; e < n * (D / 4); e += WG_SIZE) {
+            int t = e / (D / 4), d = (e % (D / 4)) * 4, pos = tile + t, lp = pos / P, a = pos % P;
+            float4 k;
+            if (lp < num_pages) {
+                ulong page = (ulong)page_indices[first_page + lp], shard = page / pages_per_shard;
+                gptr base = page_base((uchar)shard, (page - shard * pages_per_shard) * (ulong)PAGE_BYTES,
+                                      s0, s1, s2, s3, s4, s5, s6, s7);
+                k = load_k4(base, h, a, d);
+            } else {
+                k = vload4(0, tail_k + (((size_t)b * NUM_KV_HEADS + h) * P + (pos - num_pages * P)) * D + d);
+            }
+            vstore4(k, 0, kv_l + t * D + d);
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        /* 2. masked scores */
+        for (int e = lid; e < QR * TILE_TOKENS; e += WG_SIZE) {
+            int r = e / TILE_TOKENS, t = e % TILE_TOKENS, i = r / G, pos = tile + t;
+            float x = -INFINITY;
+            if (t < n && pos >= lo_l[i] && pos <= hi_l[i]) {
+                x = 0.0f;
+                for (int d = 0; d < D; d += 4)
+                    x += dot(vload4(0, q_l + r * D + d), vload4(0, kv_l + t * D + d));
+            }
+            s_l[e] = x;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        /* 3. online softmax step per row */
+        for (int r = lid; r < QR; r += WG_SIZE) {
+            float mx = m_l[r];
+            for (int t = 0; t < n; t++) mx = fmax(mx, s_l[r * TILE_TOKENS + t]);
+            float alpha = 1.0f, sum = 0.0f;
+            if (mx == -INFINITY) {          /* nothing seen yet */
+                for (int t = 0; t < n; t++) s_l[r * TILE_TOKENS + t] = 0.0f;
+            } else {
+                alpha = exp(m_l[r] - mx);
+                for (int t = 0; t < n; t++) {
+                    float w = exp(s_l[r * TILE_TOKENS + t] - mx);
+                    s_l[r * TILE_TOKENS + t] = w;
+                    sum += w;
+                }
+            }
+            l_l[r] = l_l[r] * alpha + sum;
+            m_l[r] = mx;
+            alpha_l[r] = alpha;
+        }
+        /* 4. V of the tile (K is no longer read), then acc = acc * alpha + p V */
+        for (int e = lid; e < n * D; e += WG_SIZE) {
+            int t = e / D, d = e % D, pos = tile + t, lp = pos / P, a = pos % P;
+            if (lp < num_pages) {
+                ulong page = (ulong)page_indices[first_page + lp], shard = page / pages_per_shard;
+                gptr base = page_base((uchar)shard, (page - shard * pages_per_shard) * (ulong)PAGE_BYTES,
+                                      s0, s1, s2, s3, s4, s5, s6, s7);
+                kv_l[e] = load_v(base, h, a, d);
+            } else {
+                kv_l[e] = tail_v[(((size_t)b * NUM_KV_HEADS + h) * P + (pos - num_pages * P)) * D + d];
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int k = 0; k < ACC_PER; k++) {
+            int e = lid + k * WG_SIZE;
+            if (e < QR * D) {
+                int r = e / D, d = e % D;
+                float a = acc[k] * alpha_l[r];
+                for (int t = 0; t < n; t++) a += s_l[r * TILE_TOKENS + t] * kv_l[t * D + d];
+                acc[k] = a;
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);     /* before the next tile overwrites kv_l and s_l */
+    }
+
+    for (int k = 0; k < ACC_PER; k++) {
+        int e = lid + k * WG_SIZE;
+        if (e < QR * D && e / D / G < nq) {
+            int r = e / D;
+            size_t row = (qrow0 + r / G) * NUM_KV_HEADS * G + h * G + r % G;
+            part_o[(row * num_splits + split) * D + e % D] = acc[k];
+        }
+    }
+    for (int r = lid; r < QR; r += WG_SIZE) {
+        if (r / G < nq) {
+            size_t row = (qrow0 + r / G) * NUM_KV_HEADS * G + h * G + r % G;
+            part_m[row * num_splits + split] = m_l[r];
+            part_l[row * num_splits + split] = l_l[r];
+        }
+    }
+}

@@ -28,7 +28,7 @@ from .errors import (
     SequenceError,
     ShapeError,
 )
-from .attention import paged_decode_attention
+from .attention import paged_attention, paged_decode_attention
 from .cache import PagedKVCache
 from .codecs.quant import QTensor, dequantize, quantize, quantize_into
 from .compress import CompressedKV, KVCacheCompressor, decompress_kv
@@ -42,6 +42,7 @@ __all__ = [
     "Format",
     "get_format",
     "PagedKVCache",
+    "paged_attention",
     "paged_decode_attention",
     "KVCacheCompressor",
     "CompressedKV",

@@ -345,3 +345,237 @@ def merge_partials(const int64_t[:, ::1] items, const float[:, ::1] m, const flo
                 for j in range(D):
                     o[j] = o[j] / wsum
             i = e
+
+
+# ---------------------------------------------------------------------------------
+# Paged attention of several query tokens per sequence (prefill, chunked prefill,
+# speculative verification). Work items are (sequence, kv head, block of query tokens,
+# range of key positions); an item keeps the block's queries (every GQA head) in a
+# buffer and passes once over its key range a block of pages at a time: K of the block
+# decoded and transposed, scores S = Q K^T as a small matrix product, online softmax
+# row by row under the causal / window mask, then acc += P V. The items of one
+# (sequence, kv head, query block) are merged by log-sum-exp (merge_query_blocks).
+
+DEF MR = 4      # rows of the register tile of gemm()
+DEF NR = 16     # columns of the register tile (two AVX2 vectors, one AVX-512 vector)
+
+
+cdef inline void gemm(const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
+                      float* C, Py_ssize_t ldc, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                      bint add) noexcept nogil:
+    """C[M, N] = A[M, K] @ B[K, N] (``add``: C += A @ B), all row-major with leading
+    dimensions lda, ldb, ldc. An MR x NR tile of C stays in registers over the K loop,
+    so each B row loaded serves MR rows of A and no partial sum goes through memory."""
+    cdef Py_ssize_t i, j, k, u, r, mr, nr
+    cdef float c[MR][NR]
+    cdef float a0, a1, a2, a3
+    cdef const float* bk
+    i = 0
+    while i < M:
+        mr = min(MR, M - i)
+        j = 0
+        while j < N:
+            nr = min(NR, N - j)
+            if mr == MR and nr == NR:
+                for r in range(MR):
+                    for u in range(NR):
+                        c[r][u] = C[(i + r) * ldc + j + u] if add else 0
+                for k in range(K):
+                    bk = B + k * ldb + j
+                    a0, a1, a2, a3 = A[i * lda + k], A[(i + 1) * lda + k], A[(i + 2) * lda + k], A[(i + 3) * lda + k]
+                    for u in range(NR):
+                        c[0][u] = c[0][u] + a0 * bk[u]
+                        c[1][u] = c[1][u] + a1 * bk[u]
+                        c[2][u] = c[2][u] + a2 * bk[u]
+                        c[3][u] = c[3][u] + a3 * bk[u]
+                for r in range(MR):
+                    for u in range(NR):
+                        C[(i + r) * ldc + j + u] = c[r][u]
+            else:
+                for r in range(mr):
+                    for u in range(nr):
+                        c[0][u] = C[(i + r) * ldc + j + u] if add else 0
+                    for k in range(K):
+                        a0 = A[(i + r) * lda + k]
+                        bk = B + k * ldb + j
+                        for u in range(nr):
+                            c[0][u] = c[0][u] + a0 * bk[u]
+                    for u in range(nr):
+                        C[(i + r) * ldc + j + u] = c[0][u]
+            j += NR
+        i += MR
+
+
+cdef void attend_queries_item(
+    const uint8_t* arena, Py_ssize_t page_bytes, const Side* ks, const Side* vs,
+    const int32_t* pages, Py_ssize_t num_pages, const float* tail_k, const float* tail_v,
+    Py_ssize_t h, Py_ssize_t H, Py_ssize_t P, Py_ssize_t D, Py_ssize_t G,
+    const float* q, Py_ssize_t nq, const int64_t* lo, const int64_t* hi,
+    Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t block,
+    float* m_out, float* l_out, float* acc, float* work,
+) noexcept nogil:
+    """Online softmax of ``nq`` query tokens (rows i * G + g, already scaled, q [nq * G, D])
+    over key positions [t0, t1) of kv head h; token i sees positions lo[i] .. hi[i]
+    (both non-decreasing in i). Outputs m_out, l_out [nq * G] and acc [nq * G, D],
+    unnormalised; a row that saw no position in [t0, t1) has l = 0.
+
+    work: the decoded block [block, D], its transpose [D, nb] and the scores [nq * G, nb]
+    (nb: block rounded up to NR)."""
+    cdef Py_ssize_t R = nq * G, nb = (block + NR - 1) // NR * NR
+    cdef float* buf = work
+    cdef float* kt = buf + block * D
+    cdef float* s = kt + D * nb
+    cdef Py_ssize_t pos = t0, n, ncol, i, ia, ib, ta, tb, t, j, r, g
+    cdef float mnew, alpha, lsum, mold
+    cdef float* sr
+    for r in range(R):
+        m_out[r] = -INFINITY
+        l_out[r] = 0
+    for j in range(R * D):
+        acc[j] = 0
+    ia = 0
+    ib = 0
+    while pos < t1:
+        n = min(block - pos % block, t1 - pos)
+        # the query tokens that see some position of this block: a contiguous range,
+        # since lo and hi grow with the token
+        while ia < nq and hi[ia] < pos:
+            ia += 1
+        ib = ia
+        while ib < nq and lo[ib] < pos + n:
+            ib += 1
+        while ib > ia and hi[ib - 1] < pos:
+            ib -= 1
+        if ia >= ib:
+            pos += n
+            continue
+        ncol = (n + NR - 1) // NR * NR
+        gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
+        for j in range(D):
+            for t in range(n):
+                kt[j * nb + t] = buf[t * D + j]
+            for t in range(n, ncol):
+                kt[j * nb + t] = 0
+        gemm(q + ia * G * D, D, kt, nb, s + ia * G * nb, nb, (ib - ia) * G, ncol, D, False)
+        for i in range(ia, ib):
+            ta = max(lo[i], pos) - pos
+            tb = min(hi[i] + 1, pos + n) - pos
+            for g in range(G):
+                r = i * G + g
+                sr = s + r * nb
+                if ta >= tb:
+                    for t in range(n):
+                        sr[t] = 0
+                    continue
+                mold = m_out[r]
+                mnew = mold
+                for t in range(ta, tb):
+                    mnew = sr[t] if sr[t] > mnew else mnew
+                for t in range(ta):
+                    sr[t] = 0
+                lsum = 0
+                for t in range(ta, tb):
+                    sr[t] = fast_exp(sr[t] - mnew)
+                    lsum = lsum + sr[t]
+                for t in range(tb, n):
+                    sr[t] = 0
+                if mnew > mold:       # rescale what was accumulated under the old max
+                    alpha = fast_exp(mold - mnew)
+                    for j in range(D):
+                        acc[r * D + j] = acc[r * D + j] * alpha
+                    l_out[r] = l_out[r] * alpha
+                    m_out[r] = mnew
+                l_out[r] = l_out[r] + lsum
+        gather(arena, page_bytes, vs, pages, num_pages, tail_v, pos, pos + n, h, P, D, buf)
+        gemm(s + ia * G * nb, nb, buf, D, acc + ia * G * D, D, (ib - ia) * G, D, n, True)
+        pos += n
+
+
+def attend_queries(
+    const uint8_t[::1] arena, Py_ssize_t page_bytes,
+    int k_fmt, Py_ssize_t k_codes_off, Py_ssize_t k_scales_off, Py_ssize_t k_zeros_off, Py_ssize_t k_row_bytes,
+    bint k_side_half,
+    int v_fmt, Py_ssize_t v_codes_off, Py_ssize_t v_scales_off, Py_ssize_t v_zeros_off, Py_ssize_t v_row_bytes,
+    bint v_side_half, Py_ssize_t v_group,
+    const int64_t[::1] page_indptr, const int32_t[::1] page_indices,
+    const float[:, :, :, ::1] tail_k, const float[:, :, :, ::1] tail_v,
+    const int64_t[:, ::1] items, const float[:, :, :, ::1] q, const int64_t[:, ::1] lo,
+    const int64_t[:, ::1] hi, float sm_scale, Py_ssize_t block,
+    float[:, ::1] m, float[:, ::1] l, float[:, :, ::1] acc, int nthreads,
+):
+    """Run every work item of paged attention of several query tokens.
+
+    items [N, 6]: (sequence index b, kv head h, first query token i0, end token i1, first
+    key position t0, end position t1), key ranges cut on multiples of ``block`` (a
+    multiple of the page size). q [B, T, H * G, D] float32 (query head j uses kv head
+    j // G); lo, hi [B, T]: the first and last key position token i of sequence b sees.
+    Partials go to m, l [N, QB * G] and acc [N, QB * G, D], row (i - i0) * G + g, for
+    QB >= i1 - i0. ``k_fmt`` .. ``v_group`` as in :func:`attend`.
+    """
+    cdef Py_ssize_t N = items.shape[0], H = tail_k.shape[1], P = tail_k.shape[2], D = tail_k.shape[3]
+    cdef Py_ssize_t Hq = q.shape[2], G = Hq // H, RMAX = m.shape[1], i, b, h, i0, nq, r, j
+    cdef Py_ssize_t nb = (block + NR - 1) // NR * NR
+    cdef Side ks, vs
+    cdef float* work
+    cdef float* qs
+    init_side(&ks, k_fmt, k_codes_off, k_scales_off, k_zeros_off, k_row_bytes, k_side_half, 0, D,
+              &FP8_TABLES[0][0], &FP8_TABLES[1][0])
+    init_side(&vs, v_fmt, v_codes_off, v_scales_off, v_zeros_off, v_row_bytes, v_side_half, v_group, D,
+              &FP8_TABLES[0][0], &FP8_TABLES[1][0])
+    cdef const uint8_t* base = &arena[0] if arena.shape[0] else NULL
+    if N == 0:
+        return
+    for i in prange(N, nogil=True, schedule="dynamic", num_threads=max(1, min(nthreads, N))):
+        b, h, i0 = items[i, 0], items[i, 1], items[i, 2]
+        nq = items[i, 3] - i0
+        work = <float*>malloc((block * D + D * nb + RMAX * nb + RMAX * D) * sizeof(float))
+        if work == NULL:
+            m[i, 0] = 0.0 / 0.0        # reported as an allocation failure by the caller
+            continue
+        qs = work + block * D + D * nb + RMAX * nb
+        for r in range(nq * G):
+            for j in range(D):
+                qs[r * D + j] = q[b, i0 + r // G, h * G + r % G, j] * sm_scale
+        attend_queries_item(base, page_bytes, &ks, &vs,
+                            &page_indices[0] + page_indptr[b], page_indptr[b + 1] - page_indptr[b],
+                            &tail_k[b, 0, 0, 0], &tail_v[b, 0, 0, 0], h, H, P, D, G,
+                            qs, nq, &lo[b, i0], &hi[b, i0], items[i, 4], items[i, 5], block,
+                            &m[i, 0], &l[i, 0], &acc[i, 0, 0], work)
+        free(work)
+
+
+def merge_query_blocks(const int64_t[:, ::1] items, const int64_t[::1] group_ptr,
+                       const float[:, ::1] m, const float[:, ::1] l, const float[:, :, ::1] acc,
+                       Py_ssize_t G, float[:, :, :, ::1] out, int nthreads):
+    """Combine the items group_ptr[k] .. group_ptr[k + 1] - 1 (one sequence, kv head and
+    query block, split over key ranges) by log-sum-exp into out [B, T, H * G, D]."""
+    cdef Py_ssize_t NG = group_ptr.shape[0] - 1, D = out.shape[3]
+    cdef Py_ssize_t grp, k, e, i0, b, h, r, j, R, s0
+    cdef float mx, wsum, w
+    cdef float* o
+    if NG == 0:
+        return
+    for grp in prange(NG, nogil=True, schedule="static", num_threads=max(1, min(nthreads, NG))):
+        s0 = group_ptr[grp]
+        e = group_ptr[grp + 1]
+        b, h, i0 = items[s0, 0], items[s0, 1], items[s0, 2]
+        R = (items[s0, 3] - i0) * G
+        for r in range(R):
+            o = &out[b, i0 + r // G, h * G + r % G, 0]
+            mx = -INFINITY
+            for k in range(s0, e):
+                if l[k, r] != 0:
+                    mx = m[k, r] if m[k, r] > mx else mx
+            for j in range(D):
+                o[j] = 0
+            wsum = 0
+            for k in range(s0, e):
+                if l[k, r] == 0:
+                    continue
+                w = expf(m[k, r] - mx)
+                wsum = wsum + w * l[k, r]
+                for j in range(D):
+                    o[j] = o[j] + w * acc[k, r, j]
+            # as in merge_partials: an overflow's NaN or inf reaches the output
+            for j in range(D):
+                o[j] = o[j] / wsum

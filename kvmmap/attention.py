@@ -214,3 +214,232 @@ def paged_decode_attention(cache, layer: int, seqs, q, *, scale: float | None = 
         # a read-only view: refuse the result if a writer has since reused pages it read
         cache.check_pages_current(np.unique(np.concatenate([cache.page_table(s, layer)[0] for s in seqs])))
     return out
+
+
+# ---------------------------------------------------------------------------------
+# Attention of several query tokens per sequence
+
+QUERY_ROWS = 64       # CPU: query rows (tokens x GQA heads) of one work item
+QUERY_KEY_TOKENS = 64  # CPU: key positions decoded per step (rounded to whole pages)
+
+
+def check_queries(cache, layer, seqs, q, causal, scale, window):
+    """Validate the arguments of :func:`paged_attention`.
+
+    Returns (layer, seqs, q float32 [B, T, Hq, D], scale, window int or None, lengths)."""
+    if not callable(getattr(cache, "paged_batch", None)):
+        raise ConfigError(f"cache must be a PagedKVCache, found {type(cache).__name__}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ConfigError(f"causal must be True or False, found {causal!r}")
+    if isinstance(seqs, (int, np.integer)):
+        raise SequenceError("seqs must be a sequence of sequence ids, found one id")
+    seqs = list(seqs)
+    q = as_float_array(q, "q")
+    H, D = cache.num_kv_heads, cache.head_dim
+    nseq = len(seqs)
+    if (q.ndim != 4 or q.shape[0] != nseq or q.shape[3] != D or q.shape[2] % H or q.shape[2] == 0
+            or q.shape[1] == 0):
+        raise ShapeError(
+            f"q must be [batch={nseq}, q_tokens >= 1, num_q_heads (a multiple of num_kv_heads={H}), "
+            f"head_dim={D}], found {describe(q)}")
+    B, T = q.shape[:2]
+    # the checks of a decode step, on the first query token (q_tokens does not matter to them)
+    layer, seqs, _, scale, _ = check_query(cache, layer, seqs, q[:, 0], scale, window)
+    if not np.isfinite(q).all():
+        raise NonFiniteError("q holds NaN or inf")
+    lengths = [cache.seq_len(s, layer) for s in seqs]
+    for s, n in zip(seqs, lengths):
+        if n < T:
+            raise ShapeError(f"q holds {T} query tokens but sequence {s} has only {n} tokens in layer "
+                             f"{layer}: append the queries' K/V before attending")
+    window = None if window is None else int(window)
+    if window is not None and window >= max(lengths, default=0):
+        window = None
+    return layer, seqs, np.ascontiguousarray(q, np.float32), scale, window, lengths
+
+
+def _query_items(lo, hi, H: int, qb: int, block: int, nthreads: int):
+    """Work items (b, h, i0, i1, t0, t1) and the index of each group's first item.
+
+    A group is (sequence, kv head, block of ``qb`` query tokens); its key range
+    [lo[b, i0], hi[b, i1 - 1] + 1) is cut into splits, on ``block`` boundaries, only when
+    there are too few groups to keep every thread busy."""
+    B, T = lo.shape
+    i0 = np.arange(0, T, qb)
+    i1 = np.minimum(i0 + qb, T)
+    k0 = lo[:, i0]                                   # [B, nqb]
+    k1 = hi[:, i1 - 1] + 1
+    spans = (k1 - k0).ravel()
+    groups = B * H * len(i0)
+    # about 4 items per thread; a split shorter than 512 keys costs more than it balances
+    chunk = int(spans.max()) if groups >= 4 * nthreads else max(512, -(-int(spans.sum()) * H // (4 * nthreads)))
+    chunk = -(-chunk // block) * block
+    rows, group_ptr = [], [0]
+    for b in range(B):
+        for h in range(H):
+            for j in range(len(i0)):
+                s, e = int(k0[b, j]), int(k1[b, j])
+                cuts = [s, *range((s // block) * block + chunk, e, chunk), e]
+                rows.extend((b, h, int(i0[j]), int(i1[j]), t0, t1) for t0, t1 in zip(cuts[:-1], cuts[1:]))
+                group_ptr.append(len(rows))
+    return np.array(rows, np.int64).reshape(-1, 6), np.array(group_ptr, np.int64)
+
+
+def query_bounds(batch, T: int, causal: bool, window):
+    """lo, hi int64 [B, T]: the first and last key position query token i of sequence b sees.
+
+    Query token i sits at position end - T + i; it sees positions from the first visible
+    one (or its own minus window - 1) up to its own (causal) or the last one."""
+    pos = batch.end[:, None] - T + np.arange(T)[None, :]
+    lo = np.broadcast_to(batch.start[:, None], pos.shape)
+    if window is not None:
+        lo = np.maximum(lo, pos - window + 1)
+    hi = pos if causal else np.broadcast_to(batch.end[:, None] - 1, pos.shape)
+    return np.ascontiguousarray(lo, np.int64), np.ascontiguousarray(hi, np.int64)
+
+
+def cpu_attention(cache, layer: int, seqs, q: np.ndarray, causal: bool, scale: float, window) -> np.ndarray:
+    """The CPU path of :func:`paged_attention` for q_tokens > 1 (arguments already checked)."""
+    from . import _attention
+
+    P, D, H = cache.page_size, cache.head_dim, cache.num_kv_heads
+    B, T, Hq = q.shape[:3]
+    G = Hq // H
+    # the first query token needs window - 1 positions before it
+    batch = cache.paged_batch(layer, seqs, None if window is None else window + T - 1)
+    lo, hi = query_bounds(batch, T, causal, window)
+    qb = max(1, min(T, QUERY_ROWS // G))
+    block = max(1, QUERY_KEY_TOKENS // P) * P
+    nthreads = get_num_threads()
+    items, group_ptr = _query_items(lo, hi, H, qb, block, nthreads)
+    m = np.empty((len(items), qb * G), np.float32)
+    l = np.empty((len(items), qb * G), np.float32)
+    acc = np.empty((len(items), qb * G, D), np.float32)
+    arena = cache.arena.data if cache.arena.data.size else np.zeros(1, np.uint8)
+    _attention.attend_queries(
+        arena, cache.arena.page_bytes, *cache.layout.side_offsets("k"), *cache.layout.side_offsets("v"),
+        cache.layout.group_size["v"],
+        batch.page_indptr, batch.page_indices, batch.tail_k, batch.tail_v,
+        items, q, lo, hi, scale, block, m, l, acc, nthreads,
+    )
+    if np.isnan(m[:, 0]).any():
+        raise MemoryError("paged attention could not allocate its scratch buffers")
+    out = np.empty((B, T, Hq, D), np.float32)
+    _attention.merge_query_blocks(items, group_ptr, m, l, acc, G, out, nthreads)
+    return out
+
+
+def exact_attention(cache, layer: int, seq: int, q: np.ndarray, causal: bool, scale: float,
+                    window) -> np.ndarray:
+    """:func:`paged_attention` of one sequence in float64 (arguments already checked), the
+    path for inputs whose float32 logits or sums overflow (see :func:`exact_decode`).
+
+    q: float32 [T, H * G, D]. Returns float32 [T, H * G, D]."""
+    H = cache.num_kv_heads
+    T, Hq, D = q.shape
+    n = cache.seq_len(seq, layer)
+    pos = n - T + np.arange(T)                              # positions relative to the visible ones
+    lo = np.zeros(T, np.int64) if window is None else np.maximum(0, pos - window + 1)
+    hi = pos if causal else np.full(T, n - 1)
+    qg = q.astype(np.float64).reshape(T, H, Hq // H, D)
+    m = np.full((T, H, Hq // H), -np.inf)
+    l = np.zeros(m.shape)
+    acc = np.zeros(qg.shape)
+    step = max(16, EXACT_TOKENS * 16 // (T * Hq))         # bounds the logits buffer
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t0 in range(int(lo.min()), n, step):
+            t1 = min(n, t0 + step)
+            k, v = cache.read(seq, layer, t0, t1)
+            x = np.einsum("khd,ihgd->ihgk", k.astype(np.float64), qg)
+            keys = np.arange(t0, t1)
+            seen = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])   # [T, t1 - t0]
+            x = np.where(seen[:, None, None, :], x, -np.inf)
+            m_new = np.maximum(m, x.max(axis=3))
+            alpha = np.where(m_new == -np.inf, 1.0, np.exp(scale * (m - m_new)))
+            p = np.where(seen[:, None, None, :], np.exp(scale * (x - m_new[..., None])), 0.0)
+            l = l * alpha + p.sum(axis=3)
+            acc = acc * alpha[..., None] + np.einsum("ihgk,khd->ihgd", p, v.astype(np.float64))
+            m = m_new
+    out = acc / l[..., None]
+    return np.clip(out, -FLT_MAX, FLT_MAX).astype(np.float32).reshape(T, Hq, D)
+
+
+def paged_attention(cache, layer: int, seqs, q, *, causal: bool = True, scale: float | None = None,
+                    window: int | None = None, backend: str = "auto") -> np.ndarray:
+    """Attention of the last ``q_tokens`` tokens of each sequence over its cached K/V.
+
+    The queries belong to the last ``q_tokens`` positions of each sequence, whose K/V are
+    already appended (a prefill chunk, or tokens to verify). Query token ``i`` (at
+    position ``n - q_tokens + i`` of a sequence of ``n`` visible tokens) sees every
+    stored position before the block and, with ``causal``, the block's positions up to
+    its own; without, all ``n``. Keys and values are read from the pages in place in
+    their storage format, never copied to float. ``q_tokens == 1`` is
+    :func:`paged_decode_attention`.
+
+    Parameters
+    ----------
+    cache : PagedKVCache
+    layer : int
+    seqs : sequence of int, length B
+        Sequence ids; each must hold at least ``q_tokens`` tokens in ``layer``.
+    q : numpy.ndarray (float32, float16, float64) or torch tensor, shape ``[B, q_tokens, num_q_heads, head_dim]``
+        ``num_q_heads`` is a multiple ``G`` of ``num_kv_heads``; query head ``j`` reads kv
+        head ``j // G``.
+    causal : bool
+        Whether a query token sees the later tokens of its block (False) or not (True).
+    scale : float, optional
+        Softmax scale, any positive finite number; default ``1 / sqrt(head_dim)``.
+    window : int, optional
+        Each query token sees only the last ``window`` positions up to and including its
+        own (sliding window); None or a window longer than a sequence: no limit.
+    backend : {"auto", "cpu", "opencl"}
+        ``"auto"`` uses OpenCL when a GPU is available and the CPU otherwise.
+
+    Returns
+    -------
+    numpy.ndarray, float32, shape ``[B, q_tokens, num_q_heads, head_dim]``
+        Finite for finite inputs (rows whose float32 logits or sums overflow are
+        recomputed in float64).
+
+    Raises
+    ------
+    ShapeError
+        q's shape, a sequence shorter than ``q_tokens``, a bad window or scale.
+    SequenceError, DTypeError, NonFiniteError, ConfigError
+        As :func:`paged_decode_attention`.
+
+    Examples
+    --------
+    >>> import numpy as np, kvmmap as km
+    >>> c = km.PagedKVCache.create(None, num_layers=1, num_kv_heads=2, head_dim=64)
+    >>> s = c.new_sequence()
+    >>> kv = np.random.default_rng(0).standard_normal((40, 2, 64), dtype=np.float32)
+    >>> c.append(s, 0, kv, kv)
+    >>> km.paged_attention(c, 0, [s], np.ones((1, 8, 4, 64), np.float32)).shape
+    (1, 8, 4, 64)
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, found {backend!r}")
+    layer, seqs, q, scale, window, lengths = check_queries(cache, layer, seqs, q, causal, scale, window)
+    T = q.shape[1]
+    if T == 1:      # decode: the query sees every position before it, whatever causal says
+        return paged_decode_attention(cache, layer, seqs, q[:, 0], scale=scale, window=window,
+                                      backend=backend)[:, None]
+    if not seqs:
+        return np.empty(q.shape, np.float32)
+    if backend == "auto":
+        from . import opencl
+        backend = "opencl" if opencl.has_gpu() else "cpu"
+    if not FLT_MIN <= scale <= FLT_MAX:     # the kernels take scale as a normal float32
+        out = np.full(q.shape, np.nan, np.float32)
+    elif backend == "opencl":
+        from . import opencl
+        out = opencl.attention(cache, layer, seqs, q, causal, scale, window)
+    else:
+        out = cpu_attention(cache, layer, seqs, q, causal, scale, window)
+    finite = np.isfinite(out)
+    if not finite.all():
+        for b in np.flatnonzero(~finite.all(axis=(1, 2, 3))):
+            out[b] = exact_attention(cache, layer, seqs[b], q[b], causal, scale, window)
+    cache.check_pages_current(np.unique(np.concatenate([cache.page_table(s, layer)[0] for s in seqs])))
+    return out

@@ -264,12 +264,14 @@ _POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(ctx, options: tuple[str, ...]):
+def _kernels(ctx, options: tuple[str, ...], name: str = "paged_decode_split"):
     prg = _program(ctx, "paged_attention.cl", options)
-    return cl.Kernel(prg, "paged_decode_split"), cl.Kernel(prg, "merge_splits")
+    return cl.Kernel(prg, name), cl.Kernel(prg, "merge_splits")
 
 
-def _attention_kernels(cache, G: int, split_tokens: int):
+def _attention_kernels(cache, G: int, split_tokens: int, query_tokens: int = 0, tile_tokens: int = 0):
+    """(split kernel, merge kernel): paged_decode_split, or with ``query_tokens``
+    paged_prefill_split built for that many query tokens and ``tile_tokens`` per tile."""
     lay = cache.layout
     opts = [
         f"-DK_FORMAT={lay.formats['k'].format_id}", f"-DV_FORMAT={lay.formats['v'].format_id}",
@@ -281,7 +283,14 @@ def _attention_kernels(cache, G: int, split_tokens: int):
         _, codes_off, scales_off, zeros_off, _, side_half = lay.side_offsets(side)
         opts += [f"-D{side.upper()}_CODES_OFF={codes_off}", f"-D{side.upper()}_SCALES_OFF={scales_off}",
                  f"-D{side.upper()}_ZEROS_OFF={zeros_off}", f"-D{side.upper()}_SIDE_HALF={side_half}"]
+    if query_tokens:
+        opts += [f"-DQUERY_TOKENS={query_tokens}", f"-DTILE_TOKENS={tile_tokens}"]
+        return _kernels(context()[0], tuple(opts), "paged_prefill_split")
     return _kernels(context()[0], tuple(opts))
+
+
+def _decode_split_tokens(P: int, G: int) -> int:
+    return max(P, (LOCAL_LOGITS_BYTES // (4 * G)) // P * P)
 
 
 def decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> np.ndarray:
@@ -296,7 +305,7 @@ def decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> np.n
     G = Hq // H
     if D % 4:
         raise FormatError(f"the OpenCL kernels need head_dim a multiple of 4, found {D}")
-    split = max(P, (LOCAL_LOGITS_BYTES // (4 * G)) // P * P)
+    split = _decode_split_tokens(P, G)
     split_kernel, merge_kernel = _attention_kernels(cache, G, split)
     pool = device_pool(cache)
     held = pool.sync(cache)
@@ -323,6 +332,65 @@ def decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> np.n
                  np.float32(scale), np.int32(num_splits), part_o, part_m, part_l)
     merge_kernel(queue, (D, B * Hq), None, part_o, part_m, part_l, np.int32(num_splits),
                  np.int32(B * Hq), out_buf)
+    cl.enqueue_copy(queue, out, out_buf)     # blocking: also ends the page uploads
+    del held
+    return out
+
+
+QUERY_ROWS = 16          # query rows (tokens x GQA heads) of one prefill work-group
+LOCAL_KV_FLOATS = 4096   # floats of one decoded K or V tile in local memory
+MIN_GROUPS = 256         # work-groups below which prefill splits the key range
+
+
+def attention(cache, layer: int, seqs, q: np.ndarray, causal: bool, scale: float, window) -> np.ndarray:
+    """The OpenCL path of :func:`kvmmap.paged_attention` for q_tokens > 1 (arguments
+    already checked).
+
+    q: float32 [B, T, H * G, D]. Returns float32 [B, T, H * G, D].
+    """
+    from .attention import query_bounds
+
+    ctx, queue = context()
+    H, P, D = cache.num_kv_heads, cache.page_size, cache.head_dim
+    B, T, Hq = q.shape[:3]
+    G = Hq // H
+    if D % 4:
+        raise FormatError(f"the OpenCL kernels need head_dim a multiple of 4, found {D}")
+    query_tokens = max(1, min(T, QUERY_ROWS // G))
+    tile = max(4, min(64, LOCAL_KV_FLOATS // D))
+    split_kernel, merge_kernel = _attention_kernels(cache, G, _decode_split_tokens(P, G), query_tokens, tile)
+    pool = device_pool(cache)
+    held = pool.sync(cache)
+    batch = cache.paged_batch(layer, seqs, None if window is None else window + T - 1)
+    lo, hi = query_bounds(batch, T, causal, window)
+    num_blocks = -(-T // query_tokens)
+    first = np.arange(0, T, query_tokens)
+    span = int((hi[:, np.minimum(first + query_tokens, T) - 1] + 1 - lo[:, first]).max())
+    num_splits = max(1, min(-(-MIN_GROUPS // (num_blocks * B * H)), -(-span // tile)))
+    split_tokens = -(-(-(-span // num_splits)) // tile) * tile
+    num_splits = -(-span // split_tokens)
+    mf = cl.mem_flags
+
+    def upload(a):
+        a = np.ascontiguousarray(a)
+        if a.size == 0:
+            a = np.zeros(1, a.dtype)
+        return cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=a)
+
+    rows = B * T * Hq
+    args = [upload(batch.page_indptr.astype(np.int32)), upload(batch.page_indices),
+            upload(batch.tail_k), upload(batch.tail_v), upload(q),
+            upload(lo.astype(np.int32)), upload(hi.astype(np.int32))]
+    part_o = cl.Buffer(ctx, mf.READ_WRITE, rows * num_splits * D * 4)
+    part_m = cl.Buffer(ctx, mf.READ_WRITE, rows * num_splits * 4)
+    part_l = cl.Buffer(ctx, mf.READ_WRITE, rows * num_splits * 4)
+    out = np.empty(q.shape, np.float32)
+    out_buf = cl.Buffer(ctx, mf.WRITE_ONLY, out.nbytes)
+    split_kernel(queue, (num_splits * WG_SIZE, num_blocks, B * H), (WG_SIZE, 1, 1),
+                 *pool.buffers(), np.uint64(pool.pages_per_shard), *args,
+                 np.int32(T), np.float32(scale), np.int32(num_splits), np.int32(split_tokens),
+                 part_o, part_m, part_l)
+    merge_kernel(queue, (D, rows), None, part_o, part_m, part_l, np.int32(num_splits), np.int32(rows), out_buf)
     cl.enqueue_copy(queue, out, out_buf)     # blocking: also ends the page uploads
     del held
     return out
