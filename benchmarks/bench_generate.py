@@ -82,7 +82,7 @@ def generate_once(model, ids, cache, new):
     """Wall time of one greedy generate() call of ``new`` tokens, and its output."""
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        out = model.generate(ids, cache=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     return time.perf_counter() - t0, out
 
 
@@ -219,7 +219,7 @@ def main() -> None:
             path = files[fmt] = os.path.join(tmp, f"prompt-{fmt}.kvm")
             with KVMmapCache(path, config=cfg, k_format=fmt, v_format=fmt, page_size=P, overwrite=True) as c:
                 with torch.no_grad():
-                    model(ids, past_key_values=c)
+                    model(ids, cache=c)
                 c.store_prefix(ids)
                 c.flush()
 
@@ -231,7 +231,7 @@ def main() -> None:
                 c = KVMmapCache.open(path, config=cfg)
                 reused = c.reuse_prefix(ids)
                 with torch.no_grad():
-                    model.generate(ids, past_key_values=c, max_new_tokens=1, do_sample=False)
+                    model.generate(ids, cache=c, max_new_tokens=1, do_sample=False)
                 t = time.perf_counter() - t0
                 c.close()
                 return t, reused
