@@ -56,7 +56,7 @@ def capture_llama(tokens: int, layers: int, seed: int):
         ids = torch.randint(config.vocab_size, (1, tokens))
         cache = DynamicCache(config=config)
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, cache=cache, use_cache=True)
         prompts.append([(layer.keys.float().numpy().copy(), layer.values.float().numpy().copy()) for layer in cache.layers])
     head_dim = config.hidden_size // config.num_attention_heads
     what = (f"random-weight LlamaForCausalLM ({layers} layers, {config.num_key_value_heads} kv heads, head_dim "

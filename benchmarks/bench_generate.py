@@ -3,6 +3,8 @@
     python benchmarks/bench_generate.py [--prompt 512] [--new 64] [--batch 1] [--layers 4]
                                         [--hidden 512] [--heads 8] [--kv-heads 2] [--repeat 5] [--ttft-repeat 6]
                                         [--json]
+    python benchmarks/bench_generate.py --separate [--prompt 2048] [--chunk 1024] [--new 16]
+                                        [--layers 8] [--kv-heads 8] [--json]
 
 A random-weight Llama built from a LlamaConfig (no download), fp32 on the CPU.
 
@@ -25,21 +27,45 @@ shared machine hits all of them alike (``_timing.median_time`` times one contend
 back to back, so it is not called here). Every call builds its own cache, so calls repeat
 in this process; none of the figures is a one-shot. ``--json`` prints the figures as one
 JSON object instead of the tables.
+
+``--separate`` (instead of parts 1 and 2): each contender in a process of its own, so
+that its peak RSS is its own: DynamicCache with sdpa (the baseline), and KVMmapCache with
+``attn_implementation="kvmmap"`` (no float copy: attention reads the int8 / int4 pages in
+place). Defaults there: 8 layers, 8 KV heads (head_dim 64), 16 greedy steps. Each process
+builds the same random model, warms up on a short prompt, then prefills ``--prompt``
+tokens in chunks of ``--chunk`` (``model(chunk, cache=cache)``, timed: "prefill s") and
+takes ``--new`` greedy one-token steps (timed: "decode tok/s"); one timed call each, not
+a median (a prefill of 8192 tokens is long, and the peak RSS of a process is one figure).
+Printed: those, the process's peak RSS (``ru_maxrss``: model, torch and cache together),
+the bytes of K/V the cache holds in RAM, ratios to DynamicCache, and the targets: decode
+tok/s >= 1.5x DynamicCache's, prefill time <= 1.1x, peak RSS >= 200 MiB below.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
 
-from _timing import STATISTIC, add_json_option, emit_json
+from _timing import ONE_SHOT, STATISTIC, add_json_option, emit_json
 from kvmmap.integrations.transformers import KVMmapCache
+
+# --separate: contender -> (attention implementation, KVMmapCache format or None for DynamicCache)
+SEPARATE = {
+    "DynamicCache (baseline)": ("sdpa", None),
+    "KVMmapCache int8 + kvmmap attention": ("kvmmap", "int8"),
+    "KVMmapCache int4 + kvmmap attention": ("kvmmap", "int4"),
+}
+TARGETS = {"decode": 1.5, "prefill": 1.1, "rss_mib_below": 200}
 
 
 class Unavailable(Exception):
@@ -82,7 +108,7 @@ def generate_once(model, ids, cache, new):
     """Wall time of one greedy generate() call of ``new`` tokens, and its output."""
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        out = model.generate(ids, cache=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     return time.perf_counter() - t0, out
 
 
@@ -128,15 +154,110 @@ def drop_page_cache(path) -> None:
         os.close(fd)
 
 
+def build_model(args, attn: str = "sdpa"):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.prompt + args.new + 8,
+                      pad_token_id=0, eos_token_id=None, attn_implementation=attn)
+    return cfg, LlamaForCausalLM(cfg).eval()
+
+
+def separate_worker(args) -> None:
+    """One --separate contender: prefill in chunks, then greedy steps; one JSON line on stdout."""
+    attn, fmt = SEPARATE[args.worker]
+    cfg, model = build_model(args, attn)
+    ids = torch.randint(1, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
+
+    def new_cache():
+        if fmt is None:
+            return DynamicCache(config=cfg)
+        return KVMmapCache(None, config=model.config, k_format=fmt, v_format=fmt, page_size=args.page_size)
+
+    def run(prompt, steps):
+        cache = new_cache()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, prompt.shape[1], args.chunk):
+                logits = model(prompt[:, i:i + args.chunk], cache=cache).logits[:, -1]
+            t1 = time.perf_counter()
+            out = []
+            for _ in range(steps):
+                token = logits.argmax(-1, keepdim=True)
+                out.append(token)
+                logits = model(token, cache=cache).logits[:, -1]
+        t2 = time.perf_counter()
+        return cache, t1 - t0, t2 - t1, torch.cat(out, 1)
+
+    run(ids[:, :128], 2)            # warm-up: threads, kernels, allocator
+    cache, prefill, decode, tokens = run(ids, args.new)
+    held = kv_bytes(cache)
+    print(json.dumps({"prefill_s": prefill, "decode_tok_s": args.batch * args.new / decode,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "kv_bytes_in_ram": held[0] + held[1], "tokens": tokens.tolist(),
+                      "threads": torch.get_num_threads()}))
+
+
+def separate(args, show) -> tuple[dict, list]:
+    """Run every --separate contender in its own process; print the table and the targets."""
+    show(f"model: random Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV "
+         f"heads (head_dim {args.hidden // args.heads}), fp32 weights, CPU, torch {torch.__version__}")
+    show(f"batch {args.batch}, prompt {args.prompt} tokens prefilled in chunks of {args.chunk}, {args.new} greedy "
+         f"steps; one process per contender, one timed run after a warm-up on 128 tokens\n")
+    forwarded = ["--prompt", args.prompt, "--new", args.new, "--batch", args.batch, "--layers", args.layers,
+                 "--hidden", args.hidden, "--heads", args.heads, "--kv-heads", args.kv_heads, "--vocab", args.vocab,
+                 "--page-size", args.page_size, "--chunk", args.chunk]
+    if args.threads:
+        forwarded += ["--threads", args.threads]
+    results = {}
+    for name in SEPARATE:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, *map(str, forwarded)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"{name} failed:\n{r.stderr}")
+        results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    base = results["DynamicCache (baseline)"]
+    show(f"{'cache':38s} {'prefill s':>9s} {'ratio':>6s} {'decode tok/s':>12s} {'ratio':>6s} {'peak RSS':>13s} "
+         f"{'vs base':>11s} {'K/V in RAM':>13s} {'same tokens':>11s}")
+    rows = []
+    mib = 2 ** 20
+    for name, r in results.items():
+        same = sum(a == b for a, b in zip(sum(r["tokens"], []), sum(base["tokens"], []))) / (args.batch * args.new)
+        row = {"part": "separate", "cache": name, "prefill_s": r["prefill_s"], "decode_tokens_s": r["decode_tok_s"],
+               "peak_rss_bytes": r["peak_rss"], "kv_bytes_in_ram": r["kv_bytes_in_ram"], "same_tokens": same,
+               "prefill_vs_dynamic_cache": r["prefill_s"] / base["prefill_s"],
+               "decode_vs_dynamic_cache": r["decode_tok_s"] / base["decode_tok_s"],
+               "peak_rss_below_dynamic_cache_mib": (base["peak_rss"] - r["peak_rss"]) / mib, "timing": ONE_SHOT}
+        rows.append(row)
+        show(f"{name:38s} {r['prefill_s']:9.2f} {row['prefill_vs_dynamic_cache']:6.2f} {r['decode_tok_s']:12.1f} "
+             f"{row['decode_vs_dynamic_cache']:6.2f} {r['peak_rss'] / mib:9.1f} MiB "
+             f"{-row['peak_rss_below_dynamic_cache_mib']:+7.1f} MiB {fmt_bytes(r['kv_bytes_in_ram'])} {100 * same:10.0f}%")
+    show(f"\nratio: prefill time / DynamicCache's (lower is faster), decode tok/s / DynamicCache's (higher is "
+         f"faster); vs base: peak RSS minus DynamicCache's. K/V in RAM: DynamicCache's tensors; KVMmapCache's "
+         f"pages and open tails (no float copy). threads: {base['threads']}")
+    show(f"targets: decode >= {TARGETS['decode']}x, prefill <= {TARGETS['prefill']}x, peak RSS >= "
+         f"{TARGETS['rss_mib_below']} MiB below DynamicCache's")
+    for row in rows[1:]:
+        met = {"decode": row["decode_vs_dynamic_cache"] >= TARGETS["decode"],
+               "prefill": row["prefill_vs_dynamic_cache"] <= TARGETS["prefill"],
+               "peak RSS": row["peak_rss_below_dynamic_cache_mib"] >= TARGETS["rss_mib_below"]}
+        row["targets_met"] = met
+        show(f"  {row['cache']:38s} " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
+    return {"separate": {"cache": "DynamicCache", **{k: base[k] for k in ("prefill_s", "decode_tok_s", "peak_rss")}}}, rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
-    ap.add_argument("--new", type=int, default=64, help="tokens generated")
+    ap.add_argument("--new", type=int, default=None, help="tokens generated (default 64; --separate: 16)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=None, help="default 4; --separate: 8")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default 2; --separate: 8")
+    ap.add_argument("--separate", action="store_true", help="long prompts, one process per contender (see above)")
+    ap.add_argument("--chunk", type=int, default=1024, help="--separate: prefill chunk")
+    ap.add_argument("--worker", choices=list(SEPARATE), help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds of part 1")
@@ -144,16 +265,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     add_json_option(ap)
     args = ap.parse_args()
+    long = args.separate or args.worker
+    args.new = args.new or (16 if long else 64)
+    args.layers = args.layers or (8 if long else 4)
+    args.kv_heads = args.kv_heads or (8 if long else 2)
     show = (lambda *a: None) if args.json else print
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        separate_worker(args)
+        return
+    if args.separate:
+        baseline, rows = separate(args, show)
+        if args.json:
+            emit_json("bench_generate", args, baseline, rows, {"torch": torch.__version__})
+        return
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.prompt + args.new + 8,
-                      pad_token_id=0, eos_token_id=None)
-    model = LlamaForCausalLM(cfg).eval()
+    cfg, model = build_model(args)
     ids = torch.randint(1, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     P = args.page_size
     config = {"model": "random-weight LlamaForCausalLM, fp32, CPU", "head_dim": args.hidden // args.heads,
@@ -219,7 +347,7 @@ def main() -> None:
             path = files[fmt] = os.path.join(tmp, f"prompt-{fmt}.kvm")
             with KVMmapCache(path, config=cfg, k_format=fmt, v_format=fmt, page_size=P, overwrite=True) as c:
                 with torch.no_grad():
-                    model(ids, past_key_values=c)
+                    model(ids, cache=c)
                 c.store_prefix(ids)
                 c.flush()
 
@@ -231,7 +359,7 @@ def main() -> None:
                 c = KVMmapCache.open(path, config=cfg)
                 reused = c.reuse_prefix(ids)
                 with torch.no_grad():
-                    model.generate(ids, past_key_values=c, max_new_tokens=1, do_sample=False)
+                    model.generate(ids, cache=c, max_new_tokens=1, do_sample=False)
                 t = time.perf_counter() - t0
                 c.close()
                 return t, reused

@@ -61,7 +61,7 @@ def prompts(batch, n, seed=1, pad=0):
 def generate(model, ids, mask, cache, **kw):
     kw = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True) | kw
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+        return model.generate(ids, attention_mask=mask, cache=cache, **kw)
 
 
 def stored_equals_view(cache):
@@ -94,9 +94,9 @@ def teacher_forced_logits(model, cache, tokens, prompt_len):
     """Logits of a prefill of ``tokens[:, :prompt_len]`` then one token at a time."""
     out = []
     with torch.no_grad():
-        out.append(model(tokens[:, :prompt_len], past_key_values=cache).logits[:, -1])
+        out.append(model(tokens[:, :prompt_len], cache=cache).logits[:, -1])
         for t in range(prompt_len, tokens.shape[1]):
-            out.append(model(tokens[:, t:t + 1], past_key_values=cache).logits[:, -1])
+            out.append(model(tokens[:, t:t + 1], cache=cache).logits[:, -1])
     return torch.stack(out, 1)
 
 
@@ -132,10 +132,10 @@ CHILD = MODEL_CODE + textwrap.dedent("""
     if step == "write":
         cache = KVMmapCache(path, config=cfg, k_format="int8", v_format="int8", page_size=8)
         with torch.no_grad():
-            out = model.generate(prompt, past_key_values=cache, **kw)     # rows: prompt + 5
+            out = model.generate(prompt, cache=cache, **kw)     # rows: prompt + 5
         stored = KVMmapCache(path + ".prompt", config=cfg, k_format="int8", v_format="int8", page_size=8)
         with torch.no_grad():
-            model(prompt, past_key_values=stored)
+            model(prompt, cache=stored)
         stored.store_prefix(prompt)
         stored.flush()
         cache.flush()
@@ -144,13 +144,13 @@ CHILD = MODEL_CODE + textwrap.dedent("""
         cache = KVMmapCache.open(path, config=cfg)
         before = cache.get_seq_length()
         with torch.no_grad():
-            out = model.generate(torch.tensor(json.loads(sys.argv[4])), past_key_values=cache, **kw)
+            out = model.generate(torch.tensor(json.loads(sys.argv[4])), cache=cache, **kw)
         seen_rows = list(seen)
         seen.clear()
         stored = KVMmapCache.open(path + ".prompt", config=cfg)
         reused = stored.reuse_prefix(prompt)
         with torch.no_grad():
-            out2 = model.generate(prompt, past_key_values=stored, do_sample=False, max_new_tokens=12)
+            out2 = model.generate(prompt, cache=stored, do_sample=False, max_new_tokens=12)
         print(json.dumps({"out": out.tolist(), "before": before, "seen_rows": seen_rows,
                           "reused": reused, "out2": out2.tolist(), "seen_prompt": seen}))
 """)
@@ -232,7 +232,7 @@ def test_prefix_reuse_with_a_batch(model, cfg, tmp_path):
     path = tmp_path / "prefix.kvm"
     with KVMmapCache(path, config=cfg, k_format="fp32", v_format="fp32", page_size=4) as c:
         with torch.no_grad():
-            model(system, past_key_values=c)
+            model(system, cache=c)
         c.store_prefix(system)
         c.flush()
     ref = generate(model, full, None, DynamicCache(config=cfg))
@@ -251,7 +251,7 @@ def test_bad_input_raises_kvmmap_errors(model, cfg, tmp_path):
     c = KVMmapCache(path, config=cfg, k_format="int8", v_format="int8")
     ids, _ = prompts(2, 5)
     with torch.no_grad():
-        model(ids, past_key_values=c)
+        model(ids, cache=c)
     c.flush()
     c.close()
     with pytest.raises(km.ConfigError, match="holds a cache for"):
@@ -260,14 +260,14 @@ def test_bad_input_raises_kvmmap_errors(model, cfg, tmp_path):
     with pytest.raises(km.ConfigError, match="made for another model"):
         KVMmapCache.open(path, config=renamed)
     assert config_fingerprint(cfg) != config_fingerprint(renamed)
-    with pytest.raises(km.ConfigError, match="full-attention"):
-        KVMmapCache(None, config=LlamaConfig(**CONFIG, layer_types=["sliding_attention"] * 2))
+    with pytest.raises(km.ConfigError, match="full-attention and sliding-window layers only"):
+        KVMmapCache(None, config=LlamaConfig(**CONFIG, layer_types=["chunked_attention"] * 2))
     with pytest.raises(km.CacheFileError):
         KVMmapCache.open(tmp_path / "missing.kvm")
 
     c = KVMmapCache.open(path, config=cfg)
     with pytest.raises(km.ShapeError, match="holds 2 rows"), torch.no_grad():
-        model(ids[:1], past_key_values=c)
+        model(ids[:1], cache=c)
     with pytest.raises(km.ShapeError, match="num_kv_heads and head_dim"):
         c.update(torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 16), 0)
     with pytest.raises(km.ShapeError, match="negative"):
