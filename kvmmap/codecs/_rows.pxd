@@ -263,6 +263,21 @@ cdef inline void decode_row(int fmt, const uint8_t* codes, const void* scales,
         decode_row_int4(codes, scales, zeros, half, group, out, D)
 
 
+cdef inline void decode_block_int4_shared(const uint8_t* codes, Py_ssize_t code_stride, const void* scales,
+                                          const void* zeros, Py_ssize_t group, float* out, Py_ssize_t ld,
+                                          Py_ssize_t n, Py_ssize_t D) noexcept nogil:
+    """int4 rows sharing one row of float16 side data (keys, per channel over a page): the
+    side data is converted to float32 once for the block, not once per row."""
+    cdef float sc[1024]
+    cdef float zp[1024]
+    cdef Py_ssize_t t, j
+    for j in range(D):
+        sc[j] = load_side(scales, j, True)
+        zp[j] = load_side(zeros, j, True)
+    for t in range(n):
+        decode_row_int4(codes + t * code_stride, sc, zp, False, group, out + t * ld, D)
+
+
 cdef inline void decode_block(int fmt, const uint8_t* codes, Py_ssize_t code_stride,
                               const void* scales, const void* zeros, Py_ssize_t side_stride,
                               bint half, Py_ssize_t group, const float* table, float* out,
@@ -290,10 +305,13 @@ cdef inline void decode_block(int fmt, const uint8_t* codes, Py_ssize_t code_str
         for t in range(n):
             decode_row_fp8(codes + t * code_stride, table, load_side(scales, t * side_stride, half),
                            out + t * ld, D)
+    elif half and side_stride == 0 and D <= 1024:
+        decode_block_int4_shared(codes, code_stride, scales, zeros, group, out, ld, n, D)
     else:
         for t in range(n):
             decode_row_int4(codes + t * code_stride, side_at(scales, t * side_stride, half),
                             side_at(zeros, t * side_stride, half), half, group, out + t * ld, D)
+
 
 
 # ---- encoders ---------------------------------------------------------------------
