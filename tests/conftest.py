@@ -20,3 +20,11 @@ def opencl(request):
             pytest.fail(f"KVMMAP_REQUIRE_OPENCL=1 but OpenCL is unusable: {reason}")
         pytest.skip(f"OpenCL unusable here: {reason}")
     return ocl
+
+
+@pytest.fixture(params=["cpu", "opencl"])
+def backend(request):
+    """Each attention backend: the CPU kernels, and OpenCL (skipped where it cannot run)."""
+    if request.param == "opencl":
+        request.getfixturevalue("opencl")
+    return request.param

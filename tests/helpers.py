@@ -8,9 +8,38 @@ from pathlib import Path
 
 import numpy as np
 
-from reference import parse_cache_file, stored_kv
+from reference import (fp8_decode_table, int4_channel_bound, int4_token_bound, int8_roundtrip_bound, parse_cache_file,
+                       stored_kv)
 
 WORKERS = Path(__file__).resolve().parent / "workers"   # scripts that tests run in subprocesses
+
+FORMAT_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("int8", "int8"),
+                ("int4", "int4"), ("fp8_e4m3", "fp8_e5m2"), ("int8", "int4"), ("fp8_e5m2", "fp8_e4m3")]
+
+
+def requant_step(x, fmt, side, P, G):
+    """One quantization step of ``fmt`` around the values ``x`` [n, H, D] of whole pages of
+    ``P`` tokens (0 for float formats); int4 keys are grouped per channel over each page, and
+    rounded to float16 first; int4 values in groups of ``G`` along head_dim. The bound a value
+    decoded from format 1.0 and stored again in format 2 stays within."""
+    if fmt in ("fp32", "fp16", "bf16"):
+        return np.zeros_like(x)
+    if fmt == "int8":
+        return 2 * int8_roundtrip_bound(x)
+    if fmt.startswith("fp8"):
+        table = fp8_decode_table(fmt)
+        fmax = np.nanmax(table[np.isfinite(table)])
+        mbits = 3 if fmt == "fp8_e4m3" else 2
+        scale = np.abs(x).max(axis=-1, keepdims=True) / fmax
+        return np.abs(x) * 2.0 ** -mbits + scale * 2.0 ** -(mbits + (6 if fmt == "fp8_e4m3" else 14))
+    if side == "v":
+        return 2 * int4_token_bound(x, G)
+    out = np.zeros_like(x)
+    for p0 in range(0, len(x), P):
+        out[p0:p0 + P] = 2 * int4_channel_bound(x[p0:p0 + P].transpose(1, 0, 2), P).transpose(1, 0, 2)
+    # format 2 keeps the keys of a partly filled page as float16 (1.0: float32)
+    return out + np.abs(x) * 2.0 ** -11
+
 
 # ------------------------------------------------------------------ attention
 

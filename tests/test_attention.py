@@ -14,18 +14,7 @@ import numpy as np
 import pytest
 
 import kvmmap as km
-from helpers import assert_close, attention_reference as reference
-
-FORMAT_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("int8", "int8"),
-                ("int4", "int4"), ("fp8_e4m3", "fp8_e5m2"), ("int8", "int4"), ("fp8_e5m2", "fp8_e4m3")]
-
-
-@pytest.fixture(params=["cpu", "opencl"])
-def backend(request):
-    if request.param == "opencl":
-        request.getfixturevalue("opencl")
-    return request.param
-
+from helpers import FORMAT_PAIRS, assert_close, attention_reference as reference
 
 _names = itertools.count()
 

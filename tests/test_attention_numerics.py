@@ -39,13 +39,6 @@ def assert_close(got, want):
     assert err <= RTOL, f"relative error {err:.3e} > {RTOL} (got {got.ravel()[:3]}, want {want.ravel()[:3]})"
 
 
-@pytest.fixture(params=["cpu", "opencl"])
-def backend(request):
-    if request.param == "opencl":
-        request.getfixturevalue("opencl")
-    return request.param
-
-
 def fill(k, v, fmt="fp32", page_size=16, path=None):
     """A one-layer cache (RAM, or a file at ``path``) holding one sequence with K = k, V = v ([T, H, D])."""
     c = km.PagedKVCache.create(path, num_layers=1, num_kv_heads=k.shape[1], head_dim=k.shape[2],

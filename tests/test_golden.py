@@ -29,12 +29,12 @@ from reference import (
 )
 
 import kvmmap as km
+from helpers import requant_step
 
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 from make_golden import reference
 from make_golden2 import at_commit, expected_values
-from test_legacy import quant_step
 
 MANIFEST = json.loads((GOLDEN / "v1_0_manifest.json").read_text())
 EXPECTED = np.load(GOLDEN / "v1_0_expected.npz")
@@ -151,7 +151,7 @@ def test_kvmmap_reads_golden_file(golden):
                     else:
                         d = info["dropped"]       # the page grid starts d rows before the first token
                         grid = np.concatenate([np.zeros((d,) + want.shape[1:], np.float32), want])
-                        step = quant_step(grid, fmt, side)[d:]
+                        step = requant_step(grid, fmt, side, P, G)[d:]
                         assert np.all(np.abs(arr - want) <= step * (1 + 1e-5) + 1e-6 * np.abs(want)), \
                             (label, layer, side)
                 n = info["length"]

@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 import kvmmap as km
-from helpers import fails, flip, run
+from helpers import fails, flip, requant_step, run
 from kvmmap.core.legacy import V1File, is_v1, read_v1
 from kvmmap.errors import CacheFileError, ConfigError, SequenceError, ShapeError
 from kvmmap.tools.convert import upgrade
-from reference import fp8_decode_table, int4_channel_bound, int4_token_bound, int8_roundtrip_bound
 
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
@@ -72,26 +71,8 @@ def assert_decoded(got, want, fmt, what):
 
 
 def quant_step(x, fmt, side):
-    """One quantization step of ``fmt`` around the values ``x`` [n, H, D] of whole pages
-    (0 for float formats); int4 keys are grouped per channel over each page, and rounded to
-    float16 first."""
-    if fmt in FLOAT_FORMATS:
-        return np.zeros_like(x)
-    if fmt == "int8":
-        return 2 * int8_roundtrip_bound(x)
-    if fmt.startswith("fp8"):
-        table = fp8_decode_table(fmt)
-        fmax = np.nanmax(table[np.isfinite(table)])
-        mbits = 3 if fmt == "fp8_e4m3" else 2
-        scale = np.abs(x).max(axis=-1, keepdims=True) / fmax
-        return np.abs(x) * 2.0 ** -mbits + scale * 2.0 ** -(mbits + (6 if fmt == "fp8_e4m3" else 14))
-    if side == "v":
-        return 2 * int4_token_bound(x, G)
-    out = np.zeros_like(x)
-    for p0 in range(0, len(x), P):
-        out[p0:p0 + P] = 2 * int4_channel_bound(x[p0:p0 + P].transpose(1, 0, 2), P).transpose(1, 0, 2)
-    # format 2 keeps the keys of a partly filled page as float16 (1.0: float32)
-    return out + np.abs(x) * 2.0 ** -11
+    """helpers.quant_step with the golden files' page size and value group."""
+    return requant_step(x, fmt, side, P, G)
 
 
 def slot_payload(path, slot):

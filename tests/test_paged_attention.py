@@ -13,21 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import FORMAT_PAIRS, assert_close
 from reference import parse_cache_file, stored_kv
 
 import kvmmap as km
-
-FORMAT_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("int8", "int8"),
-                ("int4", "int4"), ("fp8_e4m3", "fp8_e5m2"), ("int8", "int4"), ("fp8_e5m2", "fp8_e4m3")]
-
-
-@pytest.fixture(params=["cpu", "opencl"])
-def backend(request):
-    if request.param == "opencl":
-        request.getfixturevalue("opencl")
-    return request.param
-
 
 _names = itertools.count()
 
