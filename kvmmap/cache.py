@@ -314,6 +314,7 @@ class PagedKVCache:
         self._closed = False
         self._mutex = threading.RLock()
         self._pid = os.getpid()     # a forked child must not write through its parent's writer
+        self._partial = None        # read-only views: their partly filled pages, found once
         self._pool = Arena(sb, self.layout, path, None, writable)
         self._table = SequenceTable(self.layout, self._pool, sb.num_layers, sb.max_pages)
         self._commits = Commits(sb, path)
@@ -1293,6 +1294,8 @@ class PagedKVCache:
     def _partial_pages(self) -> dict:
         """``{page: (layer state, rows, crc, residual crcs)}`` of partly filled last pages as
         committed (pages whose rows have grown since are checked up to the committed rows)."""
+        if not self.writable and self._partial is not None:
+            return self._partial                # a read-only view does not change
         table, out = self._table, {}
         for s in table.seqs.values():
             for st in s.layers:
@@ -1302,6 +1305,8 @@ class PagedKVCache:
                 if c is not None and c[2] is not None and len(st.bt) and int(st.bt.pages[-1]) == c[0] \
                         and c[1] <= table.last_rows(st) < self.page_size and bool(len(st.res)) == bool(c[3]):
                     out[c[0]] = (st, c[1], c[2], c[3])
+        if not self.writable:
+            self._partial = out
         return out
 
     @_locked
@@ -1314,8 +1319,8 @@ class PagedKVCache:
             return int(self._pool.page_crc[page]), int(self._pool.crc_of(page))
         st, rows, crc, res_crc = partial[page]
         now, res_now = self._table.last_page_crc(st, rows)
-        ok = now == crc and list(res_now) == list(res_crc)
-        return crc, now if ok or now != crc else now ^ 0xFFFFFFFF
+        # residual rows that changed make the page's computed checksum differ too
+        return crc, now if list(res_now) == list(res_crc) else now ^ 0xFFFFFFFF
 
     @_locked
     def mismatched(self, pages) -> list[int]:
@@ -1323,10 +1328,10 @@ class PagedKVCache:
         their checksum, in order."""
         self._check_open()
         partial = self._partial_pages()
-        table = self._table
-        # partly filled pages not committed so (yet): nothing to check them against
-        unchecked = {int(st.bt.pages[-1]) for q in table.seqs.values() for st in q.layers
-                     if st.n_pos % self.page_size} - set(partial)
+        unchecked = set()
+        if self.writable or self.path is None:  # partly filled pages not committed (yet): nothing to check
+            unchecked = {int(st.bt.pages[-1]) for q in self._table.seqs.values() for st in q.layers
+                         if st.n_pos % self.page_size} - set(partial)
         out = []
         for p in pages:
             if int(p) in unchecked:

@@ -159,10 +159,6 @@ class Arena:
         pb = self.page_bytes
         return crc32c.crc32c(self.data[page * pb:(page + 1) * pb])
 
-    def mismatched(self, pages) -> list[int]:
-        """The pages among ``pages`` whose bytes no longer match their checksum, in order."""
-        return [int(p) for p in pages if self.crc_of(int(p)) != int(self.page_crc[int(p)])]
-
     def mark_sealed(self, page: int) -> None:
         """Record the checksum and stamp of a page just written."""
         self.page_crc[page] = self.crc_of(page)

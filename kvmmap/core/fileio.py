@@ -205,11 +205,12 @@ def readers_present(fd: int) -> bool:
     return False
 
 
-def lock_existing(path: str):
+def lock_existing(path: str, purpose: str = "overwritten"):
     """A descriptor holding the writer lock of the file at ``path``, or None if there is none.
 
-    Used while a file is replaced (``create(overwrite=True)``, the tools): a live writer is
-    refused instead of having its file renamed away under it.
+    Used while a file is replaced (``create(overwrite=True)``, the tools) or read whole
+    (``kvmmap convert --upgrade``): a live writer is refused instead of having its file
+    renamed away or changed under it. ``purpose`` completes the refusal: "it cannot be ...".
     """
     if not os.path.lexists(path):
         return None
@@ -219,7 +220,7 @@ def lock_existing(path: str):
     except BlockingIOError:
         os.close(fd)
         raise CacheFileError(f"{path} is open for writing in another process (its writer lock is "
-                             "held); it cannot be overwritten") from None
+                             f"held); it cannot be {purpose}") from None
     return fd
 
 

@@ -539,16 +539,6 @@ class SequenceTable:
             else:
                 quant.dequantize(self.arena.page_q(side, page, a, z), out=out)
 
-    def open_rows(self, st: LayerState) -> dict:
-        """The rows of a partly filled last page, dequantized: ``{side: float32 [H, rows, D]}``
-        (empty arrays when the last page is full or there is none)."""
-        rows = st.n_pos % self.page_size
-        lay = self.layout
-        out = {side: np.empty((lay.num_kv_heads, rows, lay.head_dim), np.float32) for side in SIDES}
-        if rows:
-            self.rows_of_last(st, 0, rows, out["k"], out["v"])
-        return out
-
     # ------------------------------------------------------------------ commits
 
     def last_page_crc(self, st: LayerState, rows: int | None = None) -> tuple[int, list[int]]:

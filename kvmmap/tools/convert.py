@@ -24,7 +24,6 @@ read by :mod:`kvmmap.core.legacy`, in the format this kvmmap writes.
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import re
@@ -34,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..cache import PagedKVCache, copy_v1
-from ..core.fileio import fsync_dir, lock_existing, open_regular, partial_path, remove_stale_partials
+from ..core.fileio import fsync_dir, lock_existing, partial_path, remove_stale_partials
 from ..core.legacy import MAGIC, V1File, is_v1, read_v1
 from ..errors import CacheFileError, ConfigError, DTypeError, KVMmapError, ShapeError, describe
 from .common import check_regular_file, disk_usage
@@ -423,7 +422,7 @@ def upgrade(old, new=None, *, overwrite: bool = False, in_place: bool = False,
         raise CacheFileError(f"{old}: not a format 1 kvmmap cache ({_version_of(old)}); nothing to upgrade")
     # old's writer lock is held throughout: no writer changes the pages being read, and in
     # place, none can open the file that is about to be replaced
-    old_fd = _lock_source(old)
+    old_fd = lock_existing(old, "upgraded")
     dst_fd = lock_existing(dst) if dst != old and overwrite else None
     try:
         before = disk_usage(old)
@@ -435,18 +434,6 @@ def upgrade(old, new=None, *, overwrite: bool = False, in_place: bool = False,
         for fd in (old_fd, dst_fd):
             if fd is not None:
                 os.close(fd)
-
-
-def _lock_source(path: str) -> int:
-    """A descriptor of ``path`` holding its writer lock; CacheFileError if a writer has it."""
-    fd = open_regular(path, os.O_RDONLY, "upgrade")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CacheFileError(f"{path} is open for writing in another process (its writer lock is held); "
-                             "close it before upgrading") from None
-    return fd
 
 
 def _version_of(path: str) -> str:
