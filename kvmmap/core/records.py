@@ -38,9 +38,10 @@ def pack_record(table, s) -> bytes:
     for st in s.layers:
         pages = st.bt.pages
         crc = crc_of[pages].astype("<u4")
+        staged = table.stage(st)
         res_crc = []
-        if st.n_pos % table.page_size:
-            crc[-1], res_crc = table.last_page_crc(st)
+        if staged is not None and staged[2] is not None:
+            crc[-1], res_crc = staged[2], staged[3]
         parts.append(LAYER_HEAD.pack(st.n_pos, st.first, len(pages), len(st.res), 0))
         parts += [pages.astype("<u4").tobytes(), crc.tobytes(), st.res.astype("<u4").tobytes(),
                   np.array(res_crc, "<u4").tobytes()]

@@ -56,16 +56,18 @@ class LayerState:
         Rows of the last page that a commit on disk may list: rows below it are not
         written in place.
     committed : tuple or None
-        ``(page, rows, crc, res_crc)`` of the partly filled last page at the commit this
-        cache is at (for ``verify``).
+        ``(page, rows, crc, res_crc)`` of the last page at the commit this cache is at
+        (checksums for a partly filled page only; for ``verify``).
+    staged : tuple or None
+        The same for the commit being written (:meth:`SequenceTable.stage`).
     """
 
-    __slots__ = ("bt", "n_pos", "first", "res", "guard", "committed")
+    __slots__ = ("bt", "n_pos", "first", "res", "guard", "committed", "staged")
 
     def __init__(self, bt: BlockTable, n_pos: int = 0, first: int = 0, res=_NO_PAGES, guard: int = 0,
                  committed=None):
         self.bt, self.n_pos, self.first, self.res, self.guard = bt, n_pos, first, res, guard
-        self.committed = committed
+        self.committed, self.staged = committed, None
 
     @property
     def length(self) -> int:
@@ -105,25 +107,23 @@ class SequenceTable:
     def __init__(self, layout: PageLayout, arena: Arena, num_layers: int, max_pages: int = 0):
         self.layout, self.arena, self.num_layers, self.max_pages = layout, arena, num_layers, max_pages
         self.page_size = P = layout.page_size
+        self.clear()
+        self.k4 = layout.formats["k"].grouped
+        H, D = layout.num_kv_heads, layout.head_dim
+        self.res_row_bytes = 2 * H * D
+        self.res_rows_per_page = layout.page_bytes // self.res_row_bytes if self.k4 else 0
+        self.res_pages = -(-P // self.res_rows_per_page) if self.k4 else 0
+        self.meta_spare = 4                   # pages kept reserved for the next commit's metadata
+
+    def clear(self) -> None:
+        """No sequence (a new table, or a load that failed half-way)."""
         self.alloc = PageAllocator()
         self.seqs: dict[int, Sequence] = {}
         self.names: dict[str, int] = {}
         self.next_id = 0
         self.dirty: set[int] = set()          # sequences changed since the last commit
         self.dropped_records: list[int] = []  # record pages of sequences dropped since the last commit
-        self.k4 = layout.formats["k"].grouped
-        H, D = layout.num_kv_heads, layout.head_dim
-        self.res_row_bytes = 2 * H * D
-        self.res_rows_per_page = layout.page_bytes // self.res_row_bytes if self.k4 else 0
-        self.res_pages = -(-P // self.res_rows_per_page) if self.k4 else 0
         self.meta_pages = 0                   # pages holding the commit's metadata blobs
-        self.meta_spare = 4                   # pages kept reserved for the next commit's metadata
-
-    def clear(self) -> None:
-        """Forget every sequence (a load that failed half-way)."""
-        self.alloc = PageAllocator()
-        self.seqs, self.names, self.next_id, self.dirty, self.dropped_records = {}, {}, 0, set(), []
-        self.meta_pages = 0
 
     # ------------------------------------------------------------------ lookups
 
@@ -454,18 +454,15 @@ class SequenceTable:
                and self.alloc.refcount(int(st.bt.pages[-1])) == 1 and (len(st.res) or not self.k4)
                for st in sts):
             self._write_in_place(sts, k, v)
-            for s in seqs:
-                self.dirty.add(s.seq_id)
-            return start
-        for side, x in (("k", k), ("v", v)):       # one read each; refuses before any change
-            quant.check_storable(x, self.layout.formats[side].name)
-        if self.k4:
-            for st in sts:
-                if st.n_pos % P + n >= P:
-                    start = min(start, max(0, st.length - st.n_pos % P))
-        self.append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
-        for s in seqs:
-            self.dirty.add(s.seq_id)
+        else:
+            for side, x in (("k", k), ("v", v)):       # one read each; refuses before any change
+                quant.check_storable(x, self.layout.formats[side].name)
+            if self.k4:
+                for st in sts:
+                    if st.n_pos % P + n >= P:
+                        start = min(start, max(0, st.length - st.n_pos % P))
+            self.append_all([(st, {"k": k[b], "v": v[b]}) for b, st in enumerate(sts)])
+        self.dirty.update(s.seq_id for s in seqs)
         return start
 
     def _write_in_place(self, sts: list, k: np.ndarray, v: np.ndarray) -> None:
@@ -552,23 +549,29 @@ class SequenceTable:
                    for j, p in enumerate(st.res.tolist())]
         return crc, res_crc
 
+    def stage(self, st: LayerState):
+        """What the commit being written lists of the last page of ``st``: ``(page, rows,
+        crc, residual crcs)`` (checksums of a partly filled page only), or None without
+        pages; kept in ``st.staged`` for :meth:`committed`."""
+        st.staged = None
+        if len(st.bt):
+            rows = self.last_rows(st)
+            crc, res_crc = self.last_page_crc(st) if rows < self.page_size else (None, None)
+            st.staged = (int(st.bt.pages[-1]), rows, crc, res_crc)
+        return st.staged
+
     def committed(self, sids) -> None:
-        """A commit listing the current state of sequences ``sids`` is durable: rows it
-        lists are not written in place from now on."""
+        """A commit listing the staged state of sequences ``sids`` is durable: rows it lists
+        are not written in place from now on."""
         for sid in sids:
             s = self.seqs.get(sid)
             if s is None:
                 continue
             for st in s.layers:
-                rows = self.last_rows(st)
                 # the guard always concerns the current last page (a new page or a copy
                 # resets it): what the commits on disk list of it only grows
-                st.guard = max(rows, st.guard)
-                if len(st.bt) and rows < self.page_size:
-                    crc, res_crc = self.last_page_crc(st)
-                    st.committed = (int(st.bt.pages[-1]), rows, crc, res_crc)
-                else:
-                    st.committed = (int(st.bt.pages[-1]), rows, None, None) if len(st.bt) else None
+                st.guard = max(self.last_rows(st), st.guard)
+                st.committed = st.staged
 
     def relocate(self, bound: int) -> int:
         """Copy the pages listed by sequences at ids ``>= bound`` into free pages below it,
