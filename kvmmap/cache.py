@@ -1239,16 +1239,15 @@ class PagedKVCache:
             given = self._pool.give_back(alloc.free_pages(), alloc.shrink())
         else:
             table = self._table
-            # Pages of tokens move down below a bound that leaves room for a rewrite of all
-            # metadata; the next commits list the copies, rewrite every record low, and free
-            # the originals; then both roots name the lower high-water mark before the file is
-            # cut to it. At every step both commits on disk list only intact pages.
-            # below the bound: the pages of tokens, and room for two versions of the metadata
+            # Pages of tokens move down below a bound that leaves room for two versions of the
+            # metadata; the next commits list the copies, rewrite every record into the lowest
+            # free pages, and free the originals; then both roots name the lower high-water
+            # mark before the file is cut to it. At every step both commits on disk list only
+            # intact pages.
             table.relocate(table.data_pages() + 2 * table.meta_pages + 2)
-            table.dirty.update(table.seqs)      # every record rewritten into the lowest free pages
+            table.dirty.update(table.seqs)
             self.flush()
             self.flush()
-            alloc = table.alloc
             hw = alloc.high_water
             # read-only views in other processes map the file: cutting it under them would be
             # a SIGBUS there, so with readers the free end only gets holes punched (below)

@@ -187,10 +187,7 @@ class Arena:
         if self.path is None or self.fd is None or len(pages) < 64:
             return
         pb, base = self.page_bytes, self.sb.arena_offset
-        p = np.sort(pages.astype(np.int64))
-        cuts = np.flatnonzero(np.diff(p) != 1) + 1
-        starts, ends = p[np.r_[0, cuts]], p[np.r_[cuts - 1, len(p) - 1]] + 1
-        for a, b in zip(starts.tolist(), ends.tolist()):
+        for a, b in _runs(np.sort(pages.astype(np.int64))):
             os.posix_fadvise(self.fd, base + a * pb, (b - a) * pb, os.POSIX_FADV_WILLNEED)
 
     def give_back(self, free: np.ndarray, high_water: int) -> int:
@@ -210,10 +207,8 @@ class Arena:
             return gone
         if not len(free):
             return 0
-        cuts = np.flatnonzero(np.diff(free) != 1) + 1
-        starts, ends = free[np.r_[0, cuts]], free[np.r_[cuts - 1, len(free) - 1]] + 1
         done = 0
-        for a, b in zip(starts.tolist(), ends.tolist()):
+        for a, b in _runs(free):
             if not punch_hole(self.fd, self.sb.arena_offset + a * pb, (b - a) * pb):
                 break
             done += (b - a) * pb
@@ -236,3 +231,10 @@ class Arena:
     def close(self) -> None:
         self.data = np.zeros(0, np.uint8)
         self.views = None
+
+
+def _runs(pages: np.ndarray):
+    """``(first, end)`` of each run of consecutive ids in the increasing, non-empty ``pages``."""
+    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts, ends = pages[np.r_[0, cuts]], pages[np.r_[cuts - 1, len(pages) - 1]] + 1
+    return zip(starts.tolist(), ends.tolist())
