@@ -206,24 +206,20 @@ class Commits:
         dirty = sorted(sid for sid in table.dirty if sid in table.seqs)
         contents = {sid: pack_record(table, table.seqs[sid]) for sid in dirty}
         nseq = len(table.seqs)
-        index_len = 16 * nseq
-        need = sum(pages_needed(len(c), pb) for c in contents.values()) + (pages_needed(index_len, pb) if nseq else 0)
+        need = sum(pages_needed(len(c), pb) for c in contents.values()) + (pages_needed(16 * nseq, pb) if nseq else 0)
         taken: list[int] = []
+
+        def put(content: bytes) -> tuple:
+            """Write a blob into fresh pages: (first page, length, crc, pages)."""
+            pages = alloc.alloc(pages_needed(len(content), pb))
+            taken.extend(pages.tolist())
+            return int(pages[0]), len(content), write_blob(arena.data, pb, pages, content), pages.tolist()
+
         try:
             table.prepare_pages(need, meta=True)
-            new_rec = {}
-            for sid, c in contents.items():
-                pages = alloc.alloc(pages_needed(len(c), pb))
-                taken += pages.tolist()
-                new_rec[sid] = (int(pages[0]), len(c), write_blob(arena.data, pb, pages, c), pages.tolist())
-            entries = [(sid, *(new_rec.get(sid) or s.rec)[:3]) for sid, s in table.seqs.items()]
-            index = pack_index(entries)
-            index_pages, ipage, icrc = [], NO_PAGE, 0
-            if nseq:
-                pages = alloc.alloc(pages_needed(len(index), pb))
-                taken += pages.tolist()
-                index_pages, ipage = pages.tolist(), int(pages[0])
-                icrc = write_blob(arena.data, pb, pages, index)
+            new_rec = {sid: put(c) for sid, c in contents.items()}
+            index = pack_index([(sid, *(new_rec.get(sid) or s.rec)[:3]) for sid, s in table.seqs.items()])
+            ipage, _, icrc, index_pages = put(index) if nseq else (NO_PAGE, 0, 0, [])
             root = Root(self.generation + 1, alloc.high_water, ipage, len(index), icrc, table.next_id, nseq)
             slot = 1 - self.active_slot
             self._sync(self.fd)                 # every page the root lists, durable first
@@ -231,18 +227,16 @@ class Commits:
             alloc.unalloc(taken)                # no root names them: free again
             raise
         try:
-            try:
-                write_root(self.fd, self.sb, slot, root, sync=self._sync)
-            except OSError:
-                if not self.sync_failed:        # the write failed: no whole root is on disk
-                    alloc.unalloc(taken)
-                raise
+            write_root(self.fd, self.sb, slot, root, sync=self._sync)
+        except OSError:
+            if not self.sync_failed:            # the write failed: no whole root is on disk
+                alloc.unalloc(taken)
+            raise
         except BaseException as e:
             # Interrupted once the root may be on disk: it may become durable, so the pages
             # it names must not be handed out again, and this cache no longer knows which
             # commit is newest. It commits nothing more (like after a failed sync): reopen.
-            if not isinstance(e, OSError):
-                self.sync_failed = self.sync_failed or f"{type(e).__name__} while the commit root was written"
+            self.sync_failed = self.sync_failed or f"{type(e).__name__} while the commit root was written"
             raise
         self.generation += 1
         self.active_slot = slot
