@@ -307,41 +307,6 @@ def stored_kv(parsed: dict, raw: bytes, sid: int, layer: int) -> tuple[np.ndarra
 
 # ---------------------------------------------------------------- format 1.0 (golden files)
 
-def page_regions_v1(geo: dict, fmt: str, side: str) -> list:
-    """[(name, dtype, shape)] of one side of a page, in file order (FORMAT.md, Pages)."""
-    H, P, D = geo["num_kv_heads"], geo["page_size"], geo["head_dim"]
-    out = [("codes", np.dtype(CODE_DTYPE[fmt]), (H, P, D // 2 if fmt == "int4" else D))]
-    if fmt in SCALED:
-        shape = (H, P) if fmt != "int4" else (H, 1, D) if side == "k" else (H, P, D // geo["v_group"])
-        out.append(("scales", np.dtype("<f4"), shape))
-        if fmt == "int4":
-            out.append(("zeros", np.dtype("<f4"), shape))
-    return out
-
-
-def page_arrays_v1(page: bytes, geo: dict) -> tuple[dict, int]:
-    """({side: {region: array}} of one page, the page's size): regions on 64-byte boundaries."""
-    off, out = 0, {}
-    for side in ("k", "v"):
-        out[side] = {}
-        for name, dt, shape in page_regions_v1(geo, geo[f"{side}_format"], side):
-            n = int(np.prod(shape))
-            out[side][name] = np.frombuffer(page, dt, n, off).reshape(shape)
-            off = -(-(off + n * dt.itemsize) // 64) * 64
-    return out, off
-
-
-def decode_page_rows_v1(geo: dict, side: str, arrs: dict, rows) -> np.ndarray:
-    """float32 [H, len(rows), D] of rows of a page (or of a tail in the page's layout)."""
-    fmt = geo[f"{side}_format"]
-    codes = arrs["codes"][:, rows]
-    if fmt == "int4" and side == "k":        # scale and zero per channel over the page
-        return decode_codes(fmt, codes) * arrs["scales"][:, :1] + arrs["zeros"][:, :1]
-    side_arrays = {n: arrs[n][:, rows] for n in ("scales", "zeros") if n in arrs}
-    return dequantize(fmt, codes, side_arrays.get("scales"), side_arrays.get("zeros"), "token",
-                      geo.get("v_group") or 0)
-
-
 SUPERBLOCK_V1 = struct.Struct("<8sHHIIIIIBBHHHQQQQ32s")
 
 
@@ -380,7 +345,7 @@ def parse_payload_v1(payload: bytes, geo: dict) -> dict:
     for side in ("k", "v"):
         fmt = geo[f"{side}_format"]
         tail_layout[side] = ([("codes", np.dtype("<f4"), (H, P, D))] if fmt == "int4"    # float32 until sealed
-                             else page_regions_v1(geo, fmt, side))
+                             else page_regions(geo, fmt, side))
     seqs = {}
     for _ in range(nseq):
         sid, name_len, has_name = struct.unpack_from("<IHH", payload, off)
@@ -410,7 +375,7 @@ def parse_payload_v1(payload: bytes, geo: dict) -> dict:
 def parse_cache_file_v1(raw: bytes) -> dict:
     """The superblock fields and the newest valid commit of a cache file's bytes."""
     geo = parse_superblock_v1(raw)
-    _, layout_bytes = page_arrays_v1(bytes(geo["page_bytes"]), geo)
+    _, layout_bytes = page_arrays(bytes(geo["page_bytes"]), geo)
     assert geo["page_bytes"] == layout_bytes, "page_bytes disagrees with the page layout"
     commits = valid_commits_v1(raw, geo)
     assert commits, "no valid metadata slot"
@@ -429,11 +394,11 @@ def stored_kv_v1(parsed: dict, raw: bytes, sid: int, layer: int) -> tuple[np.nda
         parts = []
         for page in st["pages"]:
             at = parsed["arena_offset"] + page * pb
-            parts.append(decode_page_rows_v1(parsed, side, page_arrays_v1(raw[at:at + pb], parsed)[0][side], slice(None)))
+            parts.append(decode_page_rows(parsed, side, page_arrays(raw[at:at + pb], parsed)[0][side], slice(None)))
         tail = st["tail"][side]
         if parsed[f"{side}_format"] == "int4":
             parts.append(tail["codes"][:, :n_tail])
         else:
-            parts.append(decode_page_rows_v1(parsed, side, tail, slice(0, n_tail)))
+            parts.append(decode_page_rows(parsed, side, tail, slice(0, n_tail)))
         out.append(np.concatenate(parts, axis=1).transpose(1, 0, 2)[st["first"]:st["n_pos"]].astype(np.float32))
     return out[0], out[1]
