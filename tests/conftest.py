@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from golden_v1 import golden  # noqa: F401  (the format 1.0 golden files, for several modules)
+
 
 def pytest_addoption(parser):
     parser.addoption("--no-opencl", action="store_true", help="skip the OpenCL tests")

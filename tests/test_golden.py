@@ -13,7 +13,6 @@ import json
 import shutil
 import struct
 import sys
-from pathlib import Path
 
 import crc32c
 import numpy as np
@@ -31,38 +30,10 @@ from reference import (
 import kvmmap as km
 from helpers import requant_step
 
-GOLDEN = Path(__file__).parent / "golden"
+from golden_v1 import GOLDEN, MANIFEST, D, G, H, L, P, expected_side
+
 sys.path.insert(0, str(GOLDEN))
-from make_golden import reference
-from make_golden2 import at_commit, expected_values
-
-MANIFEST = json.loads((GOLDEN / "v1_0_manifest.json").read_text())
-EXPECTED = np.load(GOLDEN / "v1_0_expected.npz")
-GEO = MANIFEST["geometry"]
-L, H, D, P = GEO["num_layers"], GEO["num_kv_heads"], GEO["head_dim"], GEO["page_size"]
-G = MANIFEST["v_group_size"]
-FILES = sorted(MANIFEST["files"])
-
-
-
-@pytest.fixture(params=FILES)
-def golden(request, tmp_path):
-    """(file name, manifest entry, path of a private copy)."""
-    name = request.param
-    dst = tmp_path / name
-    shutil.copyfile(GOLDEN / name, dst)
-    return name, MANIFEST["files"][name], dst
-
-
-def expected_side(name, entry, label, layer, side):
-    """The values kvmmap must return for one (sequence, layer, side), and the input they round."""
-    fmt = entry[f"{side}_format"]
-    info = entry["contents"][label]["layers"][layer]
-    d, n = info["dropped"], info["length"]
-    key = f"{name}/{label}/{layer}/{side}"
-    stream = EXPECTED[f"{key}_stream"]
-    ref, _ = reference(stream, fmt, side, len(stream) // P * P, P, G)
-    return (EXPECTED[key] if ref is None else ref[d:d + n]), stream[d:d + n], stream
+from make_golden2 import at_commit, expected_values  # noqa: E402
 
 
 # ------------------------------------------------------------------ independent decoder
@@ -109,7 +80,7 @@ def test_raw_bytes_follow_format_doc(golden):
             used.update(got["pages"])
             k, v = stored_kv_v1(parsed, raw, content["id"], layer)
             for side, arr, fmt in (("k", k, kf), ("v", v, vf)):
-                want, x, _ = expected_side(name, entry, label, layer, side)
+                want, x = expected_side(name, entry, label, layer, side)
                 if fmt == "int4":
                     # kvmmap may fuse code * scale + zero into one rounding: allow a few
                     # ulp of the operands' magnitude, far below one int4 step
@@ -144,7 +115,7 @@ def test_kvmmap_reads_golden_file(golden):
                 for side, arr in (("k", k), ("v", v)):
                     # open() copies the 1.0 values into format 2 in RAM: float formats exactly,
                     # the others quantized again (float16 side data), within a step of them
-                    want, _, _ = expected_side(name, entry, label, layer, side)
+                    want, _ = expected_side(name, entry, label, layer, side)
                     fmt = entry[f"{side}_format"]
                     if fmt in ("fp32", "fp16", "bf16"):
                         np.testing.assert_array_equal(arr, want, err_msg=f"{label} layer {layer} {side}")

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import crc32c
@@ -27,38 +26,10 @@ from kvmmap.core.legacy import V1File, is_v1, read_v1
 from kvmmap.errors import CacheFileError, ConfigError, SequenceError, ShapeError
 from kvmmap.tools.convert import upgrade
 
-GOLDEN = Path(__file__).parent / "golden"
-sys.path.insert(0, str(GOLDEN))
-from make_golden import reference  # noqa: E402
+from golden_v1 import FILES, GOLDEN, MANIFEST, D, G, H, L, P, expected_side
 
-MANIFEST = json.loads((GOLDEN / "v1_0_manifest.json").read_text())
-EXPECTED = np.load(GOLDEN / "v1_0_expected.npz")
-GEO = MANIFEST["geometry"]
-L, H, D, P = GEO["num_layers"], GEO["num_kv_heads"], GEO["head_dim"], GEO["page_size"]
-G = MANIFEST["v_group_size"]
-FILES = sorted(MANIFEST["files"])
 FLOAT_FORMATS = ("fp32", "fp16", "bf16")
 SLOT0 = 4096
-
-
-@pytest.fixture(params=FILES)
-def golden(request, tmp_path):
-    """(file name, manifest entry, path of a private copy)."""
-    name = request.param
-    dst = tmp_path / name
-    shutil.copyfile(GOLDEN / name, dst)
-    return name, MANIFEST["files"][name], dst
-
-
-def expected_side(name, entry, label, layer, side):
-    """float32 [length, H, D]: the values a 1.0 reader must return for one (sequence, layer, side)."""
-    fmt = entry[f"{side}_format"]
-    info = entry["contents"][label]["layers"][layer]
-    d, n = info["dropped"], info["length"]
-    key = f"{name}/{label}/{layer}/{side}"
-    stream = EXPECTED[f"{key}_stream"]
-    ref, _ = reference(stream, fmt, side, len(stream) // P * P, P, G)
-    return EXPECTED[key] if ref is None else ref[d:d + n]
 
 
 def assert_decoded(got, want, fmt, what):
@@ -135,7 +106,7 @@ def test_read_v1_reads_golden_file(golden):
                 k, v = f.read(sid, layer)
                 assert k.shape == v.shape == (info["length"], H, D) and k.dtype == np.float32
                 for side, arr in (("k", k), ("v", v)):
-                    assert_decoded(arr, expected_side(name, entry, label, layer, side), entry[f"{side}_format"],
+                    assert_decoded(arr, expected_side(name, entry, label, layer, side)[0], entry[f"{side}_format"],
                                    f"{label} layer {layer} {side}")
                 n = info["length"]
                 a, b = n // 3, n - 1                 # a range starting and ending inside pages
@@ -157,7 +128,7 @@ def test_previous_commit(golden):
         assert f.next_sequence_id == 2
         for layer in range(L):
             for side, arr in zip("kv", f.read(0, layer)):
-                assert_decoded(arr, expected_side(name, entry, "prompt", layer, side), entry[f"{side}_format"],
+                assert_decoded(arr, expected_side(name, entry, "prompt", layer, side)[0], entry[f"{side}_format"],
                                f"prompt layer {layer} {side}")
         assert (f.seq_len(1, 0), f.seq_len(1, 1)) == (5, 0)
         assert f.verify() == []
