@@ -41,6 +41,28 @@ def requant_step(x, fmt, side, P, G):
     return out + np.abs(x) * 2.0 ** -11
 
 
+# ------------------------------------------------------------------ transformers
+
+# the small random-weight Llama of the transformers tests
+LLAMA_CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=None)
+
+
+def prompts(batch, n, seed=1, pad=0):
+    """Random prompts of LLAMA_CONFIG's vocabulary; row 1 is left-padded by ``pad`` tokens
+    (token ids and attention mask, torch int64 [batch, n])."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, LLAMA_CONFIG["vocab_size"], (batch, n), generator=g)
+    mask = torch.ones_like(ids)
+    if batch > 1 and pad:
+        ids[1, :pad] = LLAMA_CONFIG["pad_token_id"]
+        mask[1, :pad] = 0
+    return ids, mask
+
+
 # ------------------------------------------------------------------ attention
 
 RTOL = 2e-3

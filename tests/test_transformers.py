@@ -17,11 +17,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig  # noqa: E402
 
 import kvmmap as km  # noqa: E402
+from helpers import LLAMA_CONFIG, prompts  # noqa: E402
 from kvmmap.integrations.transformers import KVMmapCache, config_fingerprint  # noqa: E402
 
-CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              pad_token_id=0, bos_token_id=1, eos_token_id=None)
+CONFIG = LLAMA_CONFIG
 MODEL_CODE = f"""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,17 +44,6 @@ def model():
 @pytest.fixture(scope="module")
 def cfg(model):
     return model.config
-
-
-def prompts(batch, n, seed=1, pad=0):
-    """Random prompts; row 1 is left-padded by ``pad`` tokens (ids and mask)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, CONFIG["vocab_size"], (batch, n), generator=g)
-    mask = torch.ones_like(ids)
-    if batch > 1 and pad:
-        ids[1, :pad] = CONFIG["pad_token_id"]
-        mask[1, :pad] = 0
-    return ids, mask
 
 
 def generate(model, ids, mask, cache, **kw):

@@ -22,12 +22,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-from helpers import WORKERS  # noqa: E402
+from helpers import LLAMA_CONFIG, WORKERS, prompts  # noqa: E402
 from kvmmap.integrations.transformers import KVMmapCache, kvmmap_attention_forward  # noqa: E402
 
-CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              pad_token_id=0, bos_token_id=1, eos_token_id=None)
+CONFIG = LLAMA_CONFIG
 RTOL = 1e-4         # max |a - b| / max |b| of the logits of every step
 
 
@@ -44,17 +42,6 @@ def sdpa():
 @pytest.fixture(scope="module")
 def paged():
     return make_model("kvmmap")
-
-
-def prompts(batch, n, seed=1, pad=0):
-    """Random prompts; row 1 is left-padded by ``pad`` tokens (ids and mask)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, CONFIG["vocab_size"], (batch, n), generator=g)
-    mask = torch.ones_like(ids)
-    if batch > 1 and pad:
-        ids[1, :pad] = CONFIG["pad_token_id"]
-        mask[1, :pad] = 0
-    return ids, mask
 
 
 def kvmmap(model, fmt, **kw):
