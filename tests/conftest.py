@@ -1,8 +1,17 @@
 import os
 
 import pytest
+from hypothesis import settings
 
 from golden_v1 import golden  # noqa: F401  (the format 1.0 golden files, for several modules)
+
+
+# Property tests draw the same examples on every run by default, so a result here is a
+# result in CI too (a failure prints its reproduction blob); KVMMAP_HYPOTHESIS=explore
+# draws new random examples each run, for hunting locally.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("KVMMAP_HYPOTHESIS", "repeatable"))
 
 
 def pytest_addoption(parser):
