@@ -206,7 +206,9 @@ def separate(args, show) -> tuple[dict, list]:
          f"steps; one process per contender, one timed run after a warm-up on 128 tokens\n")
     forwarded = ["--prompt", args.prompt, "--new", args.new, "--batch", args.batch, "--layers", args.layers,
                  "--hidden", args.hidden, "--heads", args.heads, "--kv-heads", args.kv_heads, "--vocab", args.vocab,
-                 "--page-size", args.page_size, "--chunk", args.chunk]
+                 "--chunk", args.chunk]
+    if args.page_size:
+        forwarded += ["--page-size", args.page_size]
     if args.threads:
         forwarded += ["--threads", args.threads]
     results = {}
@@ -259,7 +261,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1024, help="--separate: prefill chunk")
     ap.add_argument("--worker", choices=list(SEPARATE), help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--page-size", type=int, default=None,
+                    help="tokens per page (default: kvmmap's for the format, 16, or 64 with int4 keys)")
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds of part 1")
     ap.add_argument("--ttft-repeat", type=int, default=6, help="timed rounds of part 2 (short runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

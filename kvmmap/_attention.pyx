@@ -14,12 +14,12 @@
 
 from cython.parallel cimport prange
 from libc.math cimport expf, INFINITY
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 
-from kvmmap.codecs._convert cimport bits_f32, round_even
+from kvmmap.codecs._convert cimport bits_f32, f16_to_f32, round_even
 from kvmmap.codecs._pages cimport Side, decode_rows, init_side
-from kvmmap.codecs._rows cimport FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_INT8, fill_fp8_table, load_side
+from kvmmap.codecs._rows cimport FMT_FP8_E4M3, FMT_FP8_E5M2, FMT_INT4, FMT_INT8, fill_fp8_table, load_side, side_at
 
 cdef float[2][256] FP8_TABLES
 fill_fp8_table(FP8_TABLES[0], FMT_FP8_E4M3)
@@ -151,6 +151,135 @@ cdef inline void accumulate2(float* acc0, float* acc1, const float* p0, const fl
         accumulate(acc1, p1 + t, v + t * D, n - t, D)
 
 
+cdef inline void scores_int4(const float* qe, const float* qo, float c0, const uint8_t* codes,
+                             Py_ssize_t stride, Py_ssize_t n, Py_ssize_t D2, float* s) noexcept nogil:
+    """s[t] = c0 + sum_j qe[j] * lo(codes[t, j]) + qo[j] * hi(codes[t, j]) for n rows of
+    int4 codes (row t at codes + t * stride, D2 = head_dim / 2 bytes): the scores of int4
+    keys whose per-channel scales are folded into the query (qe / qo: even / odd channels)
+    and whose zero points are folded into c0. Four rows at a time, as scores()."""
+    cdef Py_ssize_t t = 0, j
+    cdef float a0, a1, a2, a3
+    cdef const uint8_t* r0
+    cdef const uint8_t* r1
+    cdef const uint8_t* r2
+    cdef const uint8_t* r3
+    while t + 4 <= n:
+        r0 = codes + t * stride
+        r1, r2, r3 = r0 + stride, r0 + 2 * stride, r0 + 3 * stride
+        a0 = a1 = a2 = a3 = 0
+        for j in range(D2):
+            a0 = a0 + qe[j] * (r0[j] & 15) + qo[j] * (r0[j] >> 4)
+            a1 = a1 + qe[j] * (r1[j] & 15) + qo[j] * (r1[j] >> 4)
+            a2 = a2 + qe[j] * (r2[j] & 15) + qo[j] * (r2[j] >> 4)
+            a3 = a3 + qe[j] * (r3[j] & 15) + qo[j] * (r3[j] >> 4)
+        s[t], s[t + 1], s[t + 2], s[t + 3] = c0 + a0, c0 + a1, c0 + a2, c0 + a3
+        t += 4
+    while t < n:
+        r0 = codes + t * stride
+        a0 = 0
+        for j in range(D2):
+            a0 = a0 + qe[j] * (r0[j] & 15) + qo[j] * (r0[j] >> 4)
+        s[t] = c0 + a0
+        t += 1
+
+
+cdef inline void accumulate_int4(float* ae, float* ao, const float* w, Py_ssize_t w_stride,
+                                 const uint8_t* codes, Py_ssize_t stride, Py_ssize_t n,
+                                 Py_ssize_t nb) noexcept nogil:
+    """ae[j] += sum_t w[t] * lo(codes[t, j]), ao[j] likewise with the high nibbles, for the
+    nb bytes of one group of n int4 rows (row t at codes + t * stride; its weight at
+    w[t * w_stride]): the even / odd elements of a group, weighted by probability x scale.
+    Four rows per pass over ae / ao."""
+    cdef Py_ssize_t t = 0, j
+    cdef float w0, w1, w2, w3
+    cdef const uint8_t* r0
+    cdef const uint8_t* r1
+    cdef const uint8_t* r2
+    cdef const uint8_t* r3
+    while t + 4 <= n:
+        w0, w1, w2, w3 = w[t * w_stride], w[(t + 1) * w_stride], w[(t + 2) * w_stride], w[(t + 3) * w_stride]
+        r0 = codes + t * stride
+        r1, r2, r3 = r0 + stride, r0 + 2 * stride, r0 + 3 * stride
+        # two loops, one store each: with both stores in one loop the codes (char, which
+        # may alias anything) need more overlap checks than gcc versions a loop for, and
+        # it stays scalar
+        for j in range(nb):
+            ae[j] = ae[j] + ((w0 * (r0[j] & 15) + w1 * (r1[j] & 15)) + (w2 * (r2[j] & 15) + w3 * (r3[j] & 15)))
+        for j in range(nb):
+            ao[j] = ao[j] + ((w0 * (r0[j] >> 4) + w1 * (r1[j] >> 4)) + (w2 * (r2[j] >> 4) + w3 * (r3[j] >> 4)))
+        t += 4
+    while t < n:
+        w0 = w[t * w_stride]
+        r0 = codes + t * stride
+        for j in range(nb):
+            ae[j] = ae[j] + w0 * (r0[j] & 15)
+        for j in range(nb):
+            ao[j] = ao[j] + w0 * (r0[j] >> 4)
+        t += 1
+
+
+cdef inline void page_scores_int4(const uint8_t* page, const Side* ks, const float* q, Py_ssize_t h,
+                                  Py_ssize_t a, Py_ssize_t n, Py_ssize_t P, Py_ssize_t D,
+                                  float* scratch, float* s) noexcept nogil:
+    """Scores of rows a .. a+n-1 of head h of a sealed page of int4 keys (per channel over
+    the page, group 0), read in place: k[t, c] = code * scale[c] + zero[c], so
+    q . k[t] = sum_c (q[c] scale[c]) code[t, c] + sum_c q[c] zero[c]. ``scratch``: D floats."""
+    cdef Py_ssize_t j, D2 = D // 2
+    cdef float* qe = scratch
+    cdef float* qo = scratch + D2
+    cdef float c0 = 0
+    cdef const void* sc = side_at(page + ks.scales_off, h * D, ks.half)
+    cdef const void* zp = side_at(page + ks.zeros_off, h * D, ks.half)
+    for j in range(D2):
+        qe[j] = q[2 * j] * load_side(sc, 2 * j, ks.half)
+        qo[j] = q[2 * j + 1] * load_side(sc, 2 * j + 1, ks.half)
+    for j in range(D):
+        c0 = c0 + q[j] * load_side(zp, j, ks.half)
+    scores_int4(qe, qo, c0, page + ks.codes_off + (h * P + a) * ks.code_row_bytes, ks.code_row_bytes, n, D2, s)
+
+
+cdef inline void page_accumulate_int4(const uint8_t* page, const Side* vs, const float* p, Py_ssize_t h,
+                                      Py_ssize_t a, Py_ssize_t n, Py_ssize_t P, Py_ssize_t D,
+                                      float* scratch, float* acc) noexcept nogil:
+    """acc[D] += sum_t p[t] v[t] over rows a .. a+n-1 of head h of a sealed page of int4
+    values (per token in groups of vs.group along head_dim), read in place:
+    v[t, c] = code * scale[t, g] + zero[t, g], so the weights p[t] scale[t, g] multiply the
+    codes and sum_t p[t] zero[t, g] is one constant per group. ``scratch``: D + n * D / 2 +
+    D / 2 floats (n <= the block)."""
+    cdef Py_ssize_t j, t, g, D2 = D // 2, ng = D // vs.group, gb = vs.group // 2
+    cdef Py_ssize_t row = h * P + a
+    cdef float* ae = scratch
+    cdef float* ao = scratch + D2
+    cdef float* zsum = scratch + D
+    cdef float* w = scratch + D + D2
+    cdef float z
+    cdef const void* sc = side_at(page + vs.scales_off, row * ng, vs.half)
+    cdef const void* zp = side_at(page + vs.zeros_off, row * ng, vs.half)
+    for j in range(D):
+        ae[j] = 0
+    if ng == 1 and vs.half:      # one group per row (the default): contiguous loops that vectorize
+        z = 0
+        for t in range(n):
+            w[t] = p[t] * f16_to_f32((<const uint16_t*>sc)[t])
+        for t in range(n):
+            z = z + p[t] * f16_to_f32((<const uint16_t*>zp)[t])
+        zsum[0] = z
+    else:
+        for g in range(ng):
+            z = 0
+            for t in range(n):
+                w[t * ng + g] = p[t] * load_side(sc, t * ng + g, vs.half)
+                z = z + p[t] * load_side(zp, t * ng + g, vs.half)
+            zsum[g] = z
+    for g in range(ng):
+        accumulate_int4(ae + g * gb, ao + g * gb, w + g, ng, page + vs.codes_off + row * vs.code_row_bytes + g * gb,
+                        vs.code_row_bytes, n, gb)
+    for j in range(D2):
+        z = zsum[(2 * j) // vs.group]
+        acc[2 * j] = acc[2 * j] + (ae[j] + z)
+        acc[2 * j + 1] = acc[2 * j + 1] + (ao[j] + z)
+
+
 cdef inline Py_ssize_t gather(const uint8_t* arena, Py_ssize_t page_bytes, const Side* side,
                               const int32_t* pages, Py_ssize_t num_pages, const float* tail,
                               Py_ssize_t pos, Py_ssize_t end, Py_ssize_t h, Py_ssize_t P,
@@ -178,7 +307,7 @@ cdef void attend_item(
     const int32_t* pages, Py_ssize_t num_pages, const float* tail_k, const float* tail_v,
     Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t H, Py_ssize_t P, Py_ssize_t D,
     const float* q, Py_ssize_t G, Py_ssize_t block,
-    float* m_out, float* l_out, float* acc, float* work,
+    float* m_out, float* l_out, float* acc, float* work, float* scratch4,
 ) noexcept nogil:
     """Online softmax over logical positions [t0, t1) of one sequence, every head.
 
@@ -187,6 +316,7 @@ cdef void attend_item(
     is finished for every head before the next, so each page is read from memory once
     and nearly in order; per head, K then V of the block are decoded into ``work``
     (block * D floats), followed by the probabilities [G, block] and one scratch row [block].
+    ``scratch4``: 2 * D + block * D / 2 floats for int4 pages read in place.
     """
     cdef float* buf = work
     cdef float* p = work + block * D
@@ -203,9 +333,10 @@ cdef void attend_item(
         acc[j] = 0
     while pos < t1:
         n = min(block - pos % block, t1 - pos)     # blocks aligned to whole pages
-        # With one query head per KV head (MHA), int8 rows inside one sealed page are used
-        # as they are, with no decode pass; with more, converting the codes once per query
-        # head costs more than decoding them once into the buffer.
+        # With one query head per KV head (MHA), int8 and int4 rows inside one sealed page
+        # are used as they are, with no decode pass (scales folded into the query or the
+        # weights); with more, converting the codes once per query head costs more than
+        # decoding them once into the buffer.
         page = NULL
         if G == 1 and pos // P == (pos + n - 1) // P and pos // P < num_pages:
             page = arena + <Py_ssize_t>pages[pos // P] * page_bytes
@@ -215,6 +346,8 @@ cdef void attend_item(
                 scores(q + h * D, <const int8_t*>(page + ks.codes_off) + (h * P + a) * D, n, D, p)
                 for t in range(n):
                     p[t] = p[t] * load_side(page + ks.scales_off, h * P + a + t, ks.half)
+            elif page != NULL and ks.fmt == FMT_INT4:
+                page_scores_int4(page, ks, q + h * D, h, a, n, P, D, scratch4, p)
             else:
                 gather(arena, page_bytes, ks, pages, num_pages, tail_k, pos, pos + n, h, P, D, buf)
                 g = 0
@@ -246,6 +379,8 @@ cdef void attend_item(
                 for t in range(n):      # fold each row's scale into its weight
                     pw[t] = p[t] * load_side(page + vs.scales_off, h * P + a + t, vs.half)
                 accumulate(acc + h * D, pw, <const int8_t*>(page + vs.codes_off) + (h * P + a) * D, n, D)
+            elif page != NULL and vs.fmt == FMT_INT4:
+                page_accumulate_int4(page, vs, p, h, a, n, P, D, scratch4, acc + h * D)
             else:
                 gather(arena, page_bytes, vs, pages, num_pages, tail_v, pos, pos + n, h, P, D, buf)
                 g = 0
@@ -293,7 +428,7 @@ def attend(
         return
     for i in prange(N, nogil=True, schedule="dynamic", num_threads=max(1, min(nthreads, N))):
         b = items[i, 0]
-        work = <float*>malloc((block * D + (G + 1) * block + Hq * D) * sizeof(float))
+        work = <float*>malloc((block * D + (G + 1) * block + Hq * D + 2 * D + block * (D // 2)) * sizeof(float))
         if work == NULL:
             m[i, 0] = 0.0 / 0.0        # reported as an allocation failure by the caller
             continue
@@ -304,7 +439,7 @@ def attend(
                     &page_indices[0] + page_indptr[b], page_indptr[b + 1] - page_indptr[b],
                     &tail_k[b, 0, 0, 0], &tail_v[b, 0, 0, 0],
                     items[i, 1], items[i, 2], H, P, D, qs, G, block,
-                    &m[i, 0], &l[i, 0], &acc[i, 0, 0], work)
+                    &m[i, 0], &l[i, 0], &acc[i, 0, 0], work, qs + Hq * D)
         free(work)
 
 

@@ -50,6 +50,28 @@ def test_matches_reference_across_formats_and_gqa(tmp_path, backend, kf, vf, H, 
         assert_close(got, reference(c, layer, seqs, q))
 
 
+@pytest.mark.parametrize("P,v_group", [(64, None), (16, 32), (8, 16), (64, 2)])
+@pytest.mark.parametrize("kf,vf", [("int4", "int4"), ("int4", "int8"), ("int8", "int4")])
+def test_int4_pages_read_in_place_with_one_query_head_per_kv_head(tmp_path, backend, kf, vf, P, v_group):
+    """With one query head per KV head the CPU reads full int4 pages as they are (scales
+    folded into the query and the weights, zero points into one constant per group): keys
+    per channel over pages of P tokens, values in groups of v_group (one or several per row)."""
+    rng = np.random.default_rng(P * 1000 + (v_group or 0))
+    H, D = 2, 64
+    c = km.PagedKVCache.create(tmp_path / "m.kvm", num_layers=1, num_kv_heads=H, head_dim=D, page_size=P,
+                               k_format=kf, v_format=vf, v_group_size=v_group if vf == "int4" else None)
+    seqs = []
+    for n in (P, 3 * P + 5, 40 * P + 1):    # full pages only, full pages and a tail, a long context
+        s = c.new_sequence()
+        c.append(s, 0, rng.standard_normal((n, H, D), dtype=np.float32) * 3 + 1,
+                 rng.standard_normal((n, H, D), dtype=np.float32) - 0.5)
+        seqs.append(s)
+    q = rng.standard_normal((len(seqs), H, D), dtype=np.float32)
+    assert_close(km.paged_decode_attention(c, 0, seqs, q, backend=backend), reference(c, 0, seqs, q))
+    assert_close(km.paged_decode_attention(c, 0, seqs[2:], q[2:], window=5 * P + 3, backend=backend),
+                 reference(c, 0, seqs[2:], q[2:], window=5 * P + 3))
+
+
 @pytest.mark.parametrize("kf,vf", [("int8", "int8"), ("fp16", "fp16"), ("int4", "int4")])
 def test_thousands_of_tokens_and_split_contexts(tmp_path, backend, kf, vf):
     rng = np.random.default_rng(7)
