@@ -171,7 +171,8 @@ def _check_input(x) -> np.ndarray:
     return x
 
 
-def _status(status: int, fmt: Format) -> None:
+def raise_for_status(status: int, fmt: Format) -> None:
+    """Raise the kvmmap error a kernel's STATUS_* bits stand for (nothing when 0)."""
     if status & _quant.NO_MEMORY:
         raise MemoryError(f"quantizing into {fmt.name} could not allocate its scratch rows")
     if status & _quant.NONFINITE:
@@ -331,8 +332,8 @@ def quantize_into_checked_shapes(x: np.ndarray, q: QTensor, all_or_nothing: bool
     # pass for the largest |x| clears most inputs; past that bound, rows (groups) are
     # checked one by one before anything is written.
     if all_or_nothing and sdt == np.float16 and _quant.max_abs_bits(x3, n) > _half_side_safe_bits(f):
-        _status(kernel(x3, c3, sc, zp, q.group_size, n, True), f)
-    _status(kernel(x3, c3, sc, zp, q.group_size, n), f)
+        raise_for_status(kernel(x3, c3, sc, zp, q.group_size, n, True), f)
+    raise_for_status(kernel(x3, c3, sc, zp, q.group_size, n), f)
 
 
 @functools.lru_cache(maxsize=None)
@@ -400,9 +401,9 @@ def check_storable(x: np.ndarray, fmt: str) -> None:
     f = get_format(fmt)
     worst = _quant.max_abs_bits(_as_3d(x, "x"), get_num_threads())
     if worst >= 0x7F800000:
-        _status(_quant.NONFINITE, f)
+        raise_for_status(_quant.NONFINITE, f)
     if worst >= _quant.refused_abs_bits(f.format_id):
-        _status(_quant.OVERFLOW, f)
+        raise_for_status(_quant.OVERFLOW, f)
 
 
 def fp8_values(fmt: str) -> np.ndarray:

@@ -14,7 +14,7 @@ import os
 import crc32c
 import numpy as np
 
-from ..codecs import _pages
+from ..codecs import _pages, quant
 from ..parallel import get_num_threads
 from .fileio import punch_hole, reserve
 from .layout import PageLayout
@@ -168,6 +168,17 @@ class Arena:
     def page_q(self, side: str, page: int, a: int, b: int):
         """QTensor over rows ``a .. b - 1`` of a page (head-major ``[H, b - a, D]``)."""
         return self.layout.page_qtensor(self.views[side], side, page, a, b)
+
+    def write_rows(self, side: str, page: int, a: int, x: np.ndarray) -> None:
+        """Encode ``x`` float32 ``[H, n, D]`` (last axis contiguous, values checked by the
+        caller as :func:`~kvmmap.codecs.quant.check_storable` does for grouped formats) into
+        rows ``a .. a + n - 1`` of one side of a page: a decode step's rows, with none of
+        :meth:`page_q`'s views. Raises NonFiniteError for values the format cannot store,
+        possibly after writing some rows (callers write where nothing reads yet)."""
+        status = _pages.write_rows(self.data, page * self.page_bytes, self.layout.page_size,
+                                   *self.layout.side_offsets(side), self.layout.kernel_group(side), a, x)
+        if status:
+            quant.raise_for_status(status, self.layout.formats[side])
 
     def read_rows(self, side: str, pages: np.ndarray, pos: int, out: np.ndarray) -> None:
         """Decode positions ``pos .. pos + len(out) - 1`` of one side of the ``pages``

@@ -478,8 +478,8 @@ class SequenceTable:
             if self.k4:
                 self._res_write(st.res, row, self._as_fp16(k[b]))
             else:
-                quant.quantize_into(k[b], arena.page_q("k", page, row, row + n), all_or_nothing=False)
-            quant.quantize_into(v[b], arena.page_q("v", page, row, row + n), all_or_nothing=False)
+                arena.write_rows("k", page, row, k[b])
+            arena.write_rows("v", page, row, v[b])
         for st in sts:
             st.n_pos += n
 
