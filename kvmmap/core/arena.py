@@ -15,6 +15,7 @@ import crc32c
 import numpy as np
 
 from ..codecs import _pages, quant
+from ..errors import DTypeError, LayoutError, ShapeError
 from ..parallel import get_num_threads
 from .fileio import punch_hole, reserve
 from .layout import PageLayout
@@ -174,7 +175,21 @@ class Arena:
         caller as :func:`~kvmmap.codecs.quant.check_storable` does for grouped formats) into
         rows ``a .. a + n - 1`` of one side of a page: a decode step's rows, with none of
         :meth:`page_q`'s views. Raises NonFiniteError for values the format cannot store,
-        possibly after writing some rows (callers write where nothing reads yet)."""
+        possibly after writing some rows (callers write where nothing reads yet).
+
+        The kernel trusts its arguments, so they are checked here, cheaply, whoever the
+        caller: a wrong shape would write into other heads' rows or other pages."""
+        lay = self.layout
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            raise DTypeError(f"rows to store must be float32, found {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim != 3 or x.shape[0] != lay.num_kv_heads or x.shape[2] != lay.head_dim \
+                or not 0 <= a <= a + x.shape[1] <= lay.page_size:
+            raise ShapeError(f"rows {a}.. of a page take [{lay.num_kv_heads}, <= {lay.page_size - a}, "
+                             f"{lay.head_dim}] float32, found {x.shape}")
+        if x.shape[2] > 1 and x.strides[2] != 4:
+            raise LayoutError(f"rows to store need a contiguous last axis, found strides {x.strides}")
+        if lay.grouping(side) == "channel":
+            raise LayoutError("int4 keys are grouped per channel over the page: rows cannot be written alone")
         status = _pages.write_rows(self.data, page * self.page_bytes, self.layout.page_size,
                                    *self.layout.side_offsets(side), self.layout.kernel_group(side), a, x)
         if status:
