@@ -48,6 +48,25 @@ def _resolve(backend: str) -> str:
     from . import opencl
     return "opencl" if opencl.has_gpu() else "cpu"
 
+def _run(cache, layer: int, seqs, q: np.ndarray, scale: float, backend: str, on_opencl, on_cpu, exact):
+    """What both attention entry points do with checked, non-empty arguments: run the
+    backend's kernel (``on_opencl(module)`` or ``on_cpu()``), recompute in float64 every
+    sequence whose output is not finite (``exact(b)``), and refuse the result if a writer
+    has since reused pages it read (a read-only view)."""
+    backend = _resolve(backend)
+    if not FLT_MIN <= scale <= FLT_MAX:     # the kernels take scale as a normal float32
+        out = np.full(q.shape, np.nan, np.float32)
+    elif backend == "opencl":
+        from . import opencl
+        out = on_opencl(opencl)
+    else:
+        out = on_cpu()
+    for b in np.flatnonzero(~np.isfinite(out).reshape(len(out), -1).all(axis=1)):
+        out[b] = exact(b)
+    cache.check_pages_current(np.unique(np.concatenate([cache.page_table(s, layer)[0] for s in seqs])))
+    return out
+
+
 def check_query(cache, layer, seqs, q, scale, window):
     """Validate the arguments of a batched decode.
 
@@ -209,22 +228,10 @@ def paged_decode_attention(cache, layer: int, seqs, q, *, scale: float | None = 
     layer, seqs, q, scale, window = check_query(cache, layer, seqs, q, scale, window)
     if not seqs:
         return np.empty(q.shape, np.float32)
-    backend = _resolve(backend)
-    if not FLT_MIN <= scale <= FLT_MAX:     # the kernels take scale as a normal float32
-        out = np.full(q.shape, np.nan, np.float32)
-    elif backend == "opencl":
-        from . import opencl
-        out = opencl.decode(cache, layer, seqs, q, scale, window)
-    else:
-        out = cpu_decode(cache, layer, seqs, q, scale, window)
-    finite = np.isfinite(out)
-    if not finite.all():
-        for b in np.flatnonzero(~finite.all(axis=(1, 2))):
-            out[b] = exact_decode(cache, layer, seqs[b], q[b], scale, window)
-    if seqs:
-        # a read-only view: refuse the result if a writer has since reused pages it read
-        cache.check_pages_current(np.unique(np.concatenate([cache.page_table(s, layer)[0] for s in seqs])))
-    return out
+    return _run(cache, layer, seqs, q, scale, backend,
+                lambda opencl: opencl.decode(cache, layer, seqs, q, scale, window),
+                lambda: cpu_decode(cache, layer, seqs, q, scale, window),
+                lambda b: exact_decode(cache, layer, seqs[b], q[b], scale, window))
 
 
 # ---------------------------------------------------------------------------------
@@ -438,17 +445,7 @@ def paged_attention(cache, layer: int, seqs, q, *, causal: bool = True, scale: f
                                       backend=backend)[:, None]
     if not seqs:
         return np.empty(q.shape, np.float32)
-    backend = _resolve(backend)
-    if not FLT_MIN <= scale <= FLT_MAX:     # the kernels take scale as a normal float32
-        out = np.full(q.shape, np.nan, np.float32)
-    elif backend == "opencl":
-        from . import opencl
-        out = opencl.attention(cache, layer, seqs, q, causal, scale, window)
-    else:
-        out = cpu_attention(cache, layer, seqs, q, causal, scale, window)
-    finite = np.isfinite(out)
-    if not finite.all():
-        for b in np.flatnonzero(~finite.all(axis=(1, 2, 3))):
-            out[b] = exact_attention(cache, layer, seqs[b], q[b], causal, scale, window)
-    cache.check_pages_current(np.unique(np.concatenate([cache.page_table(s, layer)[0] for s in seqs])))
-    return out
+    return _run(cache, layer, seqs, q, scale, backend,
+                lambda opencl: opencl.attention(cache, layer, seqs, q, causal, scale, window),
+                lambda: cpu_attention(cache, layer, seqs, q, causal, scale, window),
+                lambda b: exact_attention(cache, layer, seqs[b], q[b], causal, scale, window))

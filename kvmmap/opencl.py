@@ -127,6 +127,17 @@ def _dequant_kernel(ctx, options: tuple[str, ...]):
     return cl.Kernel(_program(ctx, "dequant.cl", options), "dequantize_rows")
 
 
+def _upload(ctx, a):
+    """A read-only device copy of ``a`` (contiguous); a one-element placeholder for None
+    or an empty array, which OpenCL buffers cannot be."""
+    if a is None:
+        a = np.zeros(1, np.float32)
+    a = np.ascontiguousarray(a)
+    if a.size == 0:
+        a = np.zeros(1, a.dtype)
+    return cl.Buffer(ctx, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=a)
+
+
 def dequantize_rows(q) -> np.ndarray:
     """OpenCL decode of a :class:`~kvmmap.codecs.quant.QTensor`: :func:`kvmmap.dequantize` on the device.
 
@@ -148,13 +159,8 @@ def dequantize_rows(q) -> np.ndarray:
         channel = q.grouping == "channel"
         options += [f"-DGROUP_SIZE={q.group_size}", f"-DCHANNEL_GROUPS={int(channel)}",
                     f"-DTOKENS={q.shape[-2] if channel else 1}"]
-    mf = cl.mem_flags
-
-    def upload(a):
-        a = np.ascontiguousarray(a) if a is not None else np.zeros(1, np.float32)
-        return cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=a)
-
-    out_buf = cl.Buffer(ctx, mf.WRITE_ONLY, out.nbytes)
+    upload = functools.partial(_upload, ctx)
+    out_buf = cl.Buffer(ctx, cl.mem_flags.WRITE_ONLY, out.nbytes)
     kernel = _dequant_kernel(ctx, tuple(options))
     kernel(queue, (out.size,), None, upload(q.codes), upload(q.scales), upload(q.zeros), out_buf, np.uint32(rows))
     cl.enqueue_copy(queue, out, out_buf)
@@ -313,12 +319,7 @@ def decode(cache, layer: int, seqs, q: np.ndarray, scale: float, window) -> np.n
     batch = cache.paged_batch(layer, seqs, window)
     num_splits = int(-(-batch.lengths.max() // split))
     mf = cl.mem_flags
-
-    def upload(a):
-        a = np.ascontiguousarray(a)
-        if a.size == 0:
-            a = np.zeros(1, a.dtype)
-        return cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=a)
+    upload = functools.partial(_upload, ctx)
 
     args = [upload(batch.page_indptr.astype(np.int32)), upload(batch.page_indices),
             upload(batch.start.astype(np.int32)), upload(batch.end.astype(np.int32)),
@@ -372,12 +373,7 @@ def attention(cache, layer: int, seqs, q: np.ndarray, causal: bool, scale: float
     split_tokens = -(-per_split // tile) * tile
     num_splits = -(-span // split_tokens)
     mf = cl.mem_flags
-
-    def upload(a):
-        a = np.ascontiguousarray(a)
-        if a.size == 0:
-            a = np.zeros(1, a.dtype)
-        return cl.Buffer(ctx, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=a)
+    upload = functools.partial(_upload, ctx)
 
     rows = B * T * Hq
     args = [upload(batch.page_indptr.astype(np.int32)), upload(batch.page_indices),

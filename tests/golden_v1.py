@@ -23,13 +23,17 @@ G = MANIFEST["v_group_size"]
 FILES = sorted(MANIFEST["files"])
 
 
+def private_copy(tmp_path, name: str):
+    """A copy of golden file ``name`` in ``tmp_path`` (tests may write to it)."""
+    dst = tmp_path / name
+    shutil.copyfile(GOLDEN / name, dst)
+    return dst
+
+
 @pytest.fixture(params=FILES)
 def golden(request, tmp_path):
     """(file name, manifest entry, path of a private copy)."""
-    name = request.param
-    dst = tmp_path / name
-    shutil.copyfile(GOLDEN / name, dst)
-    return name, MANIFEST["files"][name], dst
+    return request.param, MANIFEST["files"][request.param], private_copy(tmp_path, request.param)
 
 
 def expected_side(name, entry, label, layer, side):

@@ -120,3 +120,19 @@ def flip(path, offset, mask=0x04):
         b = fh.read(1)[0]
         fh.seek(offset)
         fh.write(bytes([b ^ mask]))
+
+
+def assert_bad_attention_call_refused(bad, exc):
+    """``bad(cache, seq)`` on a RAM cache of 2 layers x 2 kv heads x 64 (5 tokens in layer
+    0, layer 1 empty) raises ``exc`` and leaves the sequence as it was."""
+    import pytest
+
+    import kvmmap as km
+
+    c = km.PagedKVCache.create(None, num_layers=2, num_kv_heads=2, head_dim=64)
+    s = c.new_sequence()
+    x = np.ones((5, 2, 64), np.float32)
+    c.append(s, 0, x, x)      # layer 1 stays empty
+    with pytest.raises(exc):
+        bad(c, s)
+    assert c.seq_len(s, 0) == 5

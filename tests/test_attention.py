@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kvmmap as km
-from helpers import FORMAT_PAIRS, assert_close, attention_reference as reference
+from helpers import FORMAT_PAIRS, assert_close, assert_bad_attention_call_refused, attention_reference as reference
 
 _names = itertools.count()
 
@@ -188,13 +188,7 @@ def test_pages_written_after_a_call_are_seen(tmp_path, backend):
     (lambda c, s: km.paged_decode_attention("cache.kvm", 0, [s], np.ones((1, 4, 64), np.float32)), km.ConfigError),
 ])
 def test_bad_input_raises_clear_errors(bad, exc):
-    c = km.PagedKVCache.create(None, num_layers=2, num_kv_heads=2, head_dim=64)
-    s = c.new_sequence()
-    x = np.ones((5, 2, 64), np.float32)
-    c.append(s, 0, x, x)      # layer 1 stays empty
-    with pytest.raises(exc):
-        bad(c, s)
-    assert c.seq_len(s, 0) == 5
+    assert_bad_attention_call_refused(bad, exc)
 
 
 def test_works_without_opencl(monkeypatch):

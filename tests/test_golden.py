@@ -10,7 +10,6 @@ lock and a writer changes the file.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import sys
 
@@ -30,10 +29,18 @@ from reference import (
 import kvmmap as km
 from helpers import requant_step
 
-from golden_v1 import GOLDEN, MANIFEST, D, G, H, L, P, expected_side
+from golden_v1 import GOLDEN, MANIFEST, D, G, H, L, P, expected_side, private_copy
 
 sys.path.insert(0, str(GOLDEN))
 from make_golden2 import at_commit, expected_values  # noqa: E402
+
+
+def assert_inner_range_reads(c, sid, layer, n, k, v):
+    """read() of a range starting and ending inside pages gives that slice of ``k``, ``v``."""
+    a, b = n // 3, n - 1
+    ka, va = c.read(sid, layer, a, b)
+    np.testing.assert_array_equal(ka, k[a:b])
+    np.testing.assert_array_equal(va, v[a:b])
 
 
 # ------------------------------------------------------------------ independent decoder
@@ -125,11 +132,7 @@ def test_kvmmap_reads_golden_file(golden):
                         step = requant_step(grid, fmt, side, P, G)[d:]
                         assert np.all(np.abs(arr - want) <= step * (1 + 1e-5) + 1e-6 * np.abs(want)), \
                             (label, layer, side)
-                n = info["length"]
-                a, b = n // 3, n - 1                 # a range starting and ending inside pages
-                ka, va = c.read(sid, layer, a, b)
-                np.testing.assert_array_equal(ka, k[a:b])
-                np.testing.assert_array_equal(va, v[a:b])
+                assert_inner_range_reads(c, sid, layer, info["length"], k, v)
         assert c.verify() == []
     assert path.read_bytes() == before
 
@@ -164,10 +167,7 @@ NO_PAGE = 0xFFFFFFFF
 @pytest.fixture(params=FILES2)
 def golden2(request, tmp_path):
     """(file name, manifest entry, path of a private copy) of a format 2.0 golden file."""
-    name = request.param
-    dst = tmp_path / name
-    shutil.copyfile(GOLDEN / name, dst)
-    return name, MANIFEST2["files"][name], dst
+    return request.param, MANIFEST2["files"][request.param], private_copy(tmp_path, request.param)
 
 
 def expected2(name, which, sid, layer, length):
@@ -228,11 +228,7 @@ def test_v2_kvmmap_reads_golden_file(golden2, which):
                 want_k, want_v = expected2(name, which, sid, layer, li["length"])
                 np.testing.assert_array_equal(k, want_k, err_msg=f"{label} layer {layer} k")
                 np.testing.assert_array_equal(v, want_v, err_msg=f"{label} layer {layer} v")
-                n = li["length"]
-                a, b = n // 3, n - 1                 # a range starting and ending inside pages
-                ka, va = c.read(sid, layer, a, b)
-                np.testing.assert_array_equal(ka, want_k[a:b])
-                np.testing.assert_array_equal(va, want_v[a:b])
+                assert_inner_range_reads(c, sid, layer, li["length"], want_k, want_v)
         assert c.verify() == []
     assert path.read_bytes() == before
 

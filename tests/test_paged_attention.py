@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FORMAT_PAIRS, assert_close
+from helpers import FORMAT_PAIRS, assert_bad_attention_call_refused, assert_close
 from reference import parse_cache_file, stored_kv
 
 import kvmmap as km
@@ -180,10 +180,4 @@ def test_overflowing_logits_and_tiny_scale_are_recomputed(tmp_path, backend):
     (lambda c, s: km.paged_attention("cache.kvm", 0, [s], np.ones((1, 2, 4, 64), np.float32)), km.ConfigError),
 ])
 def test_bad_input_raises_clear_errors(bad, exc):
-    c = km.PagedKVCache.create(None, num_layers=2, num_kv_heads=2, head_dim=64)
-    s = c.new_sequence()
-    x = np.ones((5, 2, 64), np.float32)
-    c.append(s, 0, x, x)      # layer 1 stays empty
-    with pytest.raises(exc):
-        bad(c, s)
-    assert c.seq_len(s, 0) == 5
+    assert_bad_attention_call_refused(bad, exc)
